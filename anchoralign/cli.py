@@ -1,0 +1,49 @@
+"""`anchoralign` command line: data-stats, score, evaluate, predict.
+
+Each sub-command lives in ``anchoralign/commands/<name>.py`` with ``register(subparsers)`` that
+adds its parser and sets ``func``; this file only wires them and turns user errors into one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from rich.console import Console
+from rich.markup import escape
+
+from anchoralign.errors import UserError
+
+COMMANDS = ["data_stats", "score", "evaluate", "predict"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="anchoralign", description="Joint NER and relation extraction (AnchorAlign)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"anchoralign.commands.{name}").register(sub)
+    return parser
+
+
+def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Parse, run ``args.func(args)``, and print a UserError as one red line (shared by both CLIs)."""
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
+        return err.exit_code
+    except KeyboardInterrupt:
+        Console(stderr=True).print("[yellow]interrupted[/]")
+        return 130
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.exit(run_cli(build_parser(), argv))
+
+
+if __name__ == "__main__":
+    main()
