@@ -34,7 +34,7 @@ def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
         return err.exit_code
     except KeyboardInterrupt:
         Console(stderr=True).print("[yellow]interrupted[/]")

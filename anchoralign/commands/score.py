@@ -1,0 +1,88 @@
+"""`anchoralign score`: score a prediction file against a gold file (both in the record format)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rich.console import Console
+from rich.table import Table
+
+from anchoralign.errors import UserError
+from anchoralign.metrics import FAMILIES, FIGURES, Metrics, score
+from anchoralign.schema import read_jsonl
+
+_ROW_NAMES = {"ner": "NER", "rel_strict": "Relation strict", "rel_boundary": "Relation boundary"}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "score",
+        help="score predictions against gold records (NER, relation strict and boundary P/R/F1)",
+        description=(
+            "Micro-averaged precision, recall and F1 (percentages) of NER, strict relations (mentions, "
+            "entity types, relation type) and boundary relations (mentions, relation type). Entities are "
+            "compared by mention text and type, one set per sentence; records are matched by id."
+        ),
+    )
+    p.add_argument("--gold", required=True, metavar="FILE", help="gold records (jsonl)")
+    p.add_argument("--pred", required=True, metavar="FILE", help="predicted records (jsonl), same ids")
+    p.add_argument(
+        "--dataset",
+        metavar="NAME",
+        help="take the symmetric relation types and the headline figure from this dataset's metadata",
+    )
+    p.add_argument(
+        "--data-dir", metavar="DIR", help="data directory for --dataset (default: $ANCHORALIGN_DATA)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    symmetric: frozenset[str] = frozenset()
+    boundary_only = False
+    if args.dataset:
+        # Imported here so that scoring plain files never pays for (or depends on) the loaders.
+        from anchoralign.datasets import get_meta
+
+        meta = get_meta(args.dataset, args.data_dir)
+        symmetric, boundary_only = meta.symmetric_relations, meta.boundary_only
+    elif args.data_dir:
+        raise UserError("--data-dir is only used together with --dataset")
+
+    gold = read_jsonl(args.gold)
+    pred = read_jsonl(args.pred)
+    metrics = score(gold, pred, symmetric=symmetric, boundary_only=boundary_only)
+    if args.json:
+        print(json.dumps(rounded(metrics)))
+    else:
+        print_table(metrics, title=f"{args.pred} against {args.gold}")
+    return 0
+
+
+def rounded(metrics: Metrics) -> Metrics:
+    """The figures rounded to 2 decimals for printing; counts and names unchanged."""
+    return {k: round(v, 2) if k in FIGURES else v for k, v in metrics.items()}
+
+
+def print_table(metrics: Metrics, title: str, console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title=title, title_justify="left")
+    table.add_column("")
+    for name in ("P", "R", "F1"):
+        table.add_column(name, justify="right")
+    for name in ("correct", "predicted", "gold"):
+        table.add_column(name, justify="right", style="dim")
+    primary_family = str(metrics["primary"]).removesuffix("_f1")
+    for family in FAMILIES:
+        figures = [f"{metrics[f'{family}_{m}']:.2f}" for m in ("p", "r", "f1")]
+        counts = [str(metrics[f"{family}_{c}"]) for c in ("tp", "n_pred", "n_gold")]
+        style = "bold" if family == primary_family else None
+        table.add_row(_ROW_NAMES[family], *figures, *counts, style=style)
+    console.print(table)
+    console.print(f"{metrics['n_samples']} gold sentences; headline figure: {metrics['primary']} (bold row)")
+    if metrics["n_missing_pred"]:
+        console.print(
+            f"[yellow]{metrics['n_missing_pred']} gold sentences have no prediction and were scored as empty[/]"
+        )

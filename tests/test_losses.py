@@ -1,0 +1,339 @@
+import math
+
+import pytest
+import torch
+
+from anchoralign.losses import (
+    LOSS_KEYS,
+    SUPPRESS_EPS,
+    LossWeights,
+    cross_entropy,
+    fwd_rev_alignment,
+    loss_terms,
+    negative_suppression,
+    ner_re_alignment,
+)
+
+ln = math.log
+
+
+def logits_of(*rows, masked_value=0.0):
+    """[1, T, V] logits log(w) from unnormalised weights; None marks an id given `masked_value`."""
+    return torch.tensor([[[masked_value if w is None else ln(w) for w in row] for row in rows]])
+
+
+def no_pairs():
+    return torch.zeros((0, 3), dtype=torch.long)
+
+
+# ---------------------------------------------------------------- cross-entropy
+
+
+def test_cross_entropy_hand_computed():
+    # Full vocabulary, weights (1, 2, 3): p = (1/6, 2/6, 3/6); label 2 -> -ln(1/2) = ln 2.
+    # The second position is padding (-100) and must not count.
+    logits = logits_of([1, 2, 3], [50, 1, 1])
+    labels = torch.tensor([[2, -100]])
+    full = torch.tensor([[True, True, True]])
+    assert cross_entropy(logits, labels, full).item() == pytest.approx(ln(2))
+    # Id 2 masked out: p = (1/3, 2/3, 0). Labels 0 and 1 -> mean(ln 3, ln 3/2).
+    masked = torch.tensor([[True, True, False]])
+    logits = logits_of([1, 2, 3], [1, 2, 3])
+    got = cross_entropy(logits, torch.tensor([[0, 1]]), masked)
+    assert got.item() == pytest.approx((ln(3) + ln(3 / 2)) / 2)
+
+
+def test_cross_entropy_without_labels_is_zero():
+    got = cross_entropy(logits_of([1, 2, 3]), torch.tensor([[-100]]), torch.tensor([[True] * 3]))
+    assert got.item() == 0.0 and not torch.isnan(got)
+
+
+# ---------------------------------------------------------------- NER-RE alignment
+
+MASK3 = torch.tensor([[True, True, False]])  # id 2 does not exist in this sentence
+
+
+def test_ner_re_alignment_hand_computed():
+    # NER at t=0: weights (1, 1, -) -> p = (1/2, 1/2); RE at t=1: (1, 3, -) -> q = (1/4, 3/4).
+    # KL(p||q) = 1/2 ln(0.5/0.25) + 1/2 ln(0.5/0.75) = 1/2 ln(4/3).
+    ner = logits_of([1, 1, None], [5, 1, None])
+    re = logits_of([7, 1, None], [1, 3, None])
+    pairs = torch.tensor([[0, 0, 1]])
+    assert ner_re_alignment(ner, re, pairs, MASK3).item() == pytest.approx(0.5 * ln(4 / 3))
+    # A second pair with identical distributions (KL 0) halves the mean.
+    ner2 = logits_of([1, 1, None], [2, 1, None])
+    re2 = logits_of([7, 1, None], [1, 3, None], [2, 1, None])
+    pairs2 = torch.tensor([[0, 0, 1], [0, 1, 2]])
+    assert ner_re_alignment(ner2, re2, pairs2, MASK3).item() == pytest.approx(0.25 * ln(4 / 3))
+
+
+def test_ner_re_alignment_teaches_re_only():
+    ner = logits_of([1, 1, None]).requires_grad_()
+    re = logits_of([1, 3, None]).requires_grad_()
+    ner_re_alignment(ner, re, torch.tensor([[0, 0, 0]]), MASK3).backward()
+    assert ner.grad is None  # the teacher is detached
+    assert re.grad is not None and re.grad.abs().sum() > 0
+
+
+def test_identical_distributions_give_zero_kl():
+    x = logits_of([1, 2, None], [3, 1, None])
+    pairs = torch.tensor([[0, 0, 0], [0, 1, 1]])
+    assert ner_re_alignment(x, x.clone(), pairs, MASK3).item() == pytest.approx(0.0, abs=1e-7)
+    assert fwd_rev_alignment(x, x.clone(), pairs, MASK3).item() == pytest.approx(0.0, abs=1e-7)
+
+
+# ---------------------------------------------------------------- forward-reverse alignment
+
+
+def test_fwd_rev_alignment_hand_computed_and_symmetric():
+    # p = (1/2, 1/2), q = (1/4, 3/4):
+    # KL(p||q) = 1/2 ln(4/3); KL(q||p) = 1/4 ln(1/2) + 3/4 ln(3/2); result = their mean.
+    fwd = logits_of([1, 1, None])
+    rev = logits_of([9, 9, None], [1, 3, None])
+    pairs = torch.tensor([[0, 0, 1]])
+    expected = 0.5 * (0.5 * ln(4 / 3) + 0.25 * ln(1 / 2) + 0.75 * ln(3 / 2))
+    assert fwd_rev_alignment(fwd, rev, pairs, MASK3).item() == pytest.approx(expected)
+    swapped = fwd_rev_alignment(rev, fwd, torch.tensor([[0, 1, 0]]), MASK3)
+    assert swapped.item() == pytest.approx(expected)
+
+
+def test_fwd_rev_alignment_trains_both_decoders():
+    fwd = logits_of([1, 1, None]).requires_grad_()
+    rev = logits_of([1, 3, None]).requires_grad_()
+    fwd_rev_alignment(fwd, rev, torch.tensor([[0, 0, 0]]), MASK3).backward()
+    assert fwd.grad.abs().sum() > 0 and rev.grad.abs().sum() > 0
+
+
+def test_no_pairs_give_zero_without_nan():
+    x = logits_of([1, 2, None]).requires_grad_()
+    for fn in (ner_re_alignment, fwd_rev_alignment):
+        got = fn(x, x, no_pairs(), MASK3)
+        assert got.item() == 0.0 and not torch.isnan(got)
+
+
+# ---------------------------------------------------------------- negative suppression
+
+
+def test_negative_suppression_hand_computed():
+    # Vocabulary of 4 ids, id 3 invalid; negatives are ids 1 and 2 (id 3 is listed but invalid
+    # and must be ignored). Step 0: p = (1/4, 1/2, 1/4) -> (-ln(1/2) - ln(3/4)) / 2.
+    # Step 1: p = (1/2, 1/4, 1/4) -> (-ln(3/4) - ln(3/4)) / 2 = ln(4/3). Step 2 is padding.
+    logits = logits_of([1, 2, 1, None], [2, 1, 1, None], [1, 1e6, 1e6, None], masked_value=50.0)
+    labels = torch.tensor([[0, 1, -100]])
+    vocab = torch.tensor([[True, True, True, False]])
+    neg = torch.tensor([[False, True, True, True]])
+    step0 = (ln(2) + ln(4 / 3)) / 2
+    step1 = ln(4 / 3)
+    got = negative_suppression(logits, labels, neg, vocab)
+    assert got.item() == pytest.approx((step0 + step1) / 2)
+
+
+def test_negative_suppression_sentence_without_negatives_contributes_zero_steps():
+    # Sentence 0: one step with p = (1/4, 1/2, 1/4), negative id 1 -> ln 2.
+    # Sentence 1: one step, no negative ids -> 0. Mean over the two steps: ln 2 / 2.
+    logits = torch.cat([logits_of([1, 2, 1]), logits_of([1, 2, 1])])
+    labels = torch.tensor([[0], [0]])
+    vocab = torch.ones(2, 3, dtype=torch.bool)
+    neg = torch.tensor([[False, True, False], [False, False, False]])
+    assert negative_suppression(logits, labels, neg, vocab).item() == pytest.approx(ln(2) / 2)
+
+
+def test_negative_suppression_is_finite_when_a_negative_takes_all_mass():
+    logits = torch.tensor([[[0.0, 200.0, 0.0]]], requires_grad=True)
+    got = negative_suppression(
+        logits, torch.tensor([[0]]), torch.tensor([[False, True, False]]), torch.ones(1, 3, dtype=torch.bool)
+    )
+    assert got.item() == pytest.approx(-ln(SUPPRESS_EPS))
+    got.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+# ---------------------------------------------------------------- restricted vocabulary, dtypes
+
+
+def test_masked_ids_get_no_probability_mass():
+    # Changing the logit of an invalid id changes no term.
+    labels = torch.tensor([[0, 1]])
+    neg = torch.tensor([[False, True, True]])
+    pairs = torch.tensor([[0, 0, 1], [0, 1, 0]])
+    values = []
+    for masked_value in (0.0, 30.0, -30.0):
+        a2 = logits_of([1, 2, None], [2, 1, None], masked_value=masked_value)
+        b2 = logits_of([1, 3, None], [1, 1, None], masked_value=masked_value)
+        values.append(
+            [
+                cross_entropy(a2, labels, MASK3).item(),
+                ner_re_alignment(a2, b2, pairs, MASK3).item(),
+                fwd_rev_alignment(a2, b2, pairs, MASK3).item(),
+                negative_suppression(a2, labels, neg, MASK3).item(),
+            ]
+        )
+    assert values[0][1] > 0 and values[0][3] > 0
+    for other in values[1:]:
+        assert other == pytest.approx(values[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_give_finite_float32_results(dtype):
+    batch, outputs = random_batch(seed=1)
+    # The model fills invalid ids with its dtype's most negative value; keep that here too.
+    half = {
+        k: v.masked_fill(~batch["vocab_mask"][:, None, :], torch.finfo(dtype).min).to(dtype)
+        for k, v in outputs.items()
+    }
+    terms = loss_terms(half, batch, LossWeights(alpha=1.0, beta=1.0, gamma=1.0))
+    ref = loss_terms(outputs, batch, LossWeights(alpha=1.0, beta=1.0, gamma=1.0))
+    for key in LOSS_KEYS:
+        assert terms[key].dtype == torch.float32
+        assert torch.isfinite(terms[key]), key
+        assert terms[key].item() == pytest.approx(ref[key].item(), rel=0.05, abs=0.02), key
+
+
+# ---------------------------------------------------------------- loss_terms
+
+
+def random_batch(seed=0, b=2, t=5, v=7):
+    """A batch shaped like the collator's, with random logits and a few aligned positions."""
+    g = torch.Generator().manual_seed(seed)
+    vocab_mask = torch.ones(b, v, dtype=torch.bool)
+    vocab_mask[:, 0] = False  # <bos> is never an output
+    vocab_mask[1, -1] = False  # the second sentence is one word shorter
+    labels = {}
+    for name in ("ner", "fwd", "rev"):
+        lab = torch.randint(1, v - 1, (b, t), generator=g)
+        lab[1, -1] = -100
+        labels[f"{name}_labels"] = lab
+    neg_mask = vocab_mask.clone()
+    for lab in labels.values():
+        for i in range(b):
+            neg_mask[i, lab[i][lab[i] != -100]] = False
+    batch = {
+        "vocab_mask": vocab_mask,
+        "neg_mask": neg_mask,
+        **labels,
+        "ner_fwd_pairs": torch.tensor([[0, 0, 1], [1, 2, 0]]),
+        "ner_rev_pairs": torch.tensor([[0, 1, 3]]),
+        "fwd_rev_pairs": torch.tensor([[0, 1, 2], [1, 0, 0], [1, 3, 1]]),
+    }
+    outputs = {k: torch.randn(b, t, v, generator=g) for k in ("ner_logits", "fwd_logits", "rev_logits")}
+    return batch, outputs
+
+
+def test_loss_terms_total_is_the_weighted_sum():
+    batch, outputs = random_batch()
+    w = LossWeights(alpha=0.5, beta=2.0, gamma=0.25)
+    terms = loss_terms(outputs, batch, w)
+    assert set(terms) == set(LOSS_KEYS)
+    mask = batch["vocab_mask"]
+    ce = {n: cross_entropy(outputs[f"{n}_logits"], batch[f"{n}_labels"], mask) for n in ("ner", "fwd", "rev")}
+    kl_ner_re = 0.5 * (
+        ner_re_alignment(outputs["ner_logits"], outputs["fwd_logits"], batch["ner_fwd_pairs"], mask)
+        + ner_re_alignment(outputs["ner_logits"], outputs["rev_logits"], batch["ner_rev_pairs"], mask)
+    )
+    kl_fwd_rev = fwd_rev_alignment(outputs["fwd_logits"], outputs["rev_logits"], batch["fwd_rev_pairs"], mask)
+    suppress = 0.5 * (
+        negative_suppression(outputs["fwd_logits"], batch["fwd_labels"], batch["neg_mask"], mask)
+        + negative_suppression(outputs["rev_logits"], batch["rev_labels"], batch["neg_mask"], mask)
+    )
+    for key, value in [
+        ("ce_ner", ce["ner"]),
+        ("kl_ner_re", kl_ner_re),
+        ("kl_fwd_rev", kl_fwd_rev),
+        ("suppress", suppress),
+    ]:
+        assert terms[key].item() == pytest.approx(value.item()) and value.item() > 0, key
+    expected = (
+        sum(c.item() for c in ce.values())
+        + 0.5 * kl_ner_re.item()
+        + 2.0 * kl_fwd_rev.item()
+        + 0.25 * suppress.item()
+    )
+    assert terms["loss"].item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("weights", "off"),
+    [
+        (LossWeights(1.0, 1.0, 1.0, ner_re=False), "kl_ner_re"),
+        (LossWeights(0.0, 1.0, 1.0), "kl_ner_re"),
+        (LossWeights(1.0, 1.0, 1.0, fwd_rev=False), "kl_fwd_rev"),
+        (LossWeights(1.0, 0.0, 1.0), "kl_fwd_rev"),
+        (LossWeights(1.0, 1.0, 1.0, suppress=False), "suppress"),
+        (LossWeights(1.0, 1.0, 0.0), "suppress"),
+    ],
+)
+def test_switched_off_or_zero_weight_terms_are_zero(weights, off):
+    batch, outputs = random_batch()
+    terms = loss_terms(outputs, batch, weights)
+    full = loss_terms(outputs, batch, LossWeights(1.0, 1.0, 1.0))
+    assert terms[off].item() == 0.0 and full[off].item() > 0
+    assert terms["loss"].item() == pytest.approx(full["loss"].item() - full[off].item(), rel=1e-6)
+
+
+def test_cross_entropy_can_be_switched_off():
+    batch, outputs = random_batch()
+    terms = loss_terms(outputs, batch, LossWeights(1.0, 1.0, 1.0, ce=False))
+    assert terms["ce_ner"].item() == terms["ce_fwd"].item() == terms["ce_rev"].item() == 0.0
+
+
+@pytest.mark.parametrize(
+    ("changed", "affected"),
+    [
+        ("ner_logits", {"ce_ner", "kl_ner_re"}),
+        ("fwd_logits", {"ce_fwd", "kl_ner_re", "kl_fwd_rev", "suppress"}),
+        ("rev_logits", {"ce_rev", "kl_ner_re", "kl_fwd_rev", "suppress"}),
+    ],
+)
+def test_every_term_responds_to_its_inputs_only(changed, affected):
+    batch, outputs = random_batch()
+    w = LossWeights(1.0, 1.0, 1.0)
+    before = loss_terms(outputs, batch, w)
+    # Perturb only the positions that some term reads: every valid id at every position.
+    after = loss_terms({**outputs, changed: outputs[changed] + torch.randn_like(outputs[changed])}, batch, w)
+    for key in LOSS_KEYS[:-1]:
+        moved = not math.isclose(before[key].item(), after[key].item(), rel_tol=1e-6)
+        assert moved == (key in affected), key
+    assert before["loss"].item() != after["loss"].item()
+
+
+def test_every_term_responds_to_its_batch_fields():
+    batch, outputs = random_batch()
+    w = LossWeights(1.0, 1.0, 1.0)
+    before = loss_terms(outputs, batch, w)
+    changes = {
+        "ner_labels": ("ce_ner", torch.roll(batch["ner_labels"], 1, dims=1)),
+        "fwd_labels": ("ce_fwd", torch.roll(batch["fwd_labels"], 1, dims=1)),
+        "ner_fwd_pairs": ("kl_ner_re", torch.tensor([[1, 3, 2]])),
+        "fwd_rev_pairs": ("kl_fwd_rev", torch.tensor([[0, 4, 4]])),
+        "neg_mask": ("suppress", batch["vocab_mask"]),
+    }
+    for field, (key, value) in changes.items():
+        after = loss_terms(outputs, {**batch, field: value}, w)
+        assert after[key].item() != pytest.approx(before[key].item()), field
+
+
+def test_gradients_reach_the_right_decoders():
+    batch, outputs = random_batch()
+    outputs = {k: v.requires_grad_() for k, v in outputs.items()}
+    # Alignment and suppression only: the NER decoder is a teacher and gets no gradient.
+    loss_terms(outputs, batch, LossWeights(1.0, 1.0, 1.0, ce=False))["loss"].backward()
+    assert outputs["ner_logits"].grad is None
+    assert outputs["fwd_logits"].grad.abs().sum() > 0 and outputs["rev_logits"].grad.abs().sum() > 0
+    # Invalid ids never receive gradient.
+    invalid = ~batch["vocab_mask"][:, None, :].expand_as(outputs["fwd_logits"])
+    assert outputs["fwd_logits"].grad[invalid].abs().sum() == 0
+
+
+def test_batch_without_pairs_is_finite():
+    batch, outputs = random_batch()
+    batch = {**batch, "ner_fwd_pairs": no_pairs(), "ner_rev_pairs": no_pairs(), "fwd_rev_pairs": no_pairs()}
+    outputs = {k: v.requires_grad_() for k, v in outputs.items()}
+    terms = loss_terms(outputs, batch, LossWeights(1.0, 1.0, 1.0))
+    assert terms["kl_ner_re"].item() == 0.0 and terms["kl_fwd_rev"].item() == 0.0
+    terms["loss"].backward()
+    assert all(torch.isfinite(v.grad).all() for v in outputs.values())
+
+
+def test_negative_weights_are_rejected():
+    with pytest.raises(ValueError, match="gamma"):
+        LossWeights(1.0, 1.0, -0.1)
