@@ -1,20 +1,32 @@
 """Tokenisation of raw text, the same for augmented sentences and for `predict` input.
 
 English (and any space-separated language): words and punctuation, with the PTB-like rules the
-benchmark datasets were tokenised with (a run of letters/digits, possibly joined by internal
-hyphens, is one token, as are abbreviations and numbers; clitics like ``'s`` are split off; every other non-space character is its
-own token). Chinese (``language="zh"``): every non-space character is a token.
+benchmark datasets were tokenised with: a run of letters/digits, possibly joined by internal
+hyphens, is one token, as are abbreviations (U.S., Sen., Inc.), initials, numbers (3,000.50) and
+the PTB quotes and dashes; clitics like ``'s`` are split off; every other non-space character is
+its own token. Chinese (``language="zh"``): every non-space character is a token.
 """
 
 from __future__ import annotations
 
 import re
 
-# Words with internal hyphens/apostrophes/periods (U.S., well-known, O'Neil), numbers with , or .
-# (3,000 / 2.5), otherwise single punctuation characters.
+# Abbreviations that keep their period, as in the PTB-tokenised benchmarks (Sen. Smith, Acme Inc.).
+_ABBREVIATIONS = (
+    "Mr Mrs Ms Dr Prof Sen Rep Gov Gen Lt Col Capt Sgt Rev St Jr Sr Inc Corp Co Ltd Bros No vs etc al "
+    "Jan Feb Mar Apr Jun Jul Aug Sep Sept Oct Nov Dec "
+    "Ala Ariz Ark Calif Colo Conn Del Fla Ga Ill Ind Kan Ky La Md Mass Mich Minn Miss Mo Mont Neb Nev "
+    "Okla Ore Pa Tenn Tex Va Vt Wash Wis Wyo"
+).split()
+
 _WORD = re.compile(
     r"""
     (?:[^\W_]\.){2,}            # abbreviations like U.S. or e.g.
+  | (?i:"""
+    + "|".join(_ABBREVIATIONS)
+    + r""")\.(?!\w)             # known abbreviations keep their period
+  | [A-Z]\.(?=\s)              # initials: John F. Kennedy
+  | ``|''|--|\.\.\.|and/or       # PTB quotes, dashes and ellipses stay one token
   | \d+(?:[.,:/]\d+)+           # numbers 3,000 2.5 10:30 1/2
   | [^\W_]+(?:-[^\W_]+)*        # words, internal hyphens (well-known)
   | ['’][^\W_]+                 # clitics split off as in PTB: Steel 's, they 're

@@ -18,3 +18,13 @@ def test_tokenize_is_stable_on_its_own_output():
     text = "Mr. Jones met the C.E.O. in New York-based Acme Corp. on 3/4 ."
     toks = tokenize(text)
     assert tokenize(detokenize(toks)) == toks
+
+
+def test_ptb_abbreviations_initials_and_quotes():
+    text = "`` Sen. John F. Kennedy of Acme Inc. -- and Dr. Lee -- said ... '' ."
+    assert tokenize(text) == [
+        "``", "Sen.", "John", "F.", "Kennedy", "of", "Acme", "Inc.", "--", "and", "Dr.", "Lee", "--",
+        "said", "...", "''", ".",
+    ]
+    # a sentence-final period after an ordinary word is split off
+    assert tokenize("He left Paris.") == ["He", "left", "Paris", "."]

@@ -1,0 +1,1 @@
+"""The corpus builder: prompts, answer parsing and validation, synthesis of labelled sentences, and the CLI."""
