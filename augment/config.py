@@ -1,0 +1,161 @@
+"""The run configuration of ``augment run``: one pydantic model, loaded from a YAML or JSON file
+plus command-line overrides, validated at load, and saved resolved (without any key) in --out.
+
+Defaults that depend on other fields are filled in by :meth:`AugmentConfig.resolved`: the
+endpoint (DeepSeek unless ``base_url`` is given), the model, the output folder
+(``corpus/<dataset>``) and, for the embedded model (``llm: local``), a small concurrency and
+answer length unless set explicitly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from anchoralign.errors import UserError
+
+DEEPSEEK_URL = "https://api.deepseek.com"
+DEEPSEEK_MODEL = "deepseek-chat"
+DEEPSEEK_KEY_ENV = "DEEPSEEK_API_KEY"
+OTHER_KEY_ENV = "OPENAI_API_KEY"
+# Local servers (llama.cpp, vLLM, Ollama) accept any key; the SDK insists on a non-empty one.
+PLACEHOLDER_KEY = "no-key-needed"
+# The embedded 135M model answers a few tokens a second per request on two cores.
+LOCAL_DEFAULTS: dict[str, Any] = {"concurrency": 2, "max_tokens": 256, "timeout": 300.0}
+
+
+class AugmentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    dataset: str = Field(min_length=1, description="dataset name or path to a record file")
+    data_dir: str | None = None
+    split: str = "train"
+    fold: int | None = Field(default=None, ge=0)
+    cap: int = Field(default=10_000, ge=1, description="number of samples in the corpus")
+    variants: int = Field(default=3, ge=1, le=20, description="variants asked for per request (K)")
+    concurrency: int = Field(default=32, ge=1, le=1024)
+    timeout: float = Field(default=120.0, gt=0, description="seconds for one attempt")
+    max_retries: int = Field(default=6, ge=0, le=50)
+    backoff: float = Field(default=1.0, ge=0, description="base of the exponential backoff, seconds")
+    backoff_max: float = Field(default=60.0, ge=0)
+    base_url: str | None = None
+    model: str | None = None
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    max_tokens: int = Field(default=1024, ge=16)
+    seed: int = 0
+    out: str | None = None
+    llm: Literal["api", "local"] = "api"
+    gguf: str | None = None
+    price_in: float | None = Field(default=None, ge=0, description="USD per million prompt tokens")
+    price_out: float | None = Field(default=None, ge=0, description="USD per million completion tokens")
+    max_sources: int | None = Field(default=None, ge=1, description="try at most this many source sentences")
+    mention_prompt: str | None = None
+    context_prompt: str | None = None
+
+    @model_validator(mode="after")
+    def _compatible(self) -> AugmentConfig:
+        if self.llm == "local" and self.base_url is not None:
+            raise ValueError(
+                "base_url cannot be combined with llm 'local' (the embedded server picks its own)"
+            )
+        if self.gguf is not None and self.llm != "local":
+            raise ValueError("gguf is only used with llm 'local'")
+        return self
+
+    @property
+    def dataset_label(self) -> str:
+        """A folder-friendly name: the dataset name, or the file stem of a dataset path."""
+        p = Path(self.dataset)
+        return p.stem if (p.suffix or os.sep in self.dataset) else self.dataset
+
+    def resolved(self) -> AugmentConfig:
+        """A copy with every derived default filled in (what is saved next to the corpus)."""
+        values = self.model_dump()
+        if self.llm == "local":
+            for name, value in LOCAL_DEFAULTS.items():
+                if name not in self.model_fields_set:
+                    values[name] = value
+            # The model name is part of every request key, so answers of different GGUFs never mix.
+            if self.model is None:
+                from augment.local_llm import find_packaged_gguf
+
+                gguf = Path(self.gguf) if self.gguf is not None else find_packaged_gguf()
+                values["model"] = f"local:{gguf.name}"
+        else:
+            values["base_url"] = self.base_url or DEEPSEEK_URL
+            values["model"] = self.model or DEEPSEEK_MODEL
+        values["out"] = self.out or str(Path("corpus") / self.dataset_label)
+        return AugmentConfig.model_validate(values)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out or str(Path("corpus") / self.dataset_label))
+
+
+def api_key_variable(cfg: AugmentConfig) -> str:
+    """The environment variable the key is read from."""
+    return cfg.api_key_env or (DEEPSEEK_KEY_ENV if cfg.base_url in (None, DEEPSEEK_URL) else OTHER_KEY_ENV)
+
+
+def resolve_api_key(cfg: AugmentConfig, environ: dict[str, str] | None = None) -> str:
+    """The key to send. Only the variable's name is ever stored; the value goes to the SDK only.
+
+    Endpoints given with ``base_url`` (usually local servers) work without a key unless the user
+    named a variable with ``api_key_env``; the default DeepSeek endpoint always needs one.
+    """
+    env = os.environ if environ is None else environ
+    if cfg.llm == "local":
+        return PLACEHOLDER_KEY
+    name = api_key_variable(cfg)
+    key = env.get(name, "").strip()
+    if key:
+        return key
+    if cfg.base_url not in (None, DEEPSEEK_URL) and cfg.api_key_env is None:
+        return PLACEHOLDER_KEY
+    where = cfg.base_url or DEEPSEEK_URL
+    raise UserError(
+        f"no API key: set the environment variable {name} for {where} "
+        "(or use --base-url for another endpoint, --api-key-env to read another variable, or --llm local)"
+    )
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise UserError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({err})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of option names to values, got {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any]) -> AugmentConfig:
+    """File values, then ``overrides`` (None values are ignored: the flag was not given)."""
+    values: dict[str, Any] = _read_file(Path(path)) if path is not None else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    where = f"{path}: " if path is not None else ""
+    try:
+        return AugmentConfig.model_validate(values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "config"
+        msg = first["msg"].removeprefix("Value error, ")
+        raise UserError(f"{where}field '{field}': {msg}") from None
+
+
+def save_config(cfg: AugmentConfig, path: Path) -> None:
+    """Write the resolved config atomically (it holds the key's variable name, never the key)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(cfg.model_dump(), indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)

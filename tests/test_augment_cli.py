@@ -1,0 +1,244 @@
+"""The `augment` CLI: user errors as one line, the key never written, literal LLM text on screen."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+from pathlib import Path
+
+import pytest
+from fake_openai import malformed_script, stable_fraction
+
+from anchoralign.cli import run_cli
+from augment.cli import build_parser
+from augment.testing import FakeOpenAIServer, Reply, good_answer, good_script
+
+CANARY = "sk-canary-7f3a9c1e5b2d4068"
+
+
+@pytest.fixture(autouse=True)
+def _wide_console(monkeypatch):
+    # Rich wraps to the terminal width; a wide one keeps asserted strings on one line.
+    monkeypatch.setenv("COLUMNS", "250")
+    monkeypatch.delenv("DEEPSEEK_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+
+
+def cli(*argv: str) -> int:
+    return run_cli(build_parser(), list(argv))
+
+
+def run_args(data: Path, url: str, out: Path, *extra: str) -> list[str]:
+    return [
+        "run",
+        "--dataset",
+        "conll04",
+        "--data-dir",
+        str(data),
+        "--base-url",
+        url,
+        "--out",
+        str(out),
+        "--concurrency",
+        "4",
+        "--timeout",
+        "5",
+        "--backoff",
+        "0.01",
+        *extra,
+    ]
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_run_prints_a_summary(shared_data, tmp_path, capsys):
+    with FakeOpenAIServer(good_script()) as srv:
+        assert cli(*run_args(shared_data, srv.url, tmp_path / "out", "--cap", "40")) == 0
+    out = capsys.readouterr().out
+    assert "cap_reached" in out and "40 of cap 40" in out
+
+
+def test_the_key_is_sent_but_never_written_or_printed(shared_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MY_CANARY_KEY", CANARY)
+
+    def script(body, attempt):
+        if stable_fraction(body, "refuse") < 0.2:  # some prompts get a 400 that echoes the key back
+            return Reply(status=400, message=f"context too long for key {CANARY}")
+        return Reply(text=good_answer(body))
+
+    out = tmp_path / "out"
+    with FakeOpenAIServer(script) as srv:
+        rc = cli(*run_args(shared_data, srv.url, out, "--cap", "60", "--api-key-env", "MY_CANARY_KEY"))
+        assert {r.authorization for r in srv.requests} == {f"Bearer {CANARY}"}
+    assert rc == 0
+    with FakeOpenAIServer(
+        lambda body, attempt: Reply(status=401, message=f"Incorrect API key {CANARY}")
+    ) as srv:
+        rc401 = cli(*run_args(shared_data, srv.url, tmp_path / "out401", "--api-key-env", "MY_CANARY_KEY"))
+    assert rc401 == 2
+    captured = capsys.readouterr()
+    assert CANARY not in captured.out + captured.err
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {p.name for p in written} >= {"journal.jsonl", "config.json", "stats.json", "rejected.jsonl"}
+    for p in written:
+        assert CANARY not in p.read_text(errors="replace"), f"the key leaked into {p}"
+    config = json.loads((out / "config.json").read_text())
+    assert config["api_key_env"] == "MY_CANARY_KEY"
+
+
+def test_a_refused_key_stops_at_once_with_one_line(shared_data, tmp_path, capsys):
+    with FakeOpenAIServer(lambda body, attempt: Reply(status=401, message="invalid key")) as srv:
+        rc = cli(*run_args(shared_data, srv.url, tmp_path / "out"))
+        n = len(srv.requests)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert n <= 4  # the first wave at most, not the dataset
+    assert "HTTP 401" in err and "API key was refused" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 3
+
+
+def test_a_refused_request_is_a_rejection_and_the_run_goes_on(shared_data, tmp_path, capsys):
+    def script(body, attempt):
+        if stable_fraction(body, "refuse") < 0.2:
+            return Reply(status=400, message="This model's maximum context length is 8 tokens")
+        return Reply(text=good_answer(body))
+
+    out = tmp_path / "out"
+    with FakeOpenAIServer(script) as srv:
+        assert cli(*run_args(shared_data, srv.url, out, "--cap", "300")) == 0
+    refused = [json.loads(x) for x in (out / "rejected.jsonl").read_text().splitlines()]
+    refused = [r for r in refused if r["reason"] == "request_rejected"]
+    assert refused and all(
+        "HTTP 400" in r["detail"] and "maximum context length" in r["detail"] for r in refused
+    )
+    assert len((out / "unmasked.jsonl").read_text().splitlines()) == 300
+
+
+def test_an_unreachable_endpoint_is_one_clear_message(shared_data, tmp_path, capsys):
+    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    rc = cli(*run_args(shared_data, url, tmp_path / "out", "--max-retries", "1"))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"cannot connect to {url}" in err and "none of the first" in err and "Traceback" not in err
+
+
+def test_no_key_for_deepseek_is_a_user_error(shared_data, tmp_path, capsys):
+    rc = cli("run", "--dataset", "conll04", "--data-dir", str(shared_data), "--out", str(tmp_path / "o"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "DEEPSEEK_API_KEY" in err
+
+
+def test_missing_data_is_a_user_error(tmp_path, capsys):
+    with FakeOpenAIServer() as srv:
+        rc = cli(*run_args(tmp_path / "nowhere", srv.url, tmp_path / "out"))
+        assert srv.requests == []
+    assert rc == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_config_file_with_flag_overrides_and_field_errors(shared_data, tmp_path, capsys):
+    good = tmp_path / "run.yaml"
+    good.write_text(f"dataset: conll04\ndata_dir: {shared_data}\ncap: 999\nvariants: 2\n")
+    with FakeOpenAIServer(good_script(k=2)) as srv:
+        args = [
+            "run",
+            "--config",
+            str(good),
+            "--base-url",
+            srv.url,
+            "--out",
+            str(tmp_path / "o"),
+            "--cap",
+            "20",
+        ]
+        assert cli(*args) == 0
+    saved = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert saved["cap"] == 20 and saved["variants"] == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dataset: conll04\nconcurrency: 0\n")
+    assert cli("run", "--config", str(bad)) == 2
+    assert "field 'concurrency'" in capsys.readouterr().err
+    bad.write_text("dataset: conll04\nconcurency: 4\n")
+    assert cli("run", "--config", str(bad)) == 2
+    assert "concurency" in capsys.readouterr().err
+
+
+def test_dry_run_shows_prompts_and_sends_nothing(shared_data, tmp_path, capsys):
+    with FakeOpenAIServer() as srv:
+        assert cli(*run_args(shared_data, srv.url, tmp_path / "o", "--dry-run", "--cap", "100")) == 0
+        assert srv.requests == []
+    out = capsys.readouterr().out
+    assert "mention prompt" in out and "context prompt" in out and "<mask0>" in out
+    assert "requests: at most 1844 (2 per source)" in out and "nothing was sent" in out
+    assert "already journalled: 0 of" in out
+    with FakeOpenAIServer() as srv:
+        assert cli(*run_args(shared_data, srv.url, tmp_path / "o", "--cap", "100")) == 0
+        n_sent = len(srv.requests)
+        capsys.readouterr()
+        assert cli(*run_args(shared_data, srv.url, tmp_path / "o", "--dry-run", "--cap", "100")) == 0
+        assert len(srv.requests) == n_sent
+    journalled = re.search(r"already journalled: (\d+) of", capsys.readouterr().out)
+    # Per source request: a sentence that occurs twice in the split shares one journalled answer.
+    assert journalled and int(journalled.group(1)) >= n_sent > 0
+
+
+@pytest.fixture
+def rejected_run(shared_data, tmp_path) -> Path:
+    """A finished run whose answers include rich markup that must stay literal."""
+
+    def script(body, attempt):
+        if stable_fraction(body, "markup") < 0.1:
+            return Reply(text="1. [bold]x[/] and [/] and [red]")
+        return malformed_script()(body, attempt)
+
+    out = tmp_path / "out"
+    with FakeOpenAIServer(script) as srv:
+        assert cli(*run_args(shared_data, srv.url, out, "--cap", "5000", "--max-sources", "80")) == 0
+    return out
+
+
+def test_rejects_shows_llm_text_literally(rejected_run, capsys):
+    capsys.readouterr()
+    assert cli("rejects", "--out", str(rejected_run), "--limit", "0") == 0
+    out = capsys.readouterr().out
+    assert "[bold]x[/] and [/] and [red]" in out
+    assert "count_mismatch" in out
+
+    assert cli("rejects", "--out", str(rejected_run), "--reason", "unknown_placeholder", "--json") == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (
+        rows
+        and {r["reason"] for r in rows} == {"unknown_placeholder"}
+        and {r["kind"] for r in rows} == {"context"}
+    )
+
+    assert cli("rejects", "--out", str(rejected_run), "--kind", "mention", "--limit", "3", "--json") == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 3 and {r["kind"] for r in rows} == {"mention"}
+
+    assert cli("rejects", "--out", str(rejected_run), "--reason", "no_such_reason") == 2
+    assert "known: " in capsys.readouterr().err
+
+
+def test_stats_and_show(rejected_run, capsys):
+    capsys.readouterr()
+    assert cli("stats", "--out", str(rejected_run), "--json") == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["status"] == "source_limit" and stats["rejected_by_reason"]
+    assert cli("stats", "--out", str(rejected_run)) == 0
+    assert "rejected by reason" in capsys.readouterr().out
+
+    rejected = [json.loads(x) for x in (rejected_run / "rejected.jsonl").read_text().splitlines()]
+    row = next(r for r in rejected if r["reason"] == "type_changed")
+    assert cli("show", "--out", str(rejected_run), row["source_id"]) == 0
+    out = capsys.readouterr().out
+    assert f"source {row['source_id']}" in out and "type_changed" in out and "accepted" in out
+
+    assert cli("show", "--out", str(rejected_run), "no-such-id") == 2
+    assert "no sentence with id" in capsys.readouterr().err
+    assert cli("stats", "--out", str(rejected_run / "missing")) == 2

@@ -1,0 +1,234 @@
+"""`anchoralign evaluate` and `anchoralign predict` end to end, in-process and as a real command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from model_fixtures import (
+    REPO_ROOT,
+    TOY_META,
+    cli,
+    conll04_first,
+    one_cpu_thread,  # noqa: F401  (autouse)
+    overfit_checkpoint,
+    tiny_model,
+    toy_samples,
+    write_user_dataset,
+)
+
+from anchoralign.schema import Sample, read_jsonl, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def toy_checkpoint(tmp_path_factory) -> Path:
+    """An untrained tiny toy model with only 32 encoder positions (so long inputs are easy to make)."""
+    return tiny_model(max_position_embeddings=32).save_pretrained(tmp_path_factory.mktemp("toy") / "ck")
+
+
+@pytest.fixture(scope="module")
+def toy_dataset(tmp_path_factory) -> Path:
+    return write_user_dataset(tmp_path_factory.mktemp("data") / "toy", TOY_META, {"test": toy_samples()})
+
+
+def test_evaluate_json_is_reproduced_by_score_on_its_outputs(toy_checkpoint, toy_dataset, tmp_path, capsys):
+    pred, gold = tmp_path / "pred.jsonl", tmp_path / "gold.jsonl"
+    args = ["--checkpoint", toy_checkpoint, "--dataset", toy_dataset, "--split", "test", "--json"]
+    code, out, err = cli(
+        ["evaluate", *args, "--max-len", "8", "--output", pred, "--gold-output", gold], capsys
+    )
+    assert code == 0, err
+    metrics = json.loads(out)
+    assert metrics["n_samples"] == 3 and 0 <= metrics["valid_rate"] <= 1 and metrics["n_split"] == 0
+    assert [s.id for s in read_jsonl(pred)] == [s.id for s in read_jsonl(gold)]
+    code, out, err = cli(["score", "--gold", gold, "--pred", pred, "--json"], capsys)
+    assert code == 0, err
+    scored = json.loads(out)
+    for key, value in scored.items():
+        assert metrics[key] == value, key
+
+
+def test_evaluate_prints_a_table_by_default(toy_checkpoint, toy_dataset, capsys):
+    code, out, err = cli(
+        [
+            "evaluate",
+            "--checkpoint",
+            toy_checkpoint,
+            "--dataset",
+            toy_dataset,
+            "--max-len",
+            "6",
+            "--beam",
+            "2",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert "Relation strict" in out and "valid outputs" in out
+
+
+def test_evaluate_refuses_data_with_labels_the_checkpoint_lacks(toy_checkpoint, tmp_path, capsys):
+    other = Sample(**{**toy_samples()[0].to_record(), "relations": []})
+    other.entities[0] = other.entities[0].model_copy(update={"type": "Gene"})
+    write_jsonl(tmp_path / "data" / "test.jsonl", [other])
+    code, out, err = cli(["evaluate", "--checkpoint", toy_checkpoint, "--dataset", tmp_path / "data"], capsys)
+    assert code == 2
+    assert "was not trained with: Gene" in err and "Traceback" not in err
+
+
+def test_evaluate_names_a_missing_checkpoint(toy_dataset, tmp_path, capsys):
+    code, _, err = cli(["evaluate", "--checkpoint", tmp_path / "nope", "--dataset", toy_dataset], capsys)
+    assert code == 2 and "checkpoint directory not found" in err
+
+
+def test_predict_txt_tokenizes_lines_and_writes_records(toy_checkpoint, tmp_path, capsys):
+    source = tmp_path / "in.txt"
+    source.write_text("Ann Lee works for Acme.\n\n   \nBob's firm is in Oslo, Norway.\n", encoding="utf-8")
+    code, out, err = cli(
+        [
+            "predict",
+            "--checkpoint",
+            toy_checkpoint,
+            "--input",
+            source,
+            "--output",
+            tmp_path / "o.jsonl",
+            "--max-len",
+            "6",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    records = read_jsonl(tmp_path / "o.jsonl")
+    assert [r.id for r in records] == ["in-1", "in-4"]  # blank lines are skipped, ids keep line numbers
+    assert records[0].tokens == ["Ann", "Lee", "works", "for", "Acme", "."]
+    assert records[1].tokens == ["Bob", "'s", "firm", "is", "in", "Oslo", ",", "Norway", "."]
+    assert "in-1" in out and "2 sentences" in out
+
+
+def test_predict_shows_user_text_literally(toy_checkpoint, tmp_path, capsys):
+    write_jsonl(tmp_path / "in.jsonl", [Sample(id="m", tokens=["[red]", "Acme", "[/red]", "[bold]"])])
+    code, out, err = cli(
+        [
+            "predict",
+            "--checkpoint",
+            toy_checkpoint,
+            "--input",
+            tmp_path / "in.jsonl",
+            "--output",
+            tmp_path / "o.jsonl",
+        ]
+        + ["--max-len", "4"],
+        capsys,
+    )
+    assert code == 0, err
+    assert "[red] Acme [/red] [bold]" in out
+    assert read_jsonl(tmp_path / "o.jsonl")[0].tokens == ["[red]", "Acme", "[/red]", "[bold]"]
+
+
+def test_predict_splits_or_refuses_long_lines(toy_checkpoint, tmp_path, capsys):
+    source = tmp_path / "long.txt"
+    source.write_text("Short one .\n" + " ".join(["Pusterla works ."] * 12) + "\n", encoding="utf-8")
+    base = ["predict", "--checkpoint", toy_checkpoint, "--input", source, "--output", tmp_path / "o.jsonl"]
+    code, _, err = cli([*base, "--long", "refuse"], capsys)
+    assert code == 2
+    assert f"{source}:2: 36 words make" in err and "--long split" in err
+    code, out, err = cli([*base, "--max-len", "4", "--quiet"], capsys)
+    assert code == 0, err
+    records = read_jsonl(tmp_path / "o.jsonl")
+    assert len(records[1].tokens) == 36
+    assert "1 long sentences were split" in out
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("in.csv", "a,b\n", "expected a .txt file"),
+        ("empty.txt", "\n\n", "no sentences"),
+        ("bad.jsonl", '{"id": "a", "tokens": []}\n', "bad.jsonl:1"),
+    ],
+)
+def test_predict_input_problems_are_one_line_errors(toy_checkpoint, tmp_path, capsys, name, content, message):
+    (tmp_path / name).write_text(content, encoding="utf-8")
+    code, _, err = cli(
+        [
+            "predict",
+            "--checkpoint",
+            toy_checkpoint,
+            "--input",
+            tmp_path / name,
+            "--output",
+            tmp_path / "o.jsonl",
+        ],
+        capsys,
+    )
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_predict_runs_as_a_real_command(toy_checkpoint, tmp_path):
+    (tmp_path / "in.txt").write_text("Ann Lee works for Acme .\n", encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    args = ["--checkpoint", toy_checkpoint, "--input", tmp_path / "in.txt", "--output", tmp_path / "o.jsonl"]
+    done = subprocess.run(
+        [sys.executable, "-m", "anchoralign.cli", "predict", *map(str, args), "--max-len", "4"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert read_jsonl(tmp_path / "o.jsonl")[0].id == "in-1"
+
+
+# --- on the over-fitted CoNLL04 checkpoint (trained once per session) --------------------------
+
+
+@pytest.fixture(scope="module")
+def overfit(tmp_path_factory, shared_data):
+    directory, _ = overfit_checkpoint(tmp_path_factory, shared_data)
+    meta, samples = conll04_first(shared_data)
+    data = write_user_dataset(tmp_path_factory.mktemp("conll04_30") / "conll04_30", meta, {"train": samples})
+    return directory, data, samples
+
+
+@pytest.mark.slow
+def test_evaluate_on_the_training_sentences_agrees_with_score(overfit, tmp_path, capsys):
+    directory, data, _ = overfit
+    pred, gold = tmp_path / "pred.jsonl", tmp_path / "gold.jsonl"
+    args = ["--checkpoint", directory, "--dataset", data, "--split", "train", "--json"]
+    code, out, err = cli(["evaluate", *args, "--output", pred, "--gold-output", gold], capsys)
+    assert code == 0, err
+    metrics = json.loads(out)
+    assert metrics["rel_strict_f1"] >= 90 and metrics["valid_rate"] == 1.0
+    code, out, err = cli(["score", "--gold", gold, "--pred", pred, "--json"], capsys)
+    assert code == 0, err
+    assert {k: metrics[k] for k in json.loads(out)} == json.loads(out)
+
+
+@pytest.mark.slow
+def test_predict_on_raw_text_prints_entities_and_relations(overfit, tmp_path, capsys):
+    directory, _, samples = overfit
+    chosen = [s for s in samples if s.relations][:3]
+    (tmp_path / "in.txt").write_text("".join(s.text + "\n" for s in chosen), encoding="utf-8")
+    code, out, err = cli(
+        [
+            "predict",
+            "--checkpoint",
+            directory,
+            "--input",
+            tmp_path / "in.txt",
+            "--output",
+            tmp_path / "o.jsonl",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    records = read_jsonl(tmp_path / "o.jsonl")
+    assert sum(len(r.relations) for r in records) >= len(chosen)
+    first = chosen[0]
+    head = first.mention(first.relations[0].head)
+    assert head in out and first.relations[0].type in out

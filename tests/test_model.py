@@ -1,0 +1,245 @@
+"""The model: backbones, label tokens, pointer outputs, gradients, parameter counts, checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from model_fixtures import (
+    TOY_META,
+    one_cpu_thread,  # noqa: F401  (autouse)
+    save_tiny_bart,
+    save_tiny_bert,
+    tiny_model,
+    toy_samples,
+)
+from safetensors.torch import load_file
+
+from anchoralign.backbones import DECODERS, BartBackbone, EncoderOnlyBackbone
+from anchoralign.errors import UserError
+from anchoralign.losses import LossWeights, loss_terms
+from anchoralign.model import AnchorAlignModel, entity_token, mask_token, relation_token
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model().eval()
+
+
+@pytest.fixture(scope="module")
+def batch(model):
+    return model.collator()(toy_samples())
+
+
+def test_logits_cover_the_restricted_vocabulary_and_mask_invalid_ids(model, batch):
+    out = model(batch)
+    v = model.labels.n_fixed + 8
+    assert out["ner_logits"].shape == (3, batch["ner_input"].shape[1], v)
+    assert out["fwd_logits"].shape == (3, batch["fwd_input"].shape[1], v)
+    for logits in out.values():
+        assert torch.isfinite(logits).all()
+        invalid = ~batch["vocab_mask"][:, None, :].expand_as(logits)
+        assert (logits[invalid] <= torch.finfo(logits.dtype).min / 2).all()
+        assert (logits[~invalid].abs() < 1e4).all()
+
+
+def test_word_scores_are_dot_products_with_the_pointer_representations(model, batch):
+    state = model.encode(batch)
+    e = model.backbone.embed_tokens.weight
+    b, i = 1, 1  # "Pusterla", several sub-words: its first one is used
+    start = batch["word_starts"][b, i]
+    expected_rep = (state.hidden[b, start] + e[batch["input_ids"][b, start]]) / 2
+    torch.testing.assert_close(state.word_reps[b, i], expected_rep)
+    hidden = torch.randn(3, 1, e.shape[1])
+    logits = model.pointer_logits(hidden, state)
+    n_fixed = model.labels.n_fixed
+    torch.testing.assert_close(logits[b, 0, n_fixed + i], hidden[b, 0] @ expected_rep)
+    label = model.labels.entity_id("Org")
+    torch.testing.assert_close(
+        logits[b, 0, label], hidden[b, 0] @ e[model.tokenizer.convert_tokens_to_ids("<ent:Org>")]
+    )
+
+
+def test_decoder_inputs_read_words_as_their_first_sub_word(model, batch):
+    state = model.encode(batch)
+    n_fixed = model.labels.n_fixed
+    ids = torch.tensor([[0, 1, 2, 3, n_fixed, n_fixed + 1]] * 3)
+    tokens = model.to_token_ids(ids, state)
+    tok = model.tokenizer
+    assert tokens[1, :4].tolist() == [
+        tok.cls_token_id,
+        tok.sep_token_id,
+        *tok.convert_tokens_to_ids(["<sep>", "<ent:Peop>"]),
+    ]
+    assert tokens[1, 4].item() == tok.convert_tokens_to_ids("bob")
+    assert tokens[1, 5].item() == tok("Pusterla", add_special_tokens=False)["input_ids"][0]
+
+
+def test_label_tokens_are_single_tokens_initialised_from_their_descriptions():
+    model = tiny_model()
+    tok = model.tokenizer
+    assert tok.tokenize("<mask0> <mask63> <ent:Org> <rel:Live_In>") == [
+        "<mask0>",
+        "<mask63>",
+        "<ent:Org>",
+        "<rel:Live_In>",
+    ]
+    weight = model.backbone.embed_tokens.weight.detach()
+    pieces = tok("organization, a company", add_special_tokens=False)["input_ids"]
+    torch.testing.assert_close(weight[tok.convert_tokens_to_ids(entity_token("Org"))], weight[pieces].mean(0))
+    pieces = tok("lives in", add_special_tokens=False)["input_ids"]
+    torch.testing.assert_close(
+        weight[tok.convert_tokens_to_ids(relation_token("Live_In"))], weight[pieces].mean(0)
+    )
+    pieces = tok("[MASK] 7", add_special_tokens=False)["input_ids"]
+    torch.testing.assert_close(weight[tok.convert_tokens_to_ids(mask_token(7))], weight[pieces].mean(0))
+
+
+def test_gradients_reach_the_shared_encoder_all_three_decoders_and_label_tokens():
+    model = tiny_model().train()
+    batch = model.collator()(toy_samples())
+    terms = loss_terms(model(batch), batch, LossWeights(alpha=1.0, beta=1.0, gamma=1.0))
+    terms["loss"].backward()
+    bb = model.backbone
+    for name, module in [("encoder", bb.encoder.layers), *[(d, bb.decoders[d].layers) for d in DECODERS]]:
+        grads = [p.grad for p in module.parameters()]
+        assert all(g is not None for g in grads), name
+        assert sum(g.abs().sum().item() for g in grads) > 0, name
+    label_row = model.tokenizer.convert_tokens_to_ids("<rel:Work_For>")
+    assert bb.embed_tokens.weight.grad[label_row].abs().sum() > 0
+
+
+def test_each_decoder_only_gets_gradients_from_its_own_loss():
+    model = tiny_model().train()
+    batch = model.collator()(toy_samples())
+    out = model(batch)
+    ce_ner = loss_terms(out, batch, LossWeights(0.0, 0.0, 0.0, ner_re=False, fwd_rev=False, suppress=False))[
+        "ce_ner"
+    ]
+    ce_ner.backward()
+    assert all(p.grad is None for p in model.backbone.decoders["fwd"].layers.parameters())
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.decoders["ner"].parameters()
+    )
+
+
+def test_parameter_counts_add_up_with_the_embedding_table_counted_once(model):
+    counts = model.parameter_counts()
+    assert counts["total"] == sum(p.numel() for p in model.parameters()) == model.num_parameters()
+    parts = counts["embeddings"] + counts["encoder"] + sum(counts[f"decoder_{d}"] for d in DECODERS)
+    assert parts == counts["total"]
+    assert counts["decoder_ner"] == counts["decoder_fwd"] == counts["decoder_rev"] > 0
+    assert counts["embeddings"] == len(model.tokenizer) * 128
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(model, batch, tmp_path):
+    model.save_pretrained(tmp_path / "ck", train_config={"lr": 0.001, "stage": "sft"})
+    files = {p.name for p in (tmp_path / "ck").iterdir()}
+    assert files == {"config.json", "labels.json", "model.safetensors", "tokenizer", "train_config.yaml"}
+    labels = json.loads((tmp_path / "ck" / "labels.json").read_text())
+    assert list(labels["entity_types"]) == ["Peop", "Org", "Loc"] and labels["paradigm"] == 3
+    assert yaml.safe_load((tmp_path / "ck" / "train_config.yaml").read_text()) == {
+        "lr": 0.001,
+        "stage": "sft",
+    }
+    # One copy of the shared table however many modules point at it.
+    stored = load_file(tmp_path / "ck" / "model.safetensors")
+    assert sum(t.shape == model.backbone.embed_tokens.weight.shape for t in stored.values()) == 1
+    loaded = AnchorAlignModel.from_pretrained(tmp_path / "ck")
+    assert loaded.labels == model.labels and loaded.paradigm == model.paradigm and loaded.meta == TOY_META
+    with torch.no_grad():
+        a, b = model(batch), loaded(batch)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+    # Loading re-ties the table: growing it in one place is seen by every decoder.
+    assert loaded.backbone.decoders["rev"].embed_tokens is loaded.backbone.embed_tokens
+
+
+def test_broken_checkpoints_are_user_errors(model, tmp_path):
+    with pytest.raises(UserError, match="checkpoint directory not found"):
+        AnchorAlignModel.from_pretrained(tmp_path / "missing")
+    directory = model.save_pretrained(tmp_path / "ck")
+    (directory / "labels.json").unlink()
+    with pytest.raises(UserError, match=r"missing labels\.json"):
+        AnchorAlignModel.from_pretrained(directory)
+    directory = model.save_pretrained(tmp_path / "ck2")
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "format_version": 99}))
+    with pytest.raises(UserError, match="checkpoint format 99"):
+        AnchorAlignModel.from_pretrained(directory)
+
+
+def test_bart_directory_loads_through_from_pretrained_and_seeds_all_three_decoders(tmp_path):
+    from transformers import BartModel
+
+    source = save_tiny_bart(tmp_path / "bart")
+    model = AnchorAlignModel.from_backbone(str(source), TOY_META)
+    assert isinstance(model.backbone, BartBackbone)
+    reference = BartModel.from_pretrained(source)
+    ref_enc = reference.encoder.layers[0].fc1.weight
+    torch.testing.assert_close(model.backbone.encoder.layers[0].fc1.weight, ref_enc)
+    for name in DECODERS:
+        dec = model.backbone.decoders[name]
+        torch.testing.assert_close(
+            dec.layers[0].encoder_attn.k_proj.weight, reference.decoder.layers[0].encoder_attn.k_proj.weight
+        )
+        assert dec.embed_tokens is model.backbone.embed_tokens
+    assert (
+        model.backbone.decoders["ner"].layers[0].fc1.weight
+        is not model.backbone.decoders["fwd"].layers[0].fc1.weight
+    )
+    # Byte-level BPE: mid-sentence word forms, and label tokens intact.
+    batch = model.collator()(toy_samples())
+    out = model(batch)
+    assert out["rev_logits"].shape[-1] == model.labels.n_fixed + 8
+    model.save_pretrained(tmp_path / "ck")
+    loaded = AnchorAlignModel.from_pretrained(tmp_path / "ck")
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(batch)["ner_logits"], loaded(batch)["ner_logits"])
+
+
+def test_encoder_only_backbone_gets_decoders_copied_from_its_layers(tmp_path):
+    from transformers import BertModel
+
+    source = save_tiny_bert(tmp_path / "bert")
+    model = AnchorAlignModel.from_backbone(str(source), TOY_META)
+    assert isinstance(model.backbone, EncoderOnlyBackbone)
+    reference = BertModel.from_pretrained(source, add_pooling_layer=False)
+    for name in DECODERS:
+        assert model.backbone.decoders[name].config.is_decoder
+        layer = model.backbone.decoders[name].encoder.layer[1]
+        torch.testing.assert_close(
+            layer.attention.self.query.weight, reference.encoder.layer[1].attention.self.query.weight
+        )
+        torch.testing.assert_close(layer.output.dense.weight, reference.encoder.layer[1].output.dense.weight)
+        assert hasattr(layer, "crossattention")
+    batch = model.collator()(toy_samples())
+    terms = loss_terms(model(batch), batch, LossWeights(0.0, 0.0, 0.0))
+    terms["loss"].backward()
+    for name in DECODERS:
+        cross = model.backbone.decoders[name].encoder.layer[0].crossattention.self.key.weight
+        assert cross.grad is not None and cross.grad.abs().sum() > 0
+
+
+def test_minilm_backbone_is_partly_pretrained_offline():
+    model = AnchorAlignModel.from_backbone("minilm", TOY_META)
+    counts = model.parameter_counts()
+    assert counts["embeddings"] == len(model.tokenizer) * 384
+    assert counts["decoder_ner"] > counts["encoder"]  # each decoder adds cross-attention
+    batch = model.collator()(toy_samples()[:2])
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(batch)["fwd_logits"]).all()
+
+
+def test_unusable_backbones_are_user_errors(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(UserError, match="'gpt2' model; supported"):
+        AnchorAlignModel.from_backbone(str(tmp_path / "gpt2"), TOY_META)
+    with pytest.raises(UserError, match="cannot load the config of backbone"):
+        AnchorAlignModel.from_backbone(str(tmp_path / "no" / "such" / "dir"), TOY_META)
+    with pytest.raises(UserError, match="unknown tiny backbone option"):
+        AnchorAlignModel.from_backbone("tiny", TOY_META, d_modle=64)
