@@ -1,0 +1,995 @@
+"""The training loop shared by both stages: ``train_step``, ``evaluate`` and ``fit`` around a
+DeepSpeed engine, with checkpoints, resume, metrics and the phase plan of progressive activation.
+
+A stage is a list of :class:`Phase` (name, training set, epochs, alignment on or off). Epochs run
+in order; the phase in effect only moves forward. The cross-entropy-only phase that precedes an
+alignment phase on the same data is the *gate*: with ``switch_on: valid_rate`` it ends as soon as
+the share of dev outputs that parse into valid structures reaches the threshold, and its remaining
+epochs run with alignment on; otherwise it ends after its configured epochs. Either way the total
+number of steps, and so the learning-rate schedule, is fixed in advance.
+
+Data order is a seeded permutation per epoch, so a resumed run replays it exactly; a checkpoint
+holds the DeepSpeed state (model, optimizer, schedule), the :class:`TrainState` (phase, epoch, step,
+switch, best score) and each rank's RNG state. Logging, metrics and exports happen on rank 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from torch import nn
+
+from anchoralign import distributed
+from anchoralign.config import (
+    CONFIG_FILE,
+    TrainConfig,
+    config_differences,
+    deepspeed_config,
+    load_config,
+    save_config,
+)
+from anchoralign.errors import UserError
+from anchoralign.losses import LOSS_KEYS, LossWeights
+from anchoralign.schema import Sample
+
+Batch = dict[str, Any]
+LossFn = Callable[
+    [Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], LossWeights], dict[str, torch.Tensor]
+]
+Collate = Callable[[list[Sample]], Batch]
+
+CHECKPOINTS = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+LOG_FILE = "train.log"
+STATE_FILE = "train_state.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure pieces: schedule, plan, data order
+# ---------------------------------------------------------------------------------------------
+
+
+def lr_at(
+    step: int,
+    total_steps: int,
+    warmup_steps: int,
+    peak_lr: float,
+    schedule: str = "linear",
+    min_ratio: float = 0.0,
+) -> float:
+    """Learning rate of optimizer update ``step`` (0-based).
+
+    Linear warm-up reaching ``peak_lr`` at update ``warmup_steps - 1`` (so no update is wasted at
+    lr 0), then ``constant``, ``linear`` or ``cosine`` decay from the peak towards
+    ``peak_lr * min_ratio``, reached one update after the last (``total_steps``).
+    """
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return peak_lr
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        factor = 1.0 - progress
+    elif schedule == "cosine":
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}")
+    return peak_lr * (min_ratio + (1.0 - min_ratio) * factor)
+
+
+def warmup_steps_for(total_steps: int, ratio: float) -> int:
+    return round(total_steps * ratio)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase of a stage: ``epochs`` passes over ``train_sets[data]``."""
+
+    name: str
+    data: str
+    epochs: int
+    align: bool  # alignment and suppression terms on (cross-entropy is always on)
+
+
+def epoch_plan(phases: Sequence[Phase]) -> list[int]:
+    """The planned phase index of every epoch of the stage, e.g. epochs 2, 0, 1 -> [0, 0, 2]."""
+    return [i for i, p in enumerate(phases) for _ in range(p.epochs)]
+
+
+def gate_phase(phases: Sequence[Phase]) -> int | None:
+    """Index of the cross-entropy phase that an alignment phase on the same data follows, if any."""
+    for i in range(len(phases) - 1):
+        a, b = phases[i], phases[i + 1]
+        if not a.align and b.align and a.data == b.data and a.epochs > 0 and b.epochs > 0:
+            return i
+    return None
+
+
+def steps_per_epoch(n_samples: int, global_batch: int) -> int:
+    """Optimizer steps to see every sample once: the last step is topped up from the epoch's start."""
+    return math.ceil(n_samples / global_batch)
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
+    """The sample order of one epoch: a permutation fixed by (seed, epoch), the same on every rank."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def rank_micro_batches(
+    order: Sequence[int], step: int, micro: int, accum: int, world: int, rank: int
+) -> list[list[int]]:
+    """Sample indices of ``rank``'s micro-batches for optimizer step ``step`` of the epoch.
+
+    Step ``k`` takes the global batch ``order[k*G:(k+1)*G]`` (G = micro x accum x world), wrapping
+    around to the epoch's start when the order runs out; micro-batch ``j`` of rank ``r`` is its
+    slice number ``j * world + r``, so every rank gets different samples.
+    """
+    g = micro * accum * world
+    n = len(order)
+    start = step * g
+    flat = [order[(start + i) % n] for i in range(g)]
+    return [flat[(j * world + rank) * micro : (j * world + rank + 1) * micro] for j in range(accum)]
+
+
+def weights_for(cfg: TrainConfig, align: bool) -> LossWeights:
+    """Loss weights of a phase: the configured terms when ``align``, cross-entropy only otherwise."""
+    on = align and cfg.use_alignment
+    return LossWeights(
+        alpha=cfg.alpha,
+        beta=cfg.beta,
+        gamma=cfg.gamma,
+        ner_re=on and cfg.use_ner_re,
+        fwd_rev=on and cfg.use_fwd_rev,
+        suppress=on and cfg.use_suppress,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# State
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Where a stage is; saved with every checkpoint."""
+
+    stage: str
+    phase: int = 0  # phase in effect (only grows)
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # optimizer steps completed in the current epoch
+    global_step: int = 0
+    samples_seen: int = 0
+    switched_at: int | None = None  # global step at which the gate phase ended
+    switch_reason: str | None = None
+    last_valid_rate: float | None = None
+    best_score: float | None = None
+    best_step: int | None = None
+    last_eval_step: int | None = None
+    metrics_rows: int = 0  # rows of metrics.jsonl written up to this state
+    world_size: int = 1
+    done: bool = False
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainState:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+@dataclass
+class EvalResult:
+    scores: dict[str, Any]  # metrics.score of the eval split, plus "valid_rate"
+    losses: dict[str, dict[str, float]] = field(default_factory=dict)  # split -> mean loss terms
+
+
+class Evaluate(Protocol):
+    def __call__(self, model: nn.Module, device: torch.device, validity: bool) -> EvalResult:
+        """Scores of the eval split; with ``validity``, ``valid_rate`` must say how many of the
+        model's own (unconstrained) outputs parse into valid structures."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def to_device(batch: Batch, device: torch.device | str) -> Batch:
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }
+
+
+@torch.no_grad()
+def mean_loss_terms(
+    model: nn.Module,
+    samples: Sequence[Sample],
+    collate: Collate,
+    loss_fn: LossFn,
+    weights: LossWeights,
+    batch_size: int,
+    device: torch.device | str,
+) -> dict[str, float]:
+    """Teacher-forced loss terms averaged over ``samples`` (each batch weighted by its size)."""
+    totals = dict.fromkeys(LOSS_KEYS, 0.0)
+    for i in range(0, len(samples), batch_size):
+        chunk = list(samples[i : i + batch_size])
+        batch = to_device(collate(chunk), device)
+        terms = loss_fn(model(batch), batch, weights)
+        for k in totals:
+            totals[k] += float(terms[k]) * len(chunk)
+    return {k: v / max(1, len(samples)) for k, v in totals.items()}
+
+
+class Evaluator:
+    """Scores the eval split with the real decoder and logs loss terms on the loss splits.
+
+    Every rank runs the same evaluation (identical inputs and weights): under ZeRO-3 the forward
+    passes gather parameters collectively, so all ranks must take part anyway.
+
+    ``valid_rate`` is the share of predictions whose three outputs parse with nothing dropped.
+    Constrained decoding makes every output parse, so when the switch needs to know whether the
+    model itself writes valid structures, the rate comes from a second, unconstrained greedy pass.
+    """
+
+    def __init__(
+        self,
+        gold: Sequence[Sample],
+        loss_sets: Mapping[str, Sequence[Sample]],
+        collate: Collate,
+        loss_fn: LossFn,
+        weights: LossWeights,
+        decode_cfg: Any,
+        symmetric: frozenset[str],
+        boundary_only: bool,
+        batch_size: int,
+    ):
+        self.gold = list(gold)
+        # Only id and tokens go to the decoder: nothing of the answer can leak into it.
+        self.inputs = [Sample(id=s.id, tokens=s.tokens) for s in self.gold]
+        self.loss_sets = {k: list(v) for k, v in loss_sets.items()}
+        self.collate, self.loss_fn, self.weights = collate, loss_fn, weights
+        self.decode_cfg = decode_cfg
+        self.symmetric, self.boundary_only = symmetric, boundary_only
+        self.batch_size = batch_size
+
+    def __call__(self, model: nn.Module, device: torch.device, validity: bool = False) -> EvalResult:
+        from anchoralign.decode import predict
+        from anchoralign.metrics import score
+
+        preds = predict(model, self.inputs, self.decode_cfg)
+        scores: dict[str, Any] = dict(
+            score(
+                self.gold,
+                [p.sample for p in preds],
+                symmetric=self.symmetric,
+                boundary_only=self.boundary_only,
+            )
+        )
+        checked = preds
+        if validity and self.decode_cfg.constrained:
+            free = dataclasses.replace(self.decode_cfg, constrained=False, beam_size=1)
+            checked = predict(model, self.inputs, free)
+        scores["valid_rate"] = sum(p.valid for p in checked) / max(1, len(checked))
+        scores["valid_rate_of"] = (
+            "constrained" if checked is preds and self.decode_cfg.constrained else "unconstrained"
+        )
+        losses = {
+            split: mean_loss_terms(
+                model, samples, self.collate, self.loss_fn, self.weights, self.batch_size, device
+            )
+            for split, samples in self.loss_sets.items()
+        }
+        return EvalResult(scores=scores, losses=losses)
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging (rank 0)
+# ---------------------------------------------------------------------------------------------
+
+
+class RunLog:
+    """Console lines, ``train.log`` and ``metrics.jsonl``; silent on ranks other than 0."""
+
+    def __init__(self, output_dir: Path, console: Console | None = None):
+        self.active = distributed.is_main()
+        # Log lines stay whole (no wrapping at 80 columns when the output is not a terminal).
+        self.console = console or Console(stderr=True, soft_wrap=True)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = output_dir / LOG_FILE
+        self.metrics_path = output_dir / METRICS_FILE
+        self.rows = 0  # metrics rows in the file (rank 0)
+
+    def info(self, msg: str) -> None:
+        if not self.active:
+            return
+        self.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {escape(msg)}", highlight=False)
+        with self.log_path.open("a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+
+    def metrics(self, row: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        with self.metrics_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.rows += 1
+
+    def keep_metrics(self, rows: int) -> None:
+        """Cut ``metrics.jsonl`` to its first ``rows`` rows: what a resumed checkpoint had logged
+        (a fresh start keeps none), so that no step appears twice."""
+        if not self.active:
+            return
+        kept = []
+        if rows and self.metrics_path.is_file():
+            kept = self.metrics_path.read_text(encoding="utf-8").splitlines(keepends=True)[:rows]
+        self.metrics_path.write_text("".join(kept), encoding="utf-8")
+        self.rows = len(kept)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Runs one stage: ``fit()`` trains every phase, evaluates, checkpoints and exports.
+
+    ``model(batch)`` returns the logits dict of docs/CONTRACTS.md and ``model.save_pretrained(dir)``
+    writes the checkpoint directory format; ``collate`` turns samples into a batch; ``loss_fn`` is
+    :func:`anchoralign.losses.loss_terms` (or anything with its signature).
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: nn.Module,
+        phases: Sequence[Phase],
+        train_sets: Mapping[str, Sequence[Sample]],
+        collate: Collate,
+        loss_fn: LossFn,
+        evaluator: Evaluate | None = None,
+        log: RunLog | None = None,
+        reload: Callable[[Path], nn.Module] | None = None,
+    ):
+        for p in phases:
+            if p.epochs and not train_sets.get(p.data):
+                raise UserError(f"phase {p.name}: its training set '{p.data}' is empty")
+        self.cfg, self.model, self.phases = cfg, model, list(phases)
+        self.train_sets, self.collate, self.loss_fn, self.evaluator = train_sets, collate, loss_fn, evaluator
+        self.reload = reload  # directory -> model, for evaluating under ZeRO-3
+        self.plan = epoch_plan(self.phases)
+        self.gate = gate_phase(self.phases) if cfg.switch_on == "valid_rate" else None
+        self.out = Path(cfg.output_dir)
+        self.ckpt_dir = self.out / CHECKPOINTS
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log = log or RunLog(self.out)
+        distributed.setup()
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        self.state = TrainState(stage=cfg.stage, world_size=self.world)
+        self.global_batch = cfg.micro_batch_size * cfg.grad_accum * self.world
+        self.epoch_steps = [
+            steps_per_epoch(len(train_sets[self.phases[p].data]), self.global_batch) for p in self.plan
+        ]
+        planned = sum(self.epoch_steps)
+        self.total_steps = min(planned, cfg.max_steps) if cfg.max_steps else planned
+        self.warmup = warmup_steps_for(self.total_steps, cfg.warmup_ratio)
+        self.engine = self._deepspeed_engine()
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def _deepspeed_engine(self):
+        import deepspeed
+
+        cfg = self.cfg
+        decay, no_decay = [], []
+        for _, p in self.model.named_parameters():
+            if p.requires_grad:
+                # Biases and norm scales are not decayed: shrinking them only hurts.
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+
+        def factor(step: int) -> float:
+            return lr_at(step, self.total_steps, self.warmup, 1.0, cfg.schedule, cfg.min_lr_ratio)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        ds_config = deepspeed_config(cfg, self.world)
+        engine, _, _, _ = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
+        if self.world == 1 and engine.zero_optimization_stage() == 0:
+            # Alone, the all-reduce of the gradients only copies every gradient into a flat
+            # buffer and back (a tenth of a MiniLM step on CPU).
+            engine.enable_backward_allreduce = False
+        return engine
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    def phase_weights(self) -> LossWeights:
+        return weights_for(self.cfg, self.phases[self.state.phase].align)
+
+    # -- one step -------------------------------------------------------------------------------
+
+    def train_step(self, micro_batches: Sequence[Sequence[Sample]]) -> dict[str, torch.Tensor]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss terms."""
+        self.engine.train()
+        weights = self.phase_weights()
+        sums = {k: torch.zeros((), device=self.device) for k in LOSS_KEYS}
+        for samples in micro_batches:
+            batch = to_device(self.collate(list(samples)), self.device)
+            terms = self.loss_fn(self.engine(batch), batch, weights)
+            # DeepSpeed scales the loss by 1/grad_accum and steps the optimizer (and the schedule)
+            # only at the last micro-batch of the step.
+            self.engine.backward(terms["loss"])
+            self.engine.step()
+            for k in LOSS_KEYS:
+                sums[k] += terms[k].detach().float()
+        return {k: v / len(micro_batches) for k, v in sums.items()}
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    def evaluate(self) -> EvalResult | None:
+        """Score the eval split, log it, keep the best model and maybe end the gate phase."""
+        st = self.state
+        if self.evaluator is None or st.last_eval_step == st.global_step:
+            return None
+        self.engine.eval()
+        try:
+            # The valid-output rate matters only until the gate phase has ended.
+            validity = self.gate is not None and st.phase <= self.gate
+            with self._eval_model() as model:
+                result = self.evaluator(model, self.device, validity)
+        finally:
+            self.engine.train()
+        st.last_eval_step = st.global_step
+        scores = result.scores
+        primary = self.cfg.best_metric or str(scores.get("primary", "rel_strict_f1"))
+        if primary not in scores:
+            numeric = sorted(k for k, v in scores.items() if isinstance(v, float))
+            raise UserError(f"best_metric '{primary}' is not a score; choose one of {', '.join(numeric)}")
+        base = {"step": st.global_step, "epoch": st.epoch, "phase": self.phases[st.phase].name}
+        self.log.metrics({"kind": "eval", **base, "split": self.cfg.eval_split, **scores})
+        for split, terms in result.losses.items():
+            self.log.metrics({"kind": "eval_loss", **base, "split": split, **terms})
+        st.last_valid_rate = float(scores["valid_rate"])
+        self.log.info(
+            f"eval step {st.global_step}: {self.cfg.eval_split} {primary} {scores[primary]:.2f}, "
+            f"ner_f1 {scores.get('ner_f1', float('nan')):.2f}, "
+            f"valid outputs {100 * st.last_valid_rate:.1f}% ({scores.get('valid_rate_of', 'as decoded')})"
+        )
+        value = float(scores[primary])
+        if st.best_score is None or value > st.best_score:
+            st.best_score, st.best_step = value, st.global_step
+            self.export(self.out / "best", extra={"step": st.global_step, "scores": scores})
+            self.log.info(
+                f"new best {primary} {value:.2f} at step {st.global_step}: exported to {self.out / 'best'}"
+            )
+        self._maybe_switch_on_valid_rate()
+        return result
+
+    def _maybe_switch_on_valid_rate(self) -> None:
+        st = self.state
+        if self.gate is None or st.phase != self.gate or st.last_valid_rate is None:
+            return
+        # Rank 0 decides, so that all ranks change phase at the same step even if their
+        # evaluations were to differ in the last bit on some accelerator.
+        passed = distributed.broadcast_object(st.last_valid_rate >= self.cfg.valid_rate_threshold)
+        if passed:
+            self._switch(
+                self.gate + 1,
+                f"dev valid-output rate {100 * st.last_valid_rate:.1f}% reached the threshold "
+                f"{100 * self.cfg.valid_rate_threshold:.1f}%",
+            )
+
+    def _switch(self, to: int, reason: str) -> None:
+        st = self.state
+        old = self.phases[st.phase].name
+        st.phase = to
+        if st.switched_at is None and self.phases[to].align:
+            st.switched_at, st.switch_reason = st.global_step, reason
+        new = self.phases[to]
+        self.log.info(
+            f"phase {old} -> {new.name} at step {st.global_step} (epoch {st.epoch}): {reason}; "
+            f"loss terms on: {', '.join(_active_terms(self.phase_weights()))}"
+        )
+        self.log.metrics(
+            {
+                "kind": "switch",
+                "step": st.global_step,
+                "epoch": st.epoch,
+                "from": old,
+                "to": new.name,
+                "reason": reason,
+            }
+        )
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        """Save everything needed to continue, then drop older checkpoints (all ranks call this)."""
+        st = self.state
+        st.metrics_rows = self.log.rows
+        # The final save gets its own tag: rewriting the directory `latest` points at is not safe.
+        tag = f"step-{st.global_step:08d}" + ("-done" if st.done else "")
+        path = self.ckpt_dir / tag
+        # Each rank's RNG: dropout masks depend on its own batches, so the states differ by rank.
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save(_rng_state(), path / f"rng-rank{self.rank}.pt")
+        if distributed.is_main():
+            save_config(self.cfg, path / CONFIG_FILE)
+            (path / STATE_FILE).write_text(json.dumps(asdict(st), indent=2) + "\n", encoding="utf-8")
+        # DeepSpeed writes the `latest` pointer last, so a run killed mid-save resumes from the
+        # previous checkpoint.
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state={"train_state": asdict(st)})
+        distributed.barrier()
+        if distributed.is_main():
+            for old in self.ckpt_dir.glob("step-*"):
+                if old.name != tag and old.is_dir():
+                    shutil.rmtree(old)
+        distributed.barrier()
+
+    def resume(self) -> bool:
+        """Continue from ``checkpoints/latest`` when there is one (and ``resume`` is on)."""
+        latest = self.ckpt_dir / "latest"
+        if not (self.cfg.resume and latest.is_file()):
+            return False
+        tag = latest.read_text(encoding="utf-8").strip()
+        path = self.ckpt_dir / tag
+        self._check_same_config(path / CONFIG_FILE)
+        saved_world = json.loads((path / STATE_FILE).read_text(encoding="utf-8")).get("world_size", 1)
+        if saved_world != self.world:
+            # ZeRO shards and per-rank RNG states belong to one world size.
+            raise UserError(
+                f"{path} was written by {saved_world} rank(s); resume it with {saved_world}, not {self.world}"
+            )
+        load_path, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        if load_path is None or not client or "train_state" not in client:
+            raise UserError(
+                f"{path}: checkpoint is incomplete; delete {self.ckpt_dir} or pass --resume=false"
+            )
+        self.state = TrainState.from_dict(client["train_state"])
+        rng_file = path / f"rng-rank{self.rank}.pt"
+        if not rng_file.is_file():
+            raise UserError(f"{rng_file}: missing; delete {self.ckpt_dir} or pass --resume=false")
+        _set_rng_state(torch.load(rng_file, weights_only=True))
+        st = self.state
+        self.log.info(
+            f"resuming from {path}: phase {self.phases[st.phase].name}, epoch {st.epoch}, "
+            f"step {st.global_step} of {self.total_steps}"
+        )
+        return True
+
+    def _check_same_config(self, saved: Path) -> None:
+        if not saved.is_file():
+            raise UserError(f"{saved}: missing; cannot tell whether this checkpoint belongs to this config")
+        old = load_config(type(self.cfg), saved)
+        diff = config_differences(old, self.cfg)
+        if diff:
+            raise UserError(
+                f"{self.out} holds a run with another config ({'; '.join(diff)}); use another "
+                "--output_dir, or --resume=false to start over"
+            )
+
+    @contextmanager
+    def _eval_model(self) -> Iterator[nn.Module]:
+        """The model to evaluate: the trained module itself, or under ZeRO-3 a plain copy.
+
+        ZeRO-3 keeps a shard of each parameter per rank and gathers it only while its own module
+        runs, releasing it afterwards even inside ``GatheredParameters``; decoding reads weights
+        outside module calls (the shared embedding table) and so cannot run on the sharded
+        module. Every rank loads the exported weights into an ordinary model instead.
+        """
+        if self.engine.zero_optimization_stage() != 3:
+            yield self.engine.module
+            return
+        if self.reload is None:
+            raise UserError("zero_stage=3: evaluation needs a model loader (Trainer(reload=...))")
+        path = self.out / ".eval-model"
+        self.export(path)
+        model = self.reload(path).to(self.device)
+        try:
+            yield model
+        finally:
+            del model
+            distributed.barrier()
+            if distributed.is_main():
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _whole_parameters(self) -> AbstractContextManager[Any]:
+        """Under ZeRO-3, every parameter gathered whole on every rank (all ranks must enter)."""
+        if self.engine.zero_optimization_stage() != 3:
+            return nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
+
+    def export(self, path: Path, extra: Mapping[str, Any] | None = None) -> None:
+        """Write the model in the checkpoint directory format (loadable without DeepSpeed), atomically."""
+        with self._whole_parameters():
+            if distributed.is_main():
+                tmp = path.with_name(path.name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                with _own_storage(self.engine.module):
+                    self.engine.module.save_pretrained(tmp, train_config=self.cfg)
+                if extra is not None:
+                    (tmp / "scores.json").write_text(json.dumps(extra, indent=2) + "\n", encoding="utf-8")
+                shutil.rmtree(path, ignore_errors=True)
+                tmp.rename(path)
+        distributed.barrier()
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def fit(self) -> Path:
+        """Train the stage to the end (or ``max_steps``); returns the exported ``final`` directory."""
+        resumed = self.resume()
+        st = self.state
+        final = self.out / "final"
+        if st.done:
+            # Killed between the last checkpoint and the export: export now.
+            if not distributed.broadcast_object(final.is_dir()):
+                self.export(final)
+            self.log.info(f"{self.cfg.stage}: this run already finished; the model is in {final}")
+            return final
+        self.log.keep_metrics(st.metrics_rows if resumed else 0)
+        if not resumed:
+            # Dropout differs by rank, as their batches do; a resumed run restores these states.
+            random.seed(self.cfg.seed + self.rank)
+            torch.manual_seed(self.cfg.seed + self.rank)
+            st.phase = self.plan[0]  # phases without epochs are skipped
+            self._describe_plan()
+        self.log.info(f"{self.cfg.stage}: phase {self.phases[st.phase].name} (step {st.global_step})")
+        with self._progress() as progress:
+            bar = progress.add_task(
+                self.phases[st.phase].name, total=self.total_steps, completed=st.global_step
+            )
+            window = _Window(self.device)
+            while st.epoch < len(self.plan) and not self._at_max_steps():
+                self._enter_epoch()
+                self._train_epoch(
+                    window, lambda: progress.update(bar, advance=1, description=self.phases[st.phase].name)
+                )
+        if window.steps:
+            self._log_train(window)
+        if self._at_max_steps() and st.epoch < len(self.plan):
+            self.log.info(
+                f"stopping at max_steps={self.cfg.max_steps} (epoch {st.epoch} of {len(self.plan)})"
+            )
+        self.evaluate()
+        st.done = True
+        self.save_checkpoint()
+        self.export(final)
+        best = (
+            f"; best {self.cfg.eval_split} score {st.best_score:.2f} at step {st.best_step}"
+            if st.best_step
+            else ""
+        )
+        self.log.info(f"{self.cfg.stage} finished at step {st.global_step}: model in {final}{best}")
+        return final
+
+    def _train_epoch(self, window: _Window, tick: Callable[[], None]) -> None:
+        """The rest of the current epoch (all of it unless resumed mid-epoch)."""
+        st, cfg = self.state, self.cfg
+        data = self.train_sets[self.phases[self.plan[st.epoch]].data]
+        order = epoch_order(cfg.seed, st.epoch, len(data))
+        n_steps = self.epoch_steps[st.epoch]
+        while st.step_in_epoch < n_steps and not self._at_max_steps():
+            idx = rank_micro_batches(
+                order, st.step_in_epoch, cfg.micro_batch_size, cfg.grad_accum, self.world, self.rank
+            )
+            window.add(self.train_step([[data[i] for i in mb] for mb in idx]), self.global_batch)
+            st.step_in_epoch += 1
+            st.global_step += 1
+            st.samples_seen += self.global_batch
+            tick()
+            if st.global_step % cfg.log_every == 0:
+                self._log_train(window)
+            with window.paused():
+                if st.step_in_epoch == n_steps:
+                    st.epoch, st.step_in_epoch = st.epoch + 1, 0
+                    self.evaluate()
+                    self.save_checkpoint()
+                    return
+                if cfg.eval_every and st.global_step % cfg.eval_every == 0:
+                    self.evaluate()
+                if cfg.save_every and st.global_step % cfg.save_every == 0:
+                    self.save_checkpoint()
+
+    def _at_max_steps(self) -> bool:
+        return self.cfg.max_steps is not None and self.state.global_step >= self.cfg.max_steps
+
+    def _enter_epoch(self) -> None:
+        st = self.state
+        planned = self.plan[st.epoch]
+        if planned <= st.phase:
+            return
+        prev = self.phases[st.phase]
+        if st.phase == self.gate:
+            rate = "n/a" if st.last_valid_rate is None else f"{100 * st.last_valid_rate:.1f}%"
+            reason = (
+                f"the dev valid-output rate (last {rate}) stayed below "
+                f"{100 * self.cfg.valid_rate_threshold:.1f}% for all {prev.epochs} configured epochs of {prev.name}"
+            )
+        else:
+            reason = f"after the {prev.epochs} configured epoch(s) of {prev.name}"
+        self._switch(planned, reason)
+
+    def _describe_plan(self) -> None:
+        cfg = self.cfg
+        self.log.info(
+            f"{cfg.stage}: {self.world} rank(s), global batch {self.global_batch} "
+            f"(micro {cfg.micro_batch_size} x accumulation {cfg.grad_accum} x {self.world}), {self._zero_text()}, "
+            f"{cfg.precision}, {self.total_steps} steps, warm-up {self.warmup}, {cfg.schedule} decay, lr {cfg.lr:g}"
+        )
+        for i, p in enumerate(self.phases):
+            n = len(self.train_sets[p.data]) if p.data in self.train_sets else 0
+            terms = ", ".join(_active_terms(weights_for(cfg, p.align)))
+            steps = steps_per_epoch(n, self.global_batch) if n else 0
+            gate = (
+                f"; ends early once dev valid outputs reach {100 * cfg.valid_rate_threshold:.0f}%"
+                if i == self.gate
+                else ""
+            )
+            self.log.info(
+                f"  phase {i + 1} {p.name}: {p.epochs} epoch(s) on {p.data} ({n} samples, {steps} steps/epoch), "
+                f"loss terms: {terms}{gate}"
+            )
+            self.log.metrics(
+                {
+                    "kind": "phase",
+                    "index": i,
+                    "name": p.name,
+                    "data": p.data,
+                    "samples": n,
+                    "epochs": p.epochs,
+                }
+            )
+
+    def _zero_text(self) -> str:
+        stage = self.engine.zero_optimization_stage()
+        if stage == self.cfg.zero_stage:
+            return f"ZeRO {stage}"
+        return f"ZeRO {stage} (zero_stage={self.cfg.zero_stage} has nothing to partition on one rank)"
+
+    def _log_train(self, window: _Window) -> None:
+        st = self.state
+        terms = distributed.mean_over_ranks(window.means(), self.device)
+        row = {
+            "kind": "train",
+            "step": st.global_step,
+            "epoch": st.epoch,
+            "phase": self.phases[st.phase].name,
+            "lr": lr_at(
+                st.global_step - 1,
+                self.total_steps,
+                self.warmup,
+                self.cfg.lr,
+                self.cfg.schedule,
+                self.cfg.min_lr_ratio,
+            ),
+            "samples_per_s": window.samples_per_s(),
+            **terms,
+        }
+        self.log.metrics(row)
+        window.reset()
+
+    def _progress(self) -> Progress:
+        return Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.log.console,
+            disable=not (self.log.active and self.cfg.progress),
+            transient=False,
+        )
+
+
+class _Window:
+    """Loss terms and throughput since the last metrics row (tensors summed on the device)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.samples = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, terms: Mapping[str, torch.Tensor], samples: int) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0) + v
+        self.steps += 1
+        self.samples += samples
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside (evaluation, checkpoints) does not count against throughput."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.t0 += time.perf_counter() - start
+
+    def means(self) -> dict[str, float]:
+        return {k: float(v) / self.steps for k, v in self.sums.items()}
+
+    def samples_per_s(self) -> float:
+        return self.samples / max(1e-9, time.perf_counter() - self.t0)
+
+
+def _active_terms(w: LossWeights) -> list[str]:
+    terms = ["ce"]
+    for name, on, weight in (
+        ("kl_ner_re", w.ner_re, w.alpha),
+        ("kl_fwd_rev", w.fwd_rev, w.beta),
+        ("suppress", w.suppress, w.gamma),
+    ):
+        if on and weight > 0:
+            terms.append(f"{name} x{weight:g}")
+    return terms
+
+
+@contextmanager
+def _own_storage(module: nn.Module) -> Iterator[None]:
+    """Give every parameter its own storage for the duration (tied parameters stay tied).
+
+    ZeRO keeps parameters as views into one flat buffer; savers that detect tied weights by
+    shared storage (safetensors) would see every tensor as tied to every other.
+    """
+    views = [(p, p.data) for p in module.parameters()]
+    try:
+        for p, data in views:
+            p.data = data.clone()
+        yield
+    finally:
+        for p, data in views:
+            p.data = data
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a stage (shared by pretrain/run.py and sft/run.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def take(samples: Sequence[Sample], limit: int | None, what: str, log: RunLog) -> list[Sample]:
+    """The first ``limit`` samples (smoke runs), saying so in the log."""
+    if limit is None or limit >= len(samples):
+        return list(samples)
+    log.info(f"using the first {limit} of {len(samples)} {what} samples (limit)")
+    return list(samples[:limit])
+
+
+def load_model(cfg: TrainConfig, meta: Any) -> nn.Module:
+    """The model to train: ``init_from``'s checkpoint, or a fresh one on ``backbone``."""
+    from anchoralign.linearize import LabelSet
+    from anchoralign.model import AnchorAlignModel
+
+    if cfg.init_from is None:
+        return AnchorAlignModel.from_backbone(cfg.backbone, meta, paradigm=cfg.paradigm)
+    path = Path(cfg.init_from)
+    if not (path / "config.json").is_file():
+        hint = f" (did you mean {path / 'final'}?)" if (path / "final" / "config.json").is_file() else ""
+        raise UserError(f"init_from: {path} is not a model directory: no config.json{hint}")
+    model = AnchorAlignModel.from_pretrained(path)
+    want = LabelSet.from_meta(meta)
+    if (model.labels.entity_types, model.labels.relation_types) != (want.entity_types, want.relation_types):
+        raise UserError(f"init_from: {path} was trained with other labels than dataset '{meta.name}'")
+    if int(model.paradigm) != cfg.paradigm:
+        raise UserError(
+            f"init_from: {path} uses paradigm {int(model.paradigm)} but the config has paradigm={cfg.paradigm}"
+        )
+    return model
+
+
+def run_stage(
+    cfg: TrainConfig,
+    meta: Any,
+    phases: Sequence[Phase],
+    train_sets: Mapping[str, Sequence[Sample]],
+    log: RunLog,
+) -> Path:
+    """Load the eval data and the model, then train the stage; returns the ``final`` directory.
+
+    Everything a user can get wrong in the data is checked before the process group and the model
+    are set up, so such errors come at once.
+    """
+    from anchoralign.datasets import load_split
+    from anchoralign.decode import DecodeConfig
+    from anchoralign.losses import loss_terms
+
+    for split in (cfg.eval_split, *cfg.loss_splits):
+        if split not in meta.splits:
+            raise UserError(
+                f"config: split '{split}' is not one of dataset {meta.name}'s splits {list(meta.splits)}"
+            )
+    splits = {
+        s: load_split(cfg.dataset, s, cfg.data_dir, fold=cfg.fold) for s in {cfg.eval_split, *cfg.loss_splits}
+    }
+    splits = {s: take(v, cfg.limit_eval, s, log) for s, v in splits.items()}
+
+    distributed.setup()
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
+    model = load_model(cfg, meta)
+    collate = model.collator(max_length=cfg.max_length)
+    decode_cfg = DecodeConfig(
+        beam_size=cfg.beam_size,
+        max_len=cfg.decode_max_len,
+        batch_size=cfg.eval_batch_size,
+        aggregate=cfg.aggregate,
+        anchor=cfg.anchor,
+        constrained=cfg.constrained,
+    )
+    evaluator = Evaluator(
+        gold=splits[cfg.eval_split],
+        loss_sets={s: splits[s] for s in cfg.loss_splits},
+        collate=collate,
+        loss_fn=loss_terms,
+        # The loss curves show every configured term, also before the terms are switched on.
+        weights=weights_for(cfg, align=True),
+        decode_cfg=decode_cfg,
+        symmetric=frozenset(meta.symmetric_relations),
+        boundary_only=bool(meta.boundary_only),
+        batch_size=cfg.eval_batch_size,
+    )
+    reload = type(model).from_pretrained
+    trainer = Trainer(cfg, model, phases, train_sets, collate, loss_terms, evaluator, log, reload)
+    return trainer.fit()
+
+
+def main_guard(fn: Callable[[], object]) -> int:
+    """Run an entry point; a UserError becomes one red line and exit status 2, not a traceback."""
+    try:
+        fn()
+        return 0
+    except UserError as err:
+        prefix = f"[rank {distributed.rank()}] " if distributed.world_size() > 1 else ""
+        Console(stderr=True, soft_wrap=True).print(
+            f"[bold red]error:[/] {escape(prefix + str(err))}", highlight=False
+        )
+        return err.exit_code
+    except KeyboardInterrupt:
+        Console(stderr=True).print("[yellow]interrupted[/]")
+        return 130

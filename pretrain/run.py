@@ -1,0 +1,89 @@
+"""Stage 1, pretraining on the augmented corpus of ``augment run``.
+
+Three phases (``epochs: [ETU, POA-CE, POA-align]``):
+
+1. ``etu`` - Entity Type Understanding on ``masked.jsonl``: mentions are ``<mask_i>`` tokens, so
+   the entity types must be read from the context alone (cross-entropy only);
+2. ``poa-ce`` - Progressive Objective Activation on ``unmasked.jsonl`` with the three
+   cross-entropies;
+3. ``poa-align`` - the same data with the alignment and suppression terms switched on, after the
+   configured epochs or, with ``switch_on: valid_rate``, as soon as the dev outputs are valid.
+
+Launch: ``python pretrain/run.py --config pretrain/configs/conll04.yaml [--key=value ...]`` (one
+process), or under ``deepspeed`` / ``torchrun`` for several. Run it again with the same command
+to resume an interrupted run.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from anchoralign.config import PretrainConfig, parse_args
+from anchoralign.datasets import DatasetMeta, get_meta
+from anchoralign.engine import Phase, RunLog, main_guard, run_stage, take
+from anchoralign.errors import RecordError, UserError
+from anchoralign.schema import Sample, read_jsonl
+
+MASKED = "masked.jsonl"
+UNMASKED = "unmasked.jsonl"
+
+
+def read_corpus(cfg: PretrainConfig, name: str, meta: DatasetMeta) -> list[Sample]:
+    """One corpus file; a missing one names the command that builds it."""
+    path = cfg.corpus_path / name
+    if not path.is_file():
+        raise UserError(
+            f"{path}: corpus file not found; build the corpus with "
+            f"`augment run --dataset {cfg.dataset} --out {cfg.corpus_path}` "
+            f"(or point --corpus_dir at a folder holding {MASKED} and {UNMASKED})"
+        )
+    samples = read_jsonl(path)
+    check_labels(samples, meta, path)
+    return samples
+
+
+def check_labels(samples: Sequence[Sample], meta: DatasetMeta, path: Path) -> None:
+    """Every label must be one of the dataset's: the model has label tokens for those only."""
+    for line, s in enumerate(samples, start=1):
+        for e in s.entities:
+            if e.type not in meta.entity_types:
+                raise RecordError(
+                    str(path), line, f"entity type {e.type!r} is not a {meta.name} label", "entities"
+                )
+        for r in s.relations:
+            if r.type not in meta.relation_types:
+                raise RecordError(
+                    str(path), line, f"relation type {r.type!r} is not a {meta.name} label", "relations"
+                )
+
+
+def plan(cfg: PretrainConfig, meta: DatasetMeta, log: RunLog) -> tuple[list[Phase], dict[str, list[Sample]]]:
+    etu, poa_ce, poa_align = cfg.epochs
+    sets: dict[str, list[Sample]] = {}
+    if etu:
+        sets["masked"] = take(read_corpus(cfg, MASKED, meta), cfg.limit_train, "masked-corpus", log)
+    if poa_ce or poa_align:
+        sets["unmasked"] = take(read_corpus(cfg, UNMASKED, meta), cfg.limit_train, "unmasked-corpus", log)
+    phases = [
+        Phase("etu", "masked", etu, align=False),
+        Phase("poa-ce", "unmasked", poa_ce, align=False),
+        Phase("poa-align", "unmasked", poa_align, align=True),
+    ]
+    return phases, sets
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def run() -> None:
+        cfg = parse_args(PretrainConfig, argv, prog="pretrain/run.py")
+        meta = get_meta(cfg.dataset, cfg.data_dir)
+        log = RunLog(Path(cfg.output_dir))
+        phases, sets = plan(cfg, meta, log)
+        run_stage(cfg, meta, phases, sets, log)
+
+    return main_guard(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

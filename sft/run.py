@@ -1,0 +1,71 @@
+"""Stage 2, curriculum fine-tuning on the real training set.
+
+Starts from a pretrained model (``init_from: <pretrain output_dir>/final``) or, with
+``init_from: null``, from the bare backbone (the "without pretraining" ablation). Three phases
+(``epochs: [curriculum, full-CE, full-align]``):
+
+1. ``curriculum`` - warm-up on the training samples with at most ``curriculum_max_relations``
+   relations (cross-entropy only);
+2. ``full-ce`` - the whole training set, cross-entropy only;
+3. ``full-align`` - the whole training set with the alignment and suppression terms, switched
+   on as in pretraining (after the configured epochs, or once the dev outputs are valid).
+
+Launch: ``python sft/run.py --config sft/configs/conll04.yaml [--key=value ...]``, or under
+``deepspeed`` / ``torchrun``; the same command resumes an interrupted run.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from anchoralign.config import SFTConfig, parse_args
+from anchoralign.datasets import DatasetMeta, get_meta, load_split
+from anchoralign.engine import Phase, RunLog, main_guard, run_stage, take
+from anchoralign.errors import UserError
+from anchoralign.schema import Sample
+
+
+def curriculum_subset(samples: Sequence[Sample], max_relations: int) -> list[Sample]:
+    """The warm-up samples: those with at most ``max_relations`` relations, in their order."""
+    return [s for s in samples if len(s.relations) <= max_relations]
+
+
+def plan(cfg: SFTConfig, meta: DatasetMeta, log: RunLog) -> tuple[list[Phase], dict[str, list[Sample]]]:
+    warmup, full_ce, full_align = cfg.epochs
+    train = take(
+        load_split(cfg.dataset, cfg.train_split, cfg.data_dir, fold=cfg.fold), cfg.limit_train, "train", log
+    )
+    simple = curriculum_subset(train, cfg.curriculum_max_relations)
+    if warmup:
+        log.info(
+            f"curriculum warm-up set: {len(simple)} of {len(train)} training samples have at most "
+            f"K={cfg.curriculum_max_relations} relation(s)"
+        )
+        if not simple:
+            raise UserError(
+                f"curriculum_max_relations={cfg.curriculum_max_relations}: no training sample qualifies; "
+                "raise it or set the first epochs entry to 0"
+            )
+    phases = [
+        Phase("curriculum", "simple", warmup, align=False),
+        Phase("full-ce", "train", full_ce, align=False),
+        Phase("full-align", "train", full_align, align=True),
+    ]
+    return phases, {"simple": simple, "train": train}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def run() -> None:
+        cfg = parse_args(SFTConfig, argv, prog="sft/run.py")
+        meta = get_meta(cfg.dataset, cfg.data_dir)
+        log = RunLog(Path(cfg.output_dir))
+        phases, sets = plan(cfg, meta, log)
+        run_stage(cfg, meta, phases, sets, log)
+
+    return main_guard(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

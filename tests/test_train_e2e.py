@@ -1,0 +1,251 @@
+"""The two trainers end to end on CPU, started the way a user starts them (``python
+pretrain/run.py ...``): a tiny backbone, a masked and an unmasked corpus made here from CoNLL04
+training sentences, both pretraining phases with the switch, both SFT phases from the pretrained
+model, and an evaluation of the exported model without DeepSpeed. Plus the errors a user can
+cause, which must come at once as one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from anchoralign.decode import DecodeConfig
+from anchoralign.errors import UserError
+from anchoralign.schema import Sample, write_jsonl
+
+REPO = Path(__file__).resolve().parent.parent
+N_TRAIN = 24
+N_EVAL = 4
+# The CPU smoke overrides (docs/training.md shows the same).
+SMOKE = [
+    "--backbone=tiny",
+    "--epochs=[1,1,1]",
+    "--precision=fp32",
+    "--micro_batch_size=8",
+    f"--limit_train={N_TRAIN}",
+    f"--limit_eval={N_EVAL}",
+    "--loss_splits=[dev]",
+    "--lr=1e-3",
+    # An untrained model writes until the length limit: keep that short.
+    "--decode_max_len=24",
+    "--progress=false",
+]
+# Set by launchers (or by an in-process test of this session): a child must start its own group.
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+
+
+def run_cli(*args: str, timeout: float = 280) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    # One thread: on a shared CI machine two busy-waiting OpenMP threads per process are many
+    # times slower than one.
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def make_corpus(folder: Path, train: list[Sample]) -> Path:
+    from augment.synthesize import mask_sample
+
+    write_jsonl(folder / "unmasked.jsonl", train)
+    write_jsonl(folder / "masked.jsonl", [mask_sample(s) for s in train])
+    return folder
+
+
+def rows(run: Path, kind: str) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_pretrain_then_sft_then_evaluate(tmp_path: Path, shared_data: Path) -> None:
+    from anchoralign.datasets import load_split
+    from anchoralign.decode import DecodeConfig, predict
+    from anchoralign.metrics import score
+    from anchoralign.model import AnchorAlignModel
+
+    train = load_split("conll04", "train", str(shared_data))[:N_TRAIN]
+    corpus = make_corpus(tmp_path / "corpus", train)
+    data = f"--data_dir={shared_data}"
+
+    pre = tmp_path / "pre"
+    done = run_cli(
+        "pretrain/run.py", "--config", "pretrain/configs/conll04.yaml", *SMOKE, data,
+        f"--corpus_dir={corpus}", f"--output_dir={pre}", "--switch_on=valid_rate",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    log = (pre / "train.log").read_text(encoding="utf-8")
+    for text in (
+        "phase 1 etu: 1 epoch(s) on masked (24 samples",
+        "phase 2 poa-ce: 1 epoch(s) on unmasked (24 samples",
+        "phase etu -> poa-ce at step 3",
+        "phase poa-ce -> poa-align at step 6",
+    ):
+        assert text in log
+    (switch,) = [s for s in rows(pre, "switch") if s["to"] == "poa-align"]
+    # An almost untrained model: whichever way the valid-output rate went, the log says why.
+    assert "valid-output rate" in switch["reason"]
+    train_rows = rows(pre, "train")
+    assert [r["step"] for r in train_rows] == [9]  # log_every 10: the closing row only
+    assert train_rows[0]["kl_ner_re"] > 0 and train_rows[0]["ce_ner"] > 0
+    assert [r["split"] for r in rows(pre, "eval_loss")] == ["dev"] * 3
+    AnchorAlignModel.from_pretrained(pre / "final")  # no DeepSpeed needed
+    assert (pre / "final" / "train_config.yaml").is_file()
+
+    sft = tmp_path / "sft"
+    done = run_cli(
+        "sft/run.py", "--config", "sft/configs/conll04.yaml", *SMOKE, data,
+        f"--init_from={pre / 'final'}", f"--output_dir={sft}", "--switch_on=epochs",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    log = (sft / "train.log").read_text(encoding="utf-8")
+    simple = sum(len(s.relations) <= 1 for s in train)
+    assert (
+        f"curriculum warm-up set: {simple} of {N_TRAIN} training samples have at most K=1 relation(s)" in log
+    )
+    assert "phase curriculum -> full-ce" in log
+    assert "phase full-ce -> full-align" in log and "after the 1 configured epoch(s) of full-ce" in log
+
+    # Evaluation of the exported model, without DeepSpeed: the same scores as the run's last one.
+    model = AnchorAlignModel.from_pretrained(sft / "final")
+    dev = load_split("conll04", "dev", str(shared_data))[:N_EVAL]
+    preds = predict(model, dev, DecodeConfig(batch_size=32))
+    scores = score(dev, [p.sample for p in preds])
+    last = rows(sft, "eval")[-1]
+    for key in ("ner_f1", "rel_strict_f1", "rel_boundary_f1"):
+        assert scores[key] == pytest.approx(last[key])
+
+
+def test_misspelled_key_fails_at_once_with_one_line() -> None:
+    done = run_cli(
+        "pretrain/run.py", "--config", "pretrain/configs/conll04.yaml", "--learning_rate=1e-4", timeout=120
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    err = done.stderr.strip()
+    assert err.count("\n") == 0, err
+    assert "unknown config key 'learning_rate'" in err and "--learning_rate=1e-4" in err
+
+
+def test_wrong_type_names_the_field(capsys: pytest.CaptureFixture[str]) -> None:
+    from sft.run import main
+
+    assert main(["--config", str(REPO / "sft/configs/conll04.yaml"), "--epochs=[1,x,1]"]) == 2
+    err = capsys.readouterr().err
+    assert "field 'epochs.1'" in err and "valid integer" in err
+
+
+def test_missing_corpus_names_the_augment_command(
+    tmp_path: Path, shared_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pretrain.run import main
+
+    corpus = tmp_path / "nowhere"
+    argv = ["--config", str(REPO / "pretrain/configs/conll04.yaml"), f"--data_dir={shared_data}"]
+    argv += [f"--corpus_dir={corpus}", f"--output_dir={tmp_path / 'out'}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err  # one line, however long
+    assert f"{corpus / 'masked.jsonl'}: corpus file not found" in err
+    assert f"augment run --dataset conll04 --out {corpus}" in err
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_corpus_with_foreign_labels_is_refused(tmp_path: Path, shared_data: Path) -> None:
+    from anchoralign.config import PretrainConfig, load_config
+    from anchoralign.datasets import get_meta
+    from anchoralign.engine import RunLog
+    from pretrain.run import plan
+
+    sample = Sample(id="a", tokens=["x", "y"], entities=[{"start": 0, "end": 1, "type": "Gene"}])
+    corpus = make_corpus(tmp_path / "c", [sample])
+    cfg = load_config(
+        PretrainConfig,
+        REPO / "pretrain/configs/conll04.yaml",
+        [f"--corpus_dir={corpus}", f"--output_dir={tmp_path / 'o'}", f"--data_dir={shared_data}"],
+    )
+    with pytest.raises(
+        UserError, match=r"masked.jsonl:1: field 'entities': entity type 'Gene' is not a conll04 label"
+    ):
+        plan(cfg, get_meta("conll04", str(shared_data)), RunLog(tmp_path / "o"))
+
+
+def test_curriculum_subset() -> None:
+    from sft.run import curriculum_subset
+
+    rel = {"head": 0, "tail": 1, "type": "Kill"}
+    ents = [{"start": 0, "end": 1, "type": "Peop"}, {"start": 1, "end": 2, "type": "Peop"}]
+    data = [Sample(id=str(n), tokens=["a", "b"], entities=ents, relations=[rel] * n) for n in (0, 2, 1, 3)]
+    assert [s.id for s in curriculum_subset(data, 1)] == ["0", "1"]
+    assert [s.id for s in curriculum_subset(data, 0)] == ["0"]
+
+
+@pytest.fixture()
+def gloo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A one-process group on loopback for in-process training; undone after the test."""
+    from anchoralign.distributed import free_port
+
+    env = {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "DS_ACCELERATOR": "cpu",
+    }
+    env["MASTER_PORT"] = str(free_port())
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+
+
+def test_zero3_trains_like_zero0_and_evaluates(tmp_path: Path, shared_data: Path, gloo: None) -> None:
+    """The real model under ZeRO-3 (weights read outside module calls, a tied embedding table)
+    takes the same steps as without ZeRO, and is evaluated through the reloaded export."""
+    from anchoralign.config import SFTConfig, load_config
+    from anchoralign.datasets import get_meta, load_split
+    from anchoralign.engine import Evaluator, Phase, Trainer, weights_for
+    from anchoralign.losses import loss_terms
+    from anchoralign.model import AnchorAlignModel
+
+    meta = get_meta("conll04", str(shared_data))
+    train = load_split("conll04", "train", str(shared_data))[:8]
+    dev = load_split("conll04", "dev", str(shared_data))[:2]
+    weights = {}
+    ds_json = tmp_path / "ds.json"  # one's own DeepSpeed JSON keeps ZeRO-3 on a single rank
+    ds_json.write_text('{"zero_optimization": {"stage": "auto"}}')
+    for stage in (0, 3):
+        torch.manual_seed(0)
+        model = AnchorAlignModel.from_backbone("tiny", meta, dropout=0.0)  # no dropout: comparable steps
+        overrides = [
+            "--dataset=conll04",
+            f"--output_dir={tmp_path / str(stage)}",
+            "--epochs=[0,0,1]",
+            "--lr=1e-3",
+        ]
+        overrides += [
+            "--micro_batch_size=4",
+            f"--zero_stage={stage}",
+            "--progress=false",
+            "--loss_splits=[dev]",
+            f"--deepspeed_config={ds_json}",
+        ]
+        cfg = load_config(SFTConfig, None, overrides)
+        collate = model.collator(max_length=128)
+        evaluator = Evaluator(
+            dev, {"dev": dev}, collate, loss_terms, weights_for(cfg, True), DecodeConfig(max_len=8),
+            frozenset(), False, batch_size=8,
+        )  # fmt: skip
+        trainer = Trainer(cfg, model, [Phase("full", "train", 1, True)], {"train": train}, collate, loss_terms,
+                          evaluator, reload=AnchorAlignModel.from_pretrained)  # fmt: skip
+        assert trainer.engine.zero_optimization_stage() == stage
+        weights[stage] = load_file(str(trainer.fit() / "model.safetensors"))
+        assert [r["step"] for r in rows(tmp_path / str(stage), "eval")] == [2]
+    assert weights[0].keys() == weights[3].keys()
+    for k in weights[0]:
+        torch.testing.assert_close(weights[3][k], weights[0][k], rtol=1e-4, atol=1e-5)
