@@ -75,6 +75,7 @@ class Backbone(nn.Module):
     """Shared encoder + three decoders. Subclasses hold the family-specific modules."""
 
     family: str
+    encoder: nn.Module
     decoders: nn.ModuleDict
 
     def __init__(self, config: PretrainedConfig):
@@ -95,10 +96,10 @@ class Backbone(nn.Module):
 
     @property
     def encoder_module(self) -> nn.Module:
-        raise NotImplementedError
+        return self.encoder
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def decode(
         self,
@@ -108,8 +109,18 @@ class Backbone(nn.Module):
         encoder_mask: torch.Tensor,
         cache: EncoderDecoderCache | None = None,
     ) -> torch.Tensor:
-        """Hidden states of decoder ``name`` [B,T,H]; with ``cache``, only the new positions."""
-        raise NotImplementedError
+        """Hidden states of decoder ``name`` [B,T,H]; with ``cache``, only the new positions.
+
+        Both families' Hugging Face decoders take the same keyword arguments, so one call serves.
+        """
+        out = self.decoders[name](
+            input_ids=input_ids,
+            encoder_hidden_states=encoder_hidden,
+            encoder_attention_mask=encoder_mask,
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
+        return out.last_hidden_state
 
     def resize_token_embeddings(self, new_size: int) -> None:
         """Grow the shared table in place (the tied modules keep pointing at it); new rows are zero."""
@@ -158,23 +169,6 @@ class BartBackbone(Backbone):
     def embed_tokens(self) -> nn.Embedding:
         return self.shared
 
-    @property
-    def encoder_module(self) -> nn.Module:
-        return self.encoder
-
-    def encode(self, input_ids, attention_mask):
-        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-    def decode(self, name, input_ids, encoder_hidden, encoder_mask, cache=None):
-        out = self.decoders[name](
-            input_ids=input_ids,
-            encoder_hidden_states=encoder_hidden,
-            encoder_attention_mask=encoder_mask,
-            past_key_values=cache,
-            use_cache=cache is not None,
-        )
-        return out.last_hidden_state
-
 
 class EncoderOnlyBackbone(Backbone):
     """A BERT/RoBERTa encoder plus three decoders of the same architecture in decoder mode."""
@@ -214,23 +208,6 @@ class EncoderOnlyBackbone(Backbone):
     @property
     def embed_tokens(self) -> nn.Embedding:
         return self.encoder.embeddings.word_embeddings
-
-    @property
-    def encoder_module(self) -> nn.Module:
-        return self.encoder
-
-    def encode(self, input_ids, attention_mask):
-        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-    def decode(self, name, input_ids, encoder_hidden, encoder_mask, cache=None):
-        out = self.decoders[name](
-            input_ids=input_ids,
-            encoder_hidden_states=encoder_hidden,
-            encoder_attention_mask=encoder_mask,
-            past_key_values=cache,
-            use_cache=cache is not None,
-        )
-        return out.last_hidden_state
 
 
 def decoder_config(config: PretrainedConfig) -> PretrainedConfig:

@@ -979,6 +979,27 @@ def run_stage(
     return trainer.fit()
 
 
+def stage_main(
+    config_cls: type[TrainConfig],
+    plan: Callable[[Any, Any, RunLog], tuple[list[Phase], dict[str, list[Sample]]]],
+    argv: Sequence[str] | None,
+    prog: str,
+) -> int:
+    """The whole entry point of a stage: parse the config, plan its phases, train, report errors."""
+
+    def run() -> None:
+        from anchoralign.config import parse_args
+        from anchoralign.datasets import get_meta
+
+        cfg = parse_args(config_cls, argv, prog=prog)
+        meta = get_meta(cfg.dataset, cfg.data_dir)
+        log = RunLog(Path(cfg.output_dir))
+        phases, sets = plan(cfg, meta, log)
+        run_stage(cfg, meta, phases, sets, log)
+
+    return main_guard(run)
+
+
 def main_guard(fn: Callable[[], object]) -> int:
     """Run an entry point; a UserError becomes one red line and exit status 2, not a traceback."""
     try:

@@ -112,7 +112,9 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
             try:
                 yield lineno, json.loads(raw)
             except json.JSONDecodeError as err:
-                raise RecordError(str(path), lineno, f"not valid JSON ({err.msg} at column {err.colno})") from None
+                raise RecordError(
+                    str(path), lineno, f"not valid JSON ({err.msg} at column {err.colno})"
+                ) from None
 
 
 def read_jsonl(path: str | Path) -> list[Sample]:
@@ -160,7 +162,11 @@ def from_hf_dataset(ds) -> list[Sample]:
 def _hf_features():
     import datasets
 
-    span = {"start": datasets.Value("int32"), "end": datasets.Value("int32"), "type": datasets.Value("string")}
+    span = {
+        "start": datasets.Value("int32"),
+        "end": datasets.Value("int32"),
+        "type": datasets.Value("string"),
+    }
     rel = {"head": datasets.Value("int32"), "tail": datasets.Value("int32"), "type": datasets.Value("string")}
     return datasets.Features(
         {

@@ -3,8 +3,8 @@ plus command-line overrides, validated at load, and saved resolved (without any 
 
 Defaults that depend on other fields are filled in by :meth:`AugmentConfig.resolved`: the
 endpoint (DeepSeek unless ``base_url`` is given), the model, the output folder
-(``corpus/<dataset>``) and, for the embedded model (``llm: local``), a small concurrency and
-answer length unless set explicitly.
+(``corpus/<dataset>``) and, for the embedded model (``llm: local``), a small concurrency,
+answer length and number of source sentences unless set explicitly.
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ OTHER_KEY_ENV = "OPENAI_API_KEY"
 # Local servers (llama.cpp, vLLM, Ollama) accept any key; the SDK insists on a non-empty one.
 PLACEHOLDER_KEY = "no-key-needed"
 # The embedded 135M model answers a few tokens a second per request on two cores.
-LOCAL_DEFAULTS: dict[str, Any] = {"concurrency": 2, "max_tokens": 256, "timeout": 300.0}
+# The packaged 135M-parameter model answers a request in several seconds on a small CPU and few of
+# its rewrites pass validation, so an unbounded run over a whole training set would take hours:
+# it is there to show the pipeline offline. `--max-sources` overrides the bound.
+LOCAL_DEFAULTS: dict[str, Any] = {"concurrency": 2, "max_tokens": 256, "timeout": 300.0, "max_sources": 12}
 
 
 class AugmentConfig(BaseModel):

@@ -20,9 +20,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from anchoralign.config import PretrainConfig, parse_args
-from anchoralign.datasets import DatasetMeta, get_meta
-from anchoralign.engine import Phase, RunLog, main_guard, run_stage, take
+from anchoralign.config import PretrainConfig
+from anchoralign.datasets import DatasetMeta
+from anchoralign.engine import Phase, RunLog, stage_main, take
 from anchoralign.errors import RecordError, UserError
 from anchoralign.schema import Sample, read_jsonl
 
@@ -75,14 +75,7 @@ def plan(cfg: PretrainConfig, meta: DatasetMeta, log: RunLog) -> tuple[list[Phas
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    def run() -> None:
-        cfg = parse_args(PretrainConfig, argv, prog="pretrain/run.py")
-        meta = get_meta(cfg.dataset, cfg.data_dir)
-        log = RunLog(Path(cfg.output_dir))
-        phases, sets = plan(cfg, meta, log)
-        run_stage(cfg, meta, phases, sets, log)
-
-    return main_guard(run)
+    return stage_main(PretrainConfig, plan, argv, prog="pretrain/run.py")
 
 
 if __name__ == "__main__":

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-from anchoralign.config import SFTConfig, parse_args
-from anchoralign.datasets import DatasetMeta, get_meta, load_split
-from anchoralign.engine import Phase, RunLog, main_guard, run_stage, take
+from anchoralign.config import SFTConfig
+from anchoralign.datasets import DatasetMeta, load_split
+from anchoralign.engine import Phase, RunLog, stage_main, take
 from anchoralign.errors import UserError
 from anchoralign.schema import Sample
 
@@ -57,14 +56,7 @@ def plan(cfg: SFTConfig, meta: DatasetMeta, log: RunLog) -> tuple[list[Phase], d
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    def run() -> None:
-        cfg = parse_args(SFTConfig, argv, prog="sft/run.py")
-        meta = get_meta(cfg.dataset, cfg.data_dir)
-        log = RunLog(Path(cfg.output_dir))
-        phases, sets = plan(cfg, meta, log)
-        run_stage(cfg, meta, phases, sets, log)
-
-    return main_guard(run)
+    return stage_main(SFTConfig, plan, argv, prog="sft/run.py")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# Many small tensor operations run faster on one thread than on two contended ones (the test
+# machines have 2 cores); subprocesses started by the tests inherit the setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("ANCHORALIGN_TEST_DATA", REPO.parent / "shared" / "data"))
 

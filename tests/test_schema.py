@@ -30,7 +30,9 @@ def test_valid_record_round_trips_through_jsonl(tmp_path):
     s = parse_record(_sample())
     assert s.mention(1) == "Acme"
     path = tmp_path / "a.jsonl"
-    assert write_jsonl(path, [s, s.model_copy(update={"id": "s2", "origin": "cross", "source_id": "s1"})]) == 2
+    assert (
+        write_jsonl(path, [s, s.model_copy(update={"id": "s2", "origin": "cross", "source_id": "s1"})]) == 2
+    )
     back = read_jsonl(path)
     assert back[0] == s
     assert back[1].origin == "cross" and back[1].source_id == "s1"
@@ -45,7 +47,10 @@ def test_valid_record_round_trips_through_jsonl(tmp_path):
         (_sample(entities=[{"start": 2, "end": 2, "type": "Org"}], relations=[]), "end"),
         (_sample(relations=[{"head": 7, "tail": 0, "type": "Kill"}]), "points at entity 7 of 2"),
         (
-            _sample(entities=[{"start": 0, "end": 1, "type": "P"}, {"start": 0, "end": 1, "type": "P"}], relations=[]),
+            _sample(
+                entities=[{"start": 0, "end": 1, "type": "P"}, {"start": 0, "end": 1, "type": "P"}],
+                relations=[],
+            ),
             "duplicate entity",
         ),
         (_sample(tokens=[]), "tokens"),

@@ -4,8 +4,23 @@ from anchoralign.tokenize import detokenize, tokenize
 def test_english_words_and_punctuation():
     text = "Smith, of U.S. Steel's well-known plant, earned $3,000.50 (2.5%)."
     assert tokenize(text) == [
-        "Smith", ",", "of", "U.S.", "Steel", "'s", "well-known", "plant", ",", "earned",
-        "$", "3,000.50", "(", "2.5", "%", ")", ".",
+        "Smith",
+        ",",
+        "of",
+        "U.S.",
+        "Steel",
+        "'s",
+        "well-known",
+        "plant",
+        ",",
+        "earned",
+        "$",
+        "3,000.50",
+        "(",
+        "2.5",
+        "%",
+        ")",
+        ".",
     ]
 
 
@@ -23,8 +38,23 @@ def test_tokenize_is_stable_on_its_own_output():
 def test_ptb_abbreviations_initials_and_quotes():
     text = "`` Sen. John F. Kennedy of Acme Inc. -- and Dr. Lee -- said ... '' ."
     assert tokenize(text) == [
-        "``", "Sen.", "John", "F.", "Kennedy", "of", "Acme", "Inc.", "--", "and", "Dr.", "Lee", "--",
-        "said", "...", "''", ".",
+        "``",
+        "Sen.",
+        "John",
+        "F.",
+        "Kennedy",
+        "of",
+        "Acme",
+        "Inc.",
+        "--",
+        "and",
+        "Dr.",
+        "Lee",
+        "--",
+        "said",
+        "...",
+        "''",
+        ".",
     ]
     # a sentence-final period after an ordinary word is split off
     assert tokenize("He left Paris.") == ["He", "left", "Paris", "."]
