@@ -155,3 +155,23 @@ def test_dataset_metadata_sets_symmetric_relations_and_headline(shared_data, tmp
     # NYT is scored on boundary F1.
     assert cli([*base, "--dataset", "nyt", "--data-dir", str(shared_data)]) == 0
     assert json.loads(capsys.readouterr().out)["primary"] == "rel_boundary_f1"
+
+
+def test_several_pairs_are_averaged_as_folds(files, tmp_path, capsys):
+    # Fold 1: GOLD vs PRED (NER F1 50, boundary 100); fold 2: GOLD vs itself (100, 100).
+    # Mean NER F1 = 75 with population std 25; counts are summed over the folds.
+    gold, pred = files
+    assert (
+        cli(["--gold", str(gold), "--pred", str(pred), "--gold", str(gold), "--pred", str(gold), "--json"])
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert out["folds"] == 2 and out["ner_f1"] == 75.0 and out["ner_f1_std"] == 25.0
+    assert out["rel_strict_f1"] == 50.0 and out["rel_boundary_f1"] == 100.0
+    assert out["ner_n_gold"] == 4
+
+
+def test_unpaired_gold_and_pred_is_a_user_error(files, capsys):
+    gold, pred = files
+    assert cli(["--gold", str(gold), "--gold", str(gold), "--pred", str(pred)]) == 2
+    assert "one --pred per --gold" in capsys.readouterr().err

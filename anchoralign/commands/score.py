@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from anchoralign.errors import UserError
-from anchoralign.metrics import FAMILIES, FIGURES, Metrics, score
+from anchoralign.metrics import FAMILIES, FIGURES, Metrics, average_folds, score
 from anchoralign.schema import read_jsonl
 
 _ROW_NAMES = {"ner": "NER", "rel_strict": "Relation strict", "rel_boundary": "Relation boundary"}
@@ -25,8 +25,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "compared by mention text and type, one set per sentence; records are matched by id."
         ),
     )
-    p.add_argument("--gold", required=True, metavar="FILE", help="gold records (jsonl)")
-    p.add_argument("--pred", required=True, metavar="FILE", help="predicted records (jsonl), same ids")
+    p.add_argument(
+        "--gold", required=True, action="append", metavar="FILE", help="gold records (jsonl); repeat per fold"
+    )
+    p.add_argument(
+        "--pred",
+        required=True,
+        action="append",
+        metavar="FILE",
+        help="predicted records (jsonl), same ids; with several --gold/--pred pairs (e.g. ADE's 10 folds) "
+        "each pair is scored and the figures are averaged",
+    )
     p.add_argument(
         "--dataset",
         metavar="NAME",
@@ -51,19 +60,28 @@ def run(args: argparse.Namespace) -> int:
     elif args.data_dir:
         raise UserError("--data-dir is only used together with --dataset")
 
-    gold = read_jsonl(args.gold)
-    pred = read_jsonl(args.pred)
-    metrics = score(gold, pred, symmetric=symmetric, boundary_only=boundary_only)
+    if len(args.gold) != len(args.pred):
+        raise UserError(
+            f"give one --pred per --gold (got {len(args.gold)} --gold and {len(args.pred)} --pred)"
+        )
+    per_pair = [
+        score(read_jsonl(g), read_jsonl(p), symmetric=symmetric, boundary_only=boundary_only)
+        for g, p in zip(args.gold, args.pred, strict=True)
+    ]
+    if len(per_pair) == 1:
+        metrics, title = per_pair[0], f"{args.pred[0]} against {args.gold[0]}"
+    else:
+        metrics, title = average_folds(per_pair), f"mean over {len(per_pair)} folds"
     if args.json:
         print(json.dumps(rounded(metrics)))
     else:
-        print_table(metrics, title=f"{args.pred} against {args.gold}")
+        print_table(metrics, title=title)
     return 0
 
 
 def rounded(metrics: Metrics) -> Metrics:
     """The figures rounded to 2 decimals for printing; counts and names unchanged."""
-    return {k: round(v, 2) if k in FIGURES else v for k, v in metrics.items()}
+    return {k: round(v, 2) if k in FIGURES or k.endswith("_std") else v for k, v in metrics.items()}
 
 
 def print_table(metrics: Metrics, title: str, console: Console | None = None) -> None:
