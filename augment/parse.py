@@ -325,28 +325,47 @@ def parse_mention_answer(
 ) -> ParseResult[MentionVariant]:
     """Accepted mention variants of ``source`` and the rejected lines, each with its reason."""
     order = position_order(source)
-    result: ParseResult[MentionVariant] = ParseResult()
-    lines = _answer_lines(raw_text, "mention", lambda ln: bool(_ITEM.search(ln)), result)
+    return _parse_answer(
+        raw_text,
+        "mention",
+        k,
+        has_markup=lambda ln: bool(_ITEM.search(ln)),
+        check_line=lambda line: _check_mention_line(line, source, order, language),
+        identity=lambda v: tuple(mention_key(m) for m in v.mentions),
+        same_as="the same mentions as variant",
+    )
+
+
+def _parse_answer(
+    raw_text: str,
+    kind: Kind,
+    k: int | None,
+    has_markup: Callable[[str], bool],
+    check_line: Callable[[str], V | tuple[str, str]],
+    identity: Callable[[V], tuple[str, ...]],
+    same_as: str,
+) -> ParseResult[V]:
+    """The loop both kinds share: split the answer into variant lines, check each, and reject
+    lines beyond the ``k`` asked for and repeats of an earlier accepted variant."""
+    result: ParseResult[V] = ParseResult()
+    lines = _answer_lines(raw_text, kind, has_markup, result)
     seen: dict[tuple[str, ...], int] = {}
     for index, line in enumerate(lines, start=1):
         if k is not None and index > k:
-            result.rejected.append(
-                Rejection(
-                    "mention", "extra_variant", f"variant {index} of an answer asked for {k}", line, index
-                )
-            )
+            detail = f"variant {index} of an answer asked for {k}"
+            result.rejected.append(Rejection(kind, "extra_variant", detail, line, index))
             continue
-        outcome = _check_mention_line(line, source, order, language)
-        if isinstance(outcome, MentionVariant):
-            key = tuple(mention_key(m) for m in outcome.mentions)
+        outcome = check_line(line)
+        if not isinstance(outcome, tuple):
+            key = identity(outcome)
             if key in seen:
-                outcome = ("duplicate_variant", f"the same mentions as variant {seen[key]}")
+                outcome = ("duplicate_variant", f"{same_as} {seen[key]}")
             else:
                 seen[key] = index
                 result.accepted.append(outcome)
                 continue
         reason, detail = outcome
-        result.rejected.append(Rejection("mention", reason, detail, line, index))
+        result.rejected.append(Rejection(kind, reason, detail, line, index))
     return result
 
 
@@ -436,26 +455,12 @@ def parse_context_answer(
 ) -> ParseResult[ContextVariant]:
     """Accepted context variants of ``source`` and the rejected lines, each with its reason."""
     position_order(source)  # the same precondition as the markup: no overlapping entities
-    result: ParseResult[ContextVariant] = ParseResult()
-    lines = _answer_lines(raw_text, "context", lambda ln: bool(MASK_PATTERN.search(ln)), result)
-    seen: dict[tuple[str, ...], int] = {}
-    for index, line in enumerate(lines, start=1):
-        if k is not None and index > k:
-            result.rejected.append(
-                Rejection(
-                    "context", "extra_variant", f"variant {index} of an answer asked for {k}", line, index
-                )
-            )
-            continue
-        outcome = _check_context_line(line, source, language)
-        if isinstance(outcome, ContextVariant):
-            key = tuple(_context_sequence(split_template(outcome.template), language))
-            if key in seen:
-                outcome = ("duplicate_variant", f"the same sentence as variant {seen[key]}")
-            else:
-                seen[key] = index
-                result.accepted.append(outcome)
-                continue
-        reason, detail = outcome
-        result.rejected.append(Rejection("context", reason, detail, line, index))
-    return result
+    return _parse_answer(
+        raw_text,
+        "context",
+        k,
+        has_markup=lambda ln: bool(MASK_PATTERN.search(ln)),
+        check_line=lambda line: _check_context_line(line, source, language),
+        identity=lambda v: tuple(_context_sequence(split_template(v.template), language)),
+        same_as="the same sentence as variant",
+    )
