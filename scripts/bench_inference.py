@@ -35,23 +35,12 @@ from dataclasses import dataclass
 
 import torch
 
-from anchoralign.backbones import DECODERS
+from anchoralign.backbones import BART_LARGE_SHAPE, DECODERS
 from anchoralign.datasets import get_meta, load_split
 from anchoralign.decode import DecodeConfig, predict
 from anchoralign.linearize import linearize
 from anchoralign.model import AnchorAlignModel
 from anchoralign.schema import Sample
-
-BART_LARGE = {
-    "d_model": 1024,
-    "encoder_layers": 12,
-    "decoder_layers": 12,
-    "encoder_attention_heads": 16,
-    "decoder_attention_heads": 16,
-    "encoder_ffn_dim": 4096,
-    "decoder_ffn_dim": 4096,
-    "max_position_embeddings": 1024,
-}
 
 
 @dataclass
@@ -79,7 +68,7 @@ def build(name: str, meta) -> AnchorAlignModel:
     if name == "minilm":
         return AnchorAlignModel.from_backbone("minilm", meta)
     if name == "bart-large":
-        return AnchorAlignModel.from_backbone("tiny", meta, **BART_LARGE, dropout=0.1)
+        return AnchorAlignModel.from_backbone("tiny", meta, **BART_LARGE_SHAPE, dropout=0.1)
     raise SystemExit(f"unknown model {name!r}; choose from tiny, minilm, bart-large")
 
 

@@ -40,17 +40,8 @@ from typing import Any
 
 import torch
 
-# BART-large's shape; the vocabulary is the MiniLM tokenizer's (30k) instead of BART's (50k).
-BART_LARGE = {
-    "d_model": 1024,
-    "encoder_layers": 12,
-    "decoder_layers": 12,
-    "encoder_attention_heads": 16,
-    "decoder_attention_heads": 16,
-    "encoder_ffn_dim": 4096,
-    "decoder_ffn_dim": 4096,
-    "max_position_embeddings": 1024,
-}
+from anchoralign.backbones import BART_LARGE_SHAPE
+
 # Dense bf16 peak (TFLOP/s, no sparsity) by device-name fragment; SXM parts.
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0}
 DECODERS = ("ner", "fwd", "rev")
@@ -126,7 +117,8 @@ def _build(name: str, meta: Any) -> Any:
 
     torch.manual_seed(0)
     if name == "bart-large-sized":
-        return AnchorAlignModel.from_backbone("tiny", meta, **BART_LARGE)
+        # BART-large's shape; the vocabulary is the MiniLM tokenizer's (30k) instead of BART's (50k).
+        return AnchorAlignModel.from_backbone("tiny", meta, **BART_LARGE_SHAPE)
     return AnchorAlignModel.from_backbone(name, meta)
 
 

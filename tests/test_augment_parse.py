@@ -6,8 +6,9 @@ import json
 from typing import get_args
 
 import pytest
+from augment_fixtures import conll_like, words
 
-from anchoralign.schema import Entity, Relation, Sample
+from anchoralign.schema import Entity, Sample
 from augment.parse import (
     REASONS,
     ContextVariant,
@@ -22,25 +23,6 @@ from augment.parse import (
     split_variants,
 )
 from augment.prompts import eligibility, markup_context, markup_mentions
-
-
-def words(text: str) -> list[str]:
-    return text.split()
-
-
-def conll_like() -> Sample:
-    tokens = words("Sen. John Smith , who works for Acme Corp. in Boston , met Mary Jones .")
-    return Sample(
-        id="s1",
-        tokens=tokens,
-        entities=[
-            Entity(start=1, end=3, type="Peop"),
-            Entity(start=7, end=9, type="Org"),
-            Entity(start=10, end=11, type="Loc"),
-            Entity(start=13, end=15, type="Peop"),
-        ],
-        relations=[Relation(head=0, tail=1, type="Work_For"), Relation(head=1, tail=2, type="OrgBased_In")],
-    )
 
 
 def mention_line(

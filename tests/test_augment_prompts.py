@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from augment_fixtures import conll_like, words
 
 from anchoralign.errors import UserError
 from anchoralign.schema import Entity, Relation, Sample
@@ -30,25 +31,6 @@ class Meta:
     )
     relation_types: dict[str, str] = field(
         default_factory=lambda: {"Work_For": "Work for", "OrgBased_In": "Organization based in"}
-    )
-
-
-def words(text: str) -> list[str]:
-    return text.split()
-
-
-def conll_like() -> Sample:
-    tokens = words("Sen. John Smith , who works for Acme Corp. in Boston , met Mary Jones .")
-    return Sample(
-        id="s1",
-        tokens=tokens,
-        entities=[
-            Entity(start=1, end=3, type="Peop"),
-            Entity(start=7, end=9, type="Org"),
-            Entity(start=10, end=11, type="Loc"),
-            Entity(start=13, end=15, type="Peop"),
-        ],
-        relations=[Relation(head=0, tail=1, type="Work_For"), Relation(head=1, tail=2, type="OrgBased_In")],
     )
 
 

@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+from augment_fixtures import conll_like, words
 
 from anchoralign.schema import Entity, Relation, Sample
 from augment.parse import ContextVariant, MentionVariant, parse_context_answer, parse_mention_answer
@@ -23,25 +24,6 @@ from augment.synthesize import (
     synthesize,
     template_segments,
 )
-
-
-def words(text: str) -> list[str]:
-    return text.split()
-
-
-def conll_like() -> Sample:
-    return Sample(
-        id="s1",
-        tokens=words("Sen. John Smith , who works for Acme Corp. in Boston , met Mary Jones ."),
-        entities=[
-            Entity(start=1, end=3, type="Peop"),
-            Entity(start=7, end=9, type="Org"),
-            Entity(start=10, end=11, type="Loc"),
-            Entity(start=13, end=15, type="Peop"),
-        ],
-        relations=[Relation(head=0, tail=1, type="Work_For"), Relation(head=1, tail=2, type="OrgBased_In")],
-    )
-
 
 MENTION_ANSWER = """Here are two versions:
 1. Sen. {"Peop": "Ann Lee"} , who works for {"Org": "Zeta Ltd."} in {"Loc": "Oslo"} , met {"Peop": "Tom Hardy"} .
