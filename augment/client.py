@@ -10,10 +10,10 @@ timeouts, connection errors and bodies that are not a chat completion. What is n
   (a UserError) stops the run at once;
 * other 4xx (400 context too long, 413, 422): :class:`RequestRejected`, this request only.
 
-Exhausted retries raise :class:`RequestFailed`. Concurrency is bounded by a queue of free
-connection slots, held only while an attempt is on the wire (a request sleeping in backoff does
-not block others); the HTTP pools together hold exactly that many connections, so an attempt
-never waits for a connection once it has a slot.
+Exhausted retries raise :class:`RequestFailed`. Concurrency is bounded by slots held only while
+an attempt is on the wire (a request sleeping in backoff does not block others). The bytes go
+through :class:`augment.transport.LeanTransport` (httpx's own transport when an environment
+proxy applies), which costs a third of the CPU per request of httpx's default pool.
 
 The API key is passed to the SDK and nowhere else; error text from the server is redacted in
 case it echoes the key back.
@@ -37,12 +37,12 @@ import openai
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from anchoralign.errors import UserError
+from augment.transport import LeanTransport, wants_default_transport
 
 # A server asking for a longer pause than this is treated as asking for this long: a run should
 # not sleep for an hour on one header.
 MAX_RETRY_AFTER_S = 300.0
 FATAL_STATUSES = frozenset({401, 402, 403, 404})
-POOL_SIZE = 8
 T = TypeVar("T")
 
 
@@ -199,35 +199,28 @@ class LLMClient:
         self.settings = settings
         self._key = api_key
         self._rng = rng or random.Random()
-        # Connections are split over pools of at most POOL_SIZE: the HTTP pool rescans every
-        # connection it holds each time a request starts or ends, so one pool of 64 costs more
-        # CPU per request than the rest of the request. A queue of free slots, one entry per
-        # connection, bounds concurrency and hands each attempt a pool with a free connection.
-        self._free: asyncio.Queue[int] = asyncio.Queue()
-        self._pools: list[openai.AsyncOpenAI] = []
-        tls = httpx2.create_ssl_context()  # loading the CA bundle takes ~40 ms: once, not per pool
-        remaining = settings.concurrency
-        while remaining > 0:
-            size = min(POOL_SIZE, remaining)
-            remaining -= size
-            http = httpx2.AsyncClient(
-                limits=httpx2.Limits(
-                    max_connections=size, max_keepalive_connections=size, keepalive_expiry=30.0
-                ),
-                timeout=httpx2.Timeout(settings.timeout_s),
-                verify=tls,
-            )
-            self._pools.append(
-                openai.AsyncOpenAI(
-                    api_key=api_key,
-                    base_url=settings.base_url,
-                    max_retries=0,
-                    timeout=settings.timeout_s,
-                    http_client=http,
-                )
-            )
-            for _ in range(size):
-                self._free.put_nowait(len(self._pools) - 1)
+        # Bounds the attempts on the wire (not the requests: one sleeping in backoff holds no
+        # slot), and so the connections the transport keeps open.
+        self._slots = asyncio.Semaphore(settings.concurrency)
+        transport = None
+        if not wants_default_transport(settings.base_url):
+            # httpx's trust store for TLS, built only when needed (importing it costs ~0.15 s).
+            https = settings.base_url.startswith("https:")
+            transport = LeanTransport(httpx2.create_ssl_context() if https else None)
+        http = httpx2.AsyncClient(
+            transport=transport,
+            limits=httpx2.Limits(
+                max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency
+            ),
+            timeout=httpx2.Timeout(settings.timeout_s),
+        )
+        self._sdk = openai.AsyncOpenAI(
+            api_key=api_key,
+            base_url=settings.base_url,
+            max_retries=0,
+            timeout=settings.timeout_s,
+            http_client=http,
+        )
 
     async def __aenter__(self) -> LLMClient:
         return self
@@ -236,8 +229,7 @@ class LLMClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        for sdk in self._pools:
-            await sdk.close()
+        await self._sdk.close()
 
     async def complete(self, messages: list[dict[str, str]]) -> Completion:
         s = self.settings
@@ -268,12 +260,11 @@ class LLMClient:
 
     async def _attempt(self, messages: list[dict[str, str]]) -> tuple[str, str | None, Usage, float]:
         s = self.settings
-        pool = await self._free.get()
-        try:
+        async with self._slots:
             start = time.perf_counter()
             try:
                 # The SDK's timeout is per read; this bounds the whole exchange, trickling included.
-                content = await _within(s.timeout_s, self._post(self._pools[pool], messages))
+                content = await _within(s.timeout_s, self._post(messages))
             except asyncio.TimeoutError:
                 raise _Retryable(f"no answer within {s.timeout_s:g} s") from None
             except openai.APITimeoutError:
@@ -287,15 +278,13 @@ class LLMClient:
                     f"connection broken while reading the answer ({type(err).__name__})"
                 ) from None
             latency = time.perf_counter() - start
-        finally:
-            self._free.put_nowait(pool)
         try:
             text, finish, usage = parse_completion(content)
         except ValueError as err:
             raise _Retryable(f"unusable response from {s.base_url}: {err}") from None
         return text, finish, usage, latency
 
-    async def _post(self, sdk: openai.AsyncOpenAI, messages: list[dict[str, str]]) -> bytes:
+    async def _post(self, messages: list[dict[str, str]]) -> bytes:
         s = self.settings
         body = {
             "model": s.model,
@@ -308,7 +297,7 @@ class LLMClient:
         # the typed-parameter conversion and the deep copy of a dict body cost more CPU than the
         # rest of a request. The answer is read by parse_completion, so a malformed body is a
         # retryable fault, not a crash.
-        response = await sdk.post(
+        response = await self._sdk.post(
             "/chat/completions",
             content=json.dumps(body, ensure_ascii=False).encode("utf-8"),
             options={"headers": {"Content-Type": "application/json"}},
