@@ -43,6 +43,7 @@ from augment.transport import LeanTransport, wants_default_transport
 # not sleep for an hour on one header.
 MAX_RETRY_AFTER_S = 300.0
 FATAL_STATUSES = frozenset({401, 402, 403, 404})
+CONNECT_CHECK_S = 15.0  # how long the first connection may take before the endpoint is called unreachable
 T = TypeVar("T")
 
 
@@ -202,7 +203,7 @@ class LLMClient:
         # Bounds the attempts on the wire (not the requests: one sleeping in backoff holds no
         # slot), and so the connections the transport keeps open.
         self._slots = asyncio.Semaphore(settings.concurrency)
-        transport = None
+        transport: LeanTransport | None = None
         if not wants_default_transport(settings.base_url):
             # httpx's trust store for TLS, built only when needed (importing it costs ~0.15 s).
             https = settings.base_url.startswith("https:")
@@ -214,6 +215,7 @@ class LLMClient:
             ),
             timeout=httpx2.Timeout(settings.timeout_s),
         )
+        self._transport = transport
         self._sdk = openai.AsyncOpenAI(
             api_key=api_key,
             base_url=settings.base_url,
@@ -230,6 +232,23 @@ class LLMClient:
 
     async def aclose(self) -> None:
         await self._sdk.close()
+
+    async def check_reachable(self, timeout_s: float = CONNECT_CHECK_S) -> None:
+        """Fail at once, with one clear message, when the endpoint cannot be reached at all
+        (refused, unknown host, TLS refused): otherwise every request would go through all its
+        retries first, a minute or more, before the run could say so. Behind a proxy the
+        connection is the proxy's business, so nothing is checked."""
+        if self._transport is None:
+            return
+        try:
+            await self._transport.connect(self.settings.base_url, min(timeout_s, self.settings.timeout_s))
+        except (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.UnsupportedProtocol) as err:
+            raise FatalLLMError(
+                redact(
+                    f"cannot connect to {self.settings.base_url} ({err}); check --base-url and the network",
+                    self._key,
+                )
+            ) from None
 
     async def complete(self, messages: list[dict[str, str]]) -> Completion:
         s = self.settings

@@ -593,6 +593,7 @@ class _Engine:
         self.first_send: float | None = None
         self.last_answer: float | None = None
         self.limit_hit = False
+        self.endpoint_checked = False
 
     # -- control
 
@@ -637,6 +638,15 @@ class _Engine:
                         await self.processed.wait()
                     if self.cap_reached():
                         break
+                    if not self.endpoint_checked:
+                        # Only now, when the first request must be sent: a resumed run served
+                        # wholly from the journal does not need the endpoint at all.
+                        self.endpoint_checked = True
+                        try:
+                            await self.client.check_reachable()
+                        except FatalLLMError as err:
+                            self._fail(err)
+                            break
                     await self.slots.acquire()
                     if self.stop.is_set():
                         self.slots.release()

@@ -114,6 +114,17 @@ class LeanTransport(httpx2.AsyncBaseTransport):
                 "server disconnected without sending a response", request=request
             ) from None
 
+    async def connect(self, url: str, timeout: float) -> None:
+        """Open a connection to ``url``'s origin (TCP, and TLS for https) and keep it for the
+        next request; raises ``ConnectError``/``ConnectTimeout`` like a request would."""
+        parsed = httpx2.URL(url)
+        if parsed.scheme not in DEFAULT_PORTS:
+            raise httpx2.UnsupportedProtocol(f"unsupported URL scheme '{parsed.scheme}'")
+        origin = (parsed.scheme, parsed.host, parsed.port or DEFAULT_PORTS[parsed.scheme])
+        conn = await self._open(origin, timeout, httpx2.Request("GET", parsed))
+        conn.idle_since = time.monotonic()
+        self._idle.setdefault(origin, []).append(conn)
+
     async def aclose(self) -> None:
         for pool in self._idle.values():
             for conn in pool:

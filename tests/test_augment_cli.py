@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -119,12 +120,35 @@ def test_a_refused_request_is_a_rejection_and_the_run_goes_on(shared_data, tmp_p
     assert len((out / "unmasked.jsonl").read_text().splitlines()) == 300
 
 
-def test_an_unreachable_endpoint_is_one_clear_message(shared_data, tmp_path, capsys):
+def test_an_unreachable_endpoint_is_one_clear_message_at_once(shared_data, tmp_path, capsys):
     url = f"http://127.0.0.1:{_closed_port()}/v1"
-    rc = cli(*run_args(shared_data, url, tmp_path / "out", "--max-retries", "1"))
+    started = time.monotonic()
+    # Default retries and a slow backoff: the message must not wait for them.
+    rc = cli(*run_args(shared_data, url, tmp_path / "out", "--max-retries", "6", "--backoff", "2"))
+    elapsed = time.monotonic() - started
     err = capsys.readouterr().err
     assert rc == 2
-    assert f"cannot connect to {url}" in err and "none of the first" in err and "Traceback" not in err
+    assert f"cannot connect to {url}" in err and "check --base-url" in err and "Traceback" not in err
+    assert elapsed < 10
+
+
+def test_an_endpoint_that_dies_mid_run_is_reported_after_the_retries(shared_data, tmp_path, capsys):
+    # Reachable at the start (the check passes), then every request is dropped.
+    with FakeOpenAIServer(lambda body, attempt: Reply(drop=True)) as srv:
+        rc = cli(*run_args(shared_data, srv.url, tmp_path / "out", "--max-retries", "1"))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "none of the first 4 requests got through" in err and "Traceback" not in err
+
+
+def test_a_run_served_wholly_from_the_journal_needs_no_endpoint(shared_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    with FakeOpenAIServer(good_script()) as srv:
+        assert cli(*run_args(shared_data, srv.url, out, "--max-sources", "6")) == 0
+    first = (out / "unmasked.jsonl").read_bytes()
+    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    assert cli(*run_args(shared_data, url, out, "--max-sources", "6")) == 0
+    assert (out / "unmasked.jsonl").read_bytes() == first
 
 
 def test_no_key_for_deepseek_is_a_user_error(shared_data, tmp_path, capsys):

@@ -320,3 +320,14 @@ def test_https_checks_the_certificate_against_the_context(tmp_path):
             server.close()
 
     asyncio.run(test())
+
+
+def test_a_connection_check_keeps_its_connection_for_the_first_request():
+    async def test(url):
+        transport = LeanTransport()
+        await transport.connect(url + "/v1", timeout=5)
+        async with httpx2.AsyncClient(transport=transport, base_url=url) as http:
+            assert (await http.get("/v1/models")).json()["conn"] == 0
+        assert transport.connections_opened == 1
+
+    run(serve_forever, test)
