@@ -29,7 +29,9 @@ from anchoralign.schema import Sample, iter_jsonl
 from augment import runner
 from augment.config import AugmentConfig, load_config
 from augment.journal import read_journal
-from augment.runner import ALL_REASONS, DryRun, Progress, RunSummary
+from augment.plan import make_plan
+from augment.processing import ALL_REASONS
+from augment.runner import DryRun, Progress, RunSummary
 
 # Seconds between progress lines when the output is not a terminal (CI logs).
 PLAIN_PROGRESS_EVERY_S = 10.0
@@ -345,7 +347,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     folder = _target_dir(args)
     cfg_path = folder / "config.json"
     cfg = load_config(cfg_path, {"out": str(folder)})
-    plan = runner.make_plan(cfg.resolved())
+    plan = make_plan(cfg.resolved())
     index = next((i for i, s in enumerate(plan.sources) if s.id == args.source_id), None)
     if index is None:
         raise UserError(f"no sentence with id {args.source_id!r} in {plan.meta.name}/{cfg.split}")

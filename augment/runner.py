@@ -27,6 +27,10 @@ of their own, until the cap. Because of this, a run interrupted at any moment (C
 and restarted with the same command produces the same files as a run never interrupted: the
 restart replays journalled answers in the same order and completes the same prefix.
 
+The plan and the pure selection functions are in :mod:`augment.plan`, parsing and synthesis
+(and the child that runs them) in :mod:`augment.processing`; this module schedules, journals
+and writes.
+
 Outputs in ``--out``: ``unmasked.jsonl``, ``masked.jsonl``, ``rejected.jsonl`` (rejections of
 the prefix's sources), ``sources.jsonl`` (what happened to every source), ``failed.jsonl``
 (requests that failed after all retries), ``stats.json``, ``config.json``, and
@@ -40,24 +44,16 @@ import asyncio
 import contextlib
 import json
 import math
-import os
-import pickle
-import random
 import signal
-import struct
-import sys
 import time
-import traceback
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from collections.abc import Set as AbstractSet
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any
 
-from anchoralign.datasets import get_meta, load_split
 from anchoralign.errors import UserError
-from anchoralign.schema import Relation, Sample, write_jsonl
+from anchoralign.schema import write_jsonl
 from augment.client import (
     ClientSettings,
     FatalLLMError,
@@ -68,422 +64,9 @@ from augment.client import (
     cost_usd,
 )
 from augment.config import AugmentConfig, resolve_api_key, save_config
-from augment.journal import Journal, JournalEntry, read_journal, request_key
-from augment.parse import REASONS, Rejection, parse_context_answer, parse_mention_answer
-from augment.prompts import (
-    DEFAULT_CONTEXT_PROMPT,
-    DEFAULT_MENTION_PROMPT,
-    PromptSet,
-    eligibility,
-    position_order,
-)
-from augment.synthesize import exclude_sentences, mask_sample, sentence_key, synthesize
-
-T = TypeVar("T")
-KINDS = ("mention", "context")
-# Rejections decided here rather than by the parser (which sees only the answer text).
-RUN_REASONS: dict[str, str] = {
-    "request_rejected": "the server refused the request itself (e.g. HTTP 400, prompt too long)",
-    "truncated": "the answer hit max_tokens and this last line was cut off",
-}
-ALL_REASONS: dict[str, str] = {**REASONS, **RUN_REASONS}
-
-
-# --------------------------------------------------------------------------------------------
-# Pure pieces: entity order, prefix, selection
-
-
-def by_position(sample: Sample) -> Sample:
-    """The sample with its entities in position order and relations re-pointed accordingly."""
-    order = position_order(sample)
-    if order == list(range(len(order))):
-        return sample
-    new_index = {old: new for new, old in enumerate(order)}
-    return Sample(
-        id=sample.id,
-        tokens=sample.tokens,
-        entities=[sample.entities[i] for i in order],
-        relations=[
-            Relation(head=new_index[r.head], tail=new_index[r.tail], type=r.type) for r in sample.relations
-        ],
-        source_id=sample.source_id,
-        origin=sample.origin,
-    )
-
-
-def prefix_for_cap(yields: list[int], cap: int) -> int:
-    """Length of the shortest prefix of ``yields`` summing to at least ``cap`` (all if none)."""
-    total = 0
-    for n, y in enumerate(yields, start=1):
-        total += y
-        if total >= cap:
-            return n
-    return len(yields)
-
-
-def select_round_robin(groups: list[tuple[str, list[T]]], cap: int, seed: int) -> list[T]:
-    """Up to ``cap`` samples, one per group per round in group order; within a group in an order
-    seeded by (seed, group id), so a group's choice does not depend on the other groups."""
-    queues = []
-    for gid, samples in groups:
-        shuffled = list(samples)
-        random.Random(f"{seed}:{gid}").shuffle(shuffled)
-        queues.append(shuffled)
-    chosen: list[T] = []
-    depth = 0
-    while len(chosen) < cap:
-        took = False
-        for q in queues:
-            if depth < len(q):
-                chosen.append(q[depth])
-                took = True
-                if len(chosen) == cap:
-                    break
-        if not took:
-            break
-        depth += 1
-    return chosen
-
-
-def split_truncated(text: str, finish_reason: str | None) -> tuple[str, str | None]:
-    """(text to parse, cut-off last line or None): an answer stopped by max_tokens ends mid-line,
-    and a half-written variant could still pass the checks, so its last line is not parsed."""
-    if finish_reason != "length":
-        return text, None
-    lines = text.rstrip("\n").split("\n")
-    if not lines or not lines[-1].strip():
-        return text, None
-    return "\n".join(lines[:-1]), lines[-1]
-
-
-# --------------------------------------------------------------------------------------------
-# Plan
-
-
-@dataclass(frozen=True)
-class RequestSpec:
-    key: str
-    source_id: str
-    kind: str
-    messages: list[dict[str, str]]
-
-
-@dataclass
-class Plan:
-    cfg: AugmentConfig  # resolved
-    meta: Any  # anchoralign.datasets.DatasetMeta
-    sources: list[Sample]  # file order, entities in position order when eligible
-    skipped: dict[int, str]  # source index -> skip reason
-    order: list[int]  # eligible source indices, in the seeded order
-    forbidden: set[str]  # sentence keys of the other splits
-    prompts: PromptSet
-
-    @property
-    def language(self) -> str:
-        return str(self.meta.language)
-
-    @property
-    def sampling(self) -> dict[str, Any]:
-        return {"temperature": self.cfg.temperature, "max_tokens": self.cfg.max_tokens}
-
-    def requests(self, index: int) -> tuple[RequestSpec, RequestSpec]:
-        src = self.sources[index]
-        k = self.cfg.variants
-        model = self.cfg.model or ""
-        specs = []
-        for kind, build, version in (
-            ("mention", self.prompts.mention_messages, self.prompts.mention_version),
-            ("context", self.prompts.context_messages, self.prompts.context_version),
-        ):
-            messages = build(src, self.meta, k, self.language)
-            specs.append(
-                RequestSpec(request_key(model, messages, self.sampling, version), src.id, kind, messages)
-            )
-        return specs[0], specs[1]
-
-    def process(self, index: int, outcomes: dict[str, Outcome]) -> SourceResult:
-        """:func:`process_source` for source ``index`` with this plan's settings (in-process)."""
-        return process_source(self.sources[index], outcomes, self.cfg.variants, self.language, self.forbidden)
-
-    @property
-    def max_requests(self) -> int:
-        n = len(self.order) if self.cfg.max_sources is None else min(len(self.order), self.cfg.max_sources)
-        return 2 * n
-
-
-def make_plan(cfg: AugmentConfig) -> Plan:
-    """Load the data and fix the order of work (no network). ``cfg`` must be resolved."""
-    meta = get_meta(cfg.dataset, cfg.data_dir)
-    if cfg.split not in meta.splits:
-        raise UserError(
-            f"dataset {meta.name!r} has no split {cfg.split!r} (splits: {', '.join(meta.splits)})"
-        )
-    if meta.folds and cfg.fold is None:
-        raise UserError(
-            f"dataset {meta.name!r} is cross-validated: choose a fold with --fold 0..{meta.folds - 1}"
-        )
-    fold = cfg.fold if meta.folds else None
-    raw = load_split(cfg.dataset, cfg.split, cfg.data_dir, fold=fold)
-    if not raw:
-        raise UserError(f"dataset {meta.name!r} split {cfg.split!r} has no sentences")
-    seen: dict[str, int] = {}
-    for i, s in enumerate(raw):
-        if s.id in seen:
-            raise UserError(
-                f"dataset {meta.name!r} split {cfg.split!r}: sentences {seen[s.id]} and {i} share the id {s.id!r}"
-            )
-        seen[s.id] = i
-    sources, skipped = [], {}
-    for i, s in enumerate(raw):
-        reason = eligibility(s)
-        if reason is None:
-            sources.append(by_position(s))
-        else:
-            skipped[i] = reason
-            sources.append(s)
-    order = [i for i in range(len(sources)) if i not in skipped]
-    random.Random(cfg.seed).shuffle(order)
-    forbidden: set[str] = set()
-    for split in meta.splits:
-        if split != cfg.split:
-            forbidden.update(
-                sentence_key(s.tokens) for s in load_split(cfg.dataset, split, cfg.data_dir, fold=fold)
-            )
-    prompts = PromptSet(
-        cfg.mention_prompt or DEFAULT_MENTION_PROMPT, cfg.context_prompt or DEFAULT_CONTEXT_PROMPT
-    )
-    return Plan(cfg, meta, sources, skipped, order, forbidden, prompts)
-
-
-# --------------------------------------------------------------------------------------------
-# Per-source outcome
-
-
-@dataclass(frozen=True)
-class Failure:
-    """A request that failed after all retries (not journalled)."""
-
-    key: str
-    source_id: str
-    kind: str
-    message: str
-    attempts: int
-    connection: bool
-
-
-Outcome = JournalEntry | Failure
-
-
-@dataclass(frozen=True)
-class Record:
-    """One synthesised sample, already serialised: the loop that selects and writes the corpus
-    never rebuilds or re-validates a Sample."""
-
-    source_id: str
-    key: str  # sentence_key: a sentence is in the corpus once
-    origin: str
-    unmasked: str  # the JSON line (no newline)
-    masked: str
-
-
-@dataclass
-class SourceResult:
-    source_id: str
-    failed: bool
-    accepted: dict[str, int]
-    rejections: list[dict[str, Any]]
-    records: list[Record]  # not in another split, distinct sentences, in synthesis order
-    dropped_other_split: int = 0
-
-
-def _rejection_record(r: Rejection, source_id: str, entry: JournalEntry) -> dict[str, Any]:
-    return {
-        "source_id": source_id,
-        "kind": r.kind,
-        "reason": r.reason,
-        "detail": r.detail,
-        "text": r.text,
-        "line": r.index,
-        "raw": entry.text,
-        "key": entry.key,
-    }
-
-
-def _dumps(sample: Sample) -> str:
-    return json.dumps(sample.to_record(), ensure_ascii=False)
-
-
-def process_source(
-    source: Sample, outcomes: dict[str, Outcome], k: int, language: str, forbidden: AbstractSet[str]
-) -> SourceResult:
-    """Parse a complete source's answers and synthesise its records: a pure function of its
-    arguments (it runs in a worker process, see :class:`_Processor`)."""
-    if any(isinstance(o, Failure) for o in outcomes.values()):
-        return SourceResult(source.id, True, {kind: 0 for kind in KINDS}, [], [])
-    rejections: list[dict[str, Any]] = []
-    accepted: dict[str, list[Any]] = {kind: [] for kind in KINDS}
-    for kind in KINDS:
-        entry = outcomes[kind]
-        assert isinstance(entry, JournalEntry)
-        if entry.text is None:
-            err = entry.error or {}
-            rejections.append(
-                {
-                    "source_id": source.id,
-                    "kind": kind,
-                    "reason": "request_rejected",
-                    "detail": f"HTTP {err.get('status', '?')}: {err.get('message', '')}",
-                    "text": "",
-                    "line": None,
-                    "raw": None,
-                    "key": entry.key,
-                }
-            )
-            continue
-        text, cut = split_truncated(entry.text, entry.finish_reason)
-        parse = parse_mention_answer if kind == "mention" else parse_context_answer
-        result = parse(text, source, language, k)
-        accepted[kind] = list(result.accepted)
-        rejections.extend(_rejection_record(r, source.id, entry) for r in result.rejected)
-        if cut is not None:
-            cut_off = Rejection(kind, "truncated", "the answer was cut off by max_tokens", cut, None)  # type: ignore[arg-type]
-            rejections.append(_rejection_record(cut_off, source.id, entry))
-    samples = synthesize(source, accepted["mention"], accepted["context"], language)
-    kept, dropped = exclude_sentences(samples, forbidden)
-    records: list[Record] = []
-    keys: set[str] = set()
-    for s in kept:
-        key = sentence_key(s.tokens)
-        if key not in keys:
-            keys.add(key)
-            records.append(Record(source.id, key, s.origin or "", _dumps(s), _dumps(mask_sample(s))))
-    counts = {kind: len(v) for kind, v in accepted.items()}
-    return SourceResult(source.id, False, counts, rejections, records, dropped)
-
-
-# Parsing and synthesis take about as much CPU as the HTTP exchange of a request; done in the
-# event loop they slow the transport down at high request rates. They run in a child
-# interpreter instead, fed over its stdin and answering on its stdout: frames of an 8-byte
-# length and a pickle. A plain pipe rather than multiprocessing: the child imports nothing of
-# the caller's main script, and it exits by itself when the pipe closes, however the runner
-# ended (kill -9 included).
-_FRAME = struct.Struct(">Q")
-_WORKER_CODE = "from augment.runner import worker_main; worker_main()"
-
-
-def _frame(obj: Any) -> bytes:
-    payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    return _FRAME.pack(len(payload)) + payload
-
-
-def _read_frame(stream: BinaryIO) -> Any:
-    header = stream.read(_FRAME.size)
-    if len(header) < _FRAME.size:
-        return None
-    (size,) = _FRAME.unpack(header)
-    return pickle.loads(stream.read(size))
-
-
-def worker_main() -> None:
-    """The processing child: the run's constants, then (seq, source, outcomes) until EOF."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the runner's to handle
-    inp, out = sys.stdin.buffer, sys.stdout.buffer
-    sys.stdout = sys.stderr  # a stray print must not corrupt the frames
-    setup = _read_frame(inp)
-    if setup is None:
-        return
-    k, language, forbidden = setup
-    while (task := _read_frame(inp)) is not None:
-        seq, source, outcomes = task
-        try:
-            reply = (seq, True, process_source(source, outcomes, k, language, forbidden))
-        except Exception:  # any failure goes back to the runner, which stops with it
-            reply = (seq, False, f"processing source {source.id!r} failed:\n{traceback.format_exc()}")
-        out.write(_frame(reply))
-        out.flush()
-    # Nothing to clean up (every reply is flushed): skip the interpreter's teardown of a large
-    # heap, which the runner would otherwise wait ~0.1 s for at the end of every run.
-    os._exit(0)
-
-
-class ProcessingError(RuntimeError):
-    """The processing child failed (a bug, reported with its traceback)."""
-
-
-class _Processor:
-    """:func:`process_source` in a child interpreter; :meth:`submit` returns a future."""
-
-    def __init__(self) -> None:
-        self._proc: asyncio.subprocess.Process | None = None
-        self._pending: dict[int, asyncio.Future[SourceResult]] = {}
-        self._seq = 0
-        self._reader: asyncio.Task[None] | None = None
-
-    async def start(self, plan: Plan) -> None:
-        package_root = str(Path(__file__).resolve().parent.parent)
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
-        }
-        self._proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            _WORKER_CODE,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            env=env,
-            start_new_session=True,  # out of the terminal's process group: Ctrl-C reaches the runner only
-        )
-        assert self._proc.stdin is not None
-        self._proc.stdin.write(_frame((plan.cfg.variants, plan.language, frozenset(plan.forbidden))))
-        self._reader = asyncio.create_task(self._read_replies())
-
-    def submit(self, source: Sample, outcomes: dict[str, Outcome]) -> asyncio.Future[SourceResult]:
-        assert self._proc is not None and self._proc.stdin is not None
-        self._seq += 1
-        future: asyncio.Future[SourceResult] = asyncio.get_running_loop().create_future()
-        self._pending[self._seq] = future
-        self._proc.stdin.write(_frame((self._seq, source, outcomes)))
-        return future
-
-    async def _read_replies(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        stdout = self._proc.stdout
-        try:
-            while True:
-                (size,) = _FRAME.unpack(await stdout.readexactly(_FRAME.size))
-                seq, ok, value = pickle.loads(await stdout.readexactly(size))
-                future = self._pending.pop(seq)
-                if future.done():
-                    continue
-                if ok:
-                    future.set_result(value)
-                else:
-                    future.set_exception(ProcessingError(value))
-        except asyncio.IncompleteReadError:
-            code = await self._proc.wait()
-            for future in self._pending.values():
-                if not future.done():
-                    future.set_exception(ProcessingError(f"the processing child exited with code {code}"))
-            self._pending.clear()
-
-    def close_input(self) -> None:
-        """Tell the child no more work comes (it exits once it has answered what it has)."""
-        if self._proc is not None and self._proc.stdin is not None and not self._proc.stdin.is_closing():
-            self._proc.stdin.close()
-
-    async def close(self) -> None:
-        if self._proc is None:
-            return
-        self.close_input()
-        try:
-            await asyncio.wait_for(self._proc.wait(), 10)
-        except asyncio.TimeoutError:
-            self._proc.kill()
-            await self._proc.wait()
-        if self._reader is not None:
-            await self._reader
-
+from augment.journal import Journal, JournalEntry, read_journal
+from augment.plan import Plan, RequestSpec, make_plan, prefix_for_cap, select_round_robin
+from augment.processing import KINDS, Failure, Outcome, ProcessingChild, Record, SourceResult
 
 # --------------------------------------------------------------------------------------------
 # Progress and summary
@@ -552,7 +135,7 @@ class _Engine:
         journal: Journal,
         cached: dict[str, JournalEntry],
         client: LLMClient,
-        processor: _Processor,
+        processor: ProcessingChild,
     ):
         self.plan = plan
         self.cfg = plan.cfg
@@ -993,8 +576,8 @@ async def _run_async(
         max_tokens=cfg.max_tokens,
     )
     client = LLMClient(settings, api_key)
-    processor = _Processor()
-    await processor.start(plan)
+    processor = ProcessingChild()
+    await processor.start(plan.cfg.variants, plan.language, plan.forbidden)
     engine = _Engine(plan, journal, contents.entries, client, processor)
     loop = asyncio.get_running_loop()
 

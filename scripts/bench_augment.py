@@ -102,7 +102,7 @@ def bench_cpu(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """Replay the journal of the efficiency run through the runner's per-source processing."""
     from augment.config import load_config
     from augment.journal import read_journal
-    from augment.runner import make_plan
+    from augment.plan import make_plan
 
     cfg = load_config(out / "config.json", {}).resolved()
     plan = make_plan(cfg)

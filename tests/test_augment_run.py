@@ -18,22 +18,13 @@ from anchoralign.datasets import load_split
 from anchoralign.errors import RecordError, UserError
 from anchoralign.schema import Entity, Relation, Sample
 from anchoralign.tokenize import detokenize, tokenize
-from augment import runner
 from augment.client import Usage
 from augment.config import AugmentConfig
 from augment.journal import Journal, JournalEntry, read_journal, request_key
+from augment.plan import by_position, make_plan, prefix_for_cap, select_round_robin
+from augment.processing import ALL_REASONS, ProcessingChild, ProcessingError, split_truncated
 from augment.prompts import DEFAULT_CONTEXT_PROMPT, DEFAULT_MENTION_PROMPT
-from augment.runner import (
-    ALL_REASONS,
-    ProcessingError,
-    _Processor,
-    by_position,
-    make_plan,
-    prefix_for_cap,
-    run,
-    select_round_robin,
-    split_truncated,
-)
+from augment.runner import run
 from augment.testing import (
     OPENERS,
     FakeOpenAIServer,
@@ -485,8 +476,8 @@ def test_processing_child_answers_and_reports_failures(shared_data, tmp_path):
     context = JournalEntry(specs[1].key, source.id, "context", good_answer({"messages": specs[1].messages}))
 
     async def go():
-        proc = _Processor()
-        await proc.start(plan)
+        proc = ProcessingChild()
+        await proc.start(plan.cfg.variants, plan.language, plan.forbidden)
         ok = await proc.submit(source, {"mention": mention, "context": context})
         with pytest.raises(ProcessingError, match="KeyError"):
             await proc.submit(source, {"mention": mention})  # a bug: an incomplete source
@@ -504,6 +495,6 @@ def test_a_processing_failure_stops_the_run_instead_of_hanging(shared_data, tmp_
         future.set_exception(ProcessingError("synthesis bug"))
         return future
 
-    monkeypatch.setattr(runner._Processor, "submit", broken)
+    monkeypatch.setattr(ProcessingChild, "submit", broken)
     with FakeOpenAIServer(good_script()) as srv, pytest.raises(ProcessingError, match="synthesis bug"):
         run(_config(shared_data, srv.url, tmp_path / "out", cap=50))
