@@ -15,21 +15,17 @@ switch, best score) and each rank's RNG state. Logging, metrics and exports happ
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import random
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-from rich.console import Console
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -50,120 +46,24 @@ from anchoralign.config import (
     save_config,
 )
 from anchoralign.errors import UserError
+from anchoralign.evaluation import Collate, EvalResult, Evaluate, LossFn, to_device
 from anchoralign.losses import LOSS_KEYS, LossWeights
+from anchoralign.runlog import RunLog
+from anchoralign.schedule import (
+    Phase,
+    epoch_order,
+    epoch_plan,
+    gate_phase,
+    lr_at,
+    rank_micro_batches,
+    steps_per_epoch,
+    warmup_steps_for,
+    weights_for,
+)
 from anchoralign.schema import Sample
 
-Batch = dict[str, Any]
-LossFn = Callable[
-    [Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], LossWeights], dict[str, torch.Tensor]
-]
-Collate = Callable[[list[Sample]], Batch]
-
 CHECKPOINTS = "checkpoints"
-METRICS_FILE = "metrics.jsonl"
-LOG_FILE = "train.log"
 STATE_FILE = "train_state.json"
-
-
-# ---------------------------------------------------------------------------------------------
-# Pure pieces: schedule, plan, data order
-# ---------------------------------------------------------------------------------------------
-
-
-def lr_at(
-    step: int,
-    total_steps: int,
-    warmup_steps: int,
-    peak_lr: float,
-    schedule: str = "linear",
-    min_ratio: float = 0.0,
-) -> float:
-    """Learning rate of optimizer update ``step`` (0-based).
-
-    Linear warm-up reaching ``peak_lr`` at update ``warmup_steps - 1`` (so no update is wasted at
-    lr 0), then ``constant``, ``linear`` or ``cosine`` decay from the peak towards
-    ``peak_lr * min_ratio``, reached one update after the last (``total_steps``).
-    """
-    if step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps
-    if schedule == "constant":
-        return peak_lr
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if schedule == "linear":
-        factor = 1.0 - progress
-    elif schedule == "cosine":
-        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
-    else:
-        raise ValueError(f"unknown schedule {schedule!r}")
-    return peak_lr * (min_ratio + (1.0 - min_ratio) * factor)
-
-
-def warmup_steps_for(total_steps: int, ratio: float) -> int:
-    return round(total_steps * ratio)
-
-
-@dataclass(frozen=True)
-class Phase:
-    """One phase of a stage: ``epochs`` passes over ``train_sets[data]``."""
-
-    name: str
-    data: str
-    epochs: int
-    align: bool  # alignment and suppression terms on (cross-entropy is always on)
-
-
-def epoch_plan(phases: Sequence[Phase]) -> list[int]:
-    """The planned phase index of every epoch of the stage, e.g. epochs 2, 0, 1 -> [0, 0, 2]."""
-    return [i for i, p in enumerate(phases) for _ in range(p.epochs)]
-
-
-def gate_phase(phases: Sequence[Phase]) -> int | None:
-    """Index of the cross-entropy phase that an alignment phase on the same data follows, if any."""
-    for i in range(len(phases) - 1):
-        a, b = phases[i], phases[i + 1]
-        if not a.align and b.align and a.data == b.data and a.epochs > 0 and b.epochs > 0:
-            return i
-    return None
-
-
-def steps_per_epoch(n_samples: int, global_batch: int) -> int:
-    """Optimizer steps to see every sample once: the last step is topped up from the epoch's start."""
-    return math.ceil(n_samples / global_batch)
-
-
-def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
-    """The sample order of one epoch: a permutation fixed by (seed, epoch), the same on every rank."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
-
-
-def rank_micro_batches(
-    order: Sequence[int], step: int, micro: int, accum: int, world: int, rank: int
-) -> list[list[int]]:
-    """Sample indices of ``rank``'s micro-batches for optimizer step ``step`` of the epoch.
-
-    Step ``k`` takes the global batch ``order[k*G:(k+1)*G]`` (G = micro x accum x world), wrapping
-    around to the epoch's start when the order runs out; micro-batch ``j`` of rank ``r`` is its
-    slice number ``j * world + r``, so every rank gets different samples.
-    """
-    g = micro * accum * world
-    n = len(order)
-    start = step * g
-    flat = [order[(start + i) % n] for i in range(g)]
-    return [flat[(j * world + rank) * micro : (j * world + rank + 1) * micro] for j in range(accum)]
-
-
-def weights_for(cfg: TrainConfig, align: bool) -> LossWeights:
-    """Loss weights of a phase: the configured terms when ``align``, cross-entropy only otherwise."""
-    on = align and cfg.use_alignment
-    return LossWeights(
-        alpha=cfg.alpha,
-        beta=cfg.beta,
-        gamma=cfg.gamma,
-        ner_re=on and cfg.use_ner_re,
-        fwd_rev=on and cfg.use_fwd_rev,
-        suppress=on and cfg.use_suppress,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,156 +94,6 @@ class TrainState:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainState:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
-
-
-@dataclass
-class EvalResult:
-    scores: dict[str, Any]  # metrics.score of the eval split, plus "valid_rate"
-    losses: dict[str, dict[str, float]] = field(default_factory=dict)  # split -> mean loss terms
-
-
-class Evaluate(Protocol):
-    def __call__(self, model: nn.Module, device: torch.device, validity: bool) -> EvalResult:
-        """Scores of the eval split; with ``validity``, ``valid_rate`` must say how many of the
-        model's own (unconstrained) outputs parse into valid structures."""
-        ...
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------
-
-
-def to_device(batch: Batch, device: torch.device | str) -> Batch:
-    return {
-        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
-    }
-
-
-@torch.no_grad()
-def mean_loss_terms(
-    model: nn.Module,
-    samples: Sequence[Sample],
-    collate: Collate,
-    loss_fn: LossFn,
-    weights: LossWeights,
-    batch_size: int,
-    device: torch.device | str,
-) -> dict[str, float]:
-    """Teacher-forced loss terms averaged over ``samples`` (each batch weighted by its size)."""
-    totals = dict.fromkeys(LOSS_KEYS, 0.0)
-    for i in range(0, len(samples), batch_size):
-        chunk = list(samples[i : i + batch_size])
-        batch = to_device(collate(chunk), device)
-        terms = loss_fn(model(batch), batch, weights)
-        for k in totals:
-            totals[k] += float(terms[k]) * len(chunk)
-    return {k: v / max(1, len(samples)) for k, v in totals.items()}
-
-
-class Evaluator:
-    """Scores the eval split with the real decoder and logs loss terms on the loss splits.
-
-    Every rank runs the same evaluation (identical inputs and weights): under ZeRO-3 the forward
-    passes gather parameters collectively, so all ranks must take part anyway.
-
-    ``valid_rate`` is the share of predictions whose three outputs parse with nothing dropped.
-    Constrained decoding makes every output parse, so when the switch needs to know whether the
-    model itself writes valid structures, the rate comes from a second, unconstrained greedy pass.
-    """
-
-    def __init__(
-        self,
-        gold: Sequence[Sample],
-        loss_sets: Mapping[str, Sequence[Sample]],
-        collate: Collate,
-        loss_fn: LossFn,
-        weights: LossWeights,
-        decode_cfg: Any,
-        symmetric: frozenset[str],
-        boundary_only: bool,
-        batch_size: int,
-    ):
-        self.gold = list(gold)
-        # Only id and tokens go to the decoder: nothing of the answer can leak into it.
-        self.inputs = [Sample(id=s.id, tokens=s.tokens) for s in self.gold]
-        self.loss_sets = {k: list(v) for k, v in loss_sets.items()}
-        self.collate, self.loss_fn, self.weights = collate, loss_fn, weights
-        self.decode_cfg = decode_cfg
-        self.symmetric, self.boundary_only = symmetric, boundary_only
-        self.batch_size = batch_size
-
-    def __call__(self, model: nn.Module, device: torch.device, validity: bool = False) -> EvalResult:
-        from anchoralign.decode import predict
-        from anchoralign.metrics import score
-
-        preds = predict(model, self.inputs, self.decode_cfg)
-        scores: dict[str, Any] = dict(
-            score(
-                self.gold,
-                [p.sample for p in preds],
-                symmetric=self.symmetric,
-                boundary_only=self.boundary_only,
-            )
-        )
-        checked = preds
-        if validity and self.decode_cfg.constrained:
-            free = dataclasses.replace(self.decode_cfg, constrained=False, beam_size=1)
-            checked = predict(model, self.inputs, free)
-        scores["valid_rate"] = sum(p.valid for p in checked) / max(1, len(checked))
-        scores["valid_rate_of"] = (
-            "constrained" if checked is preds and self.decode_cfg.constrained else "unconstrained"
-        )
-        losses = {
-            split: mean_loss_terms(
-                model, samples, self.collate, self.loss_fn, self.weights, self.batch_size, device
-            )
-            for split, samples in self.loss_sets.items()
-        }
-        return EvalResult(scores=scores, losses=losses)
-
-
-# ---------------------------------------------------------------------------------------------
-# Logging (rank 0)
-# ---------------------------------------------------------------------------------------------
-
-
-class RunLog:
-    """Console lines, ``train.log`` and ``metrics.jsonl``; silent on ranks other than 0."""
-
-    def __init__(self, output_dir: Path, console: Console | None = None):
-        self.active = distributed.is_main()
-        # Log lines stay whole (no wrapping at 80 columns when the output is not a terminal).
-        self.console = console or Console(stderr=True, soft_wrap=True)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = output_dir / LOG_FILE
-        self.metrics_path = output_dir / METRICS_FILE
-        self.rows = 0  # metrics rows in the file (rank 0)
-
-    def info(self, msg: str) -> None:
-        if not self.active:
-            return
-        self.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {escape(msg)}", highlight=False)
-        with self.log_path.open("a", encoding="utf-8") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
-
-    def metrics(self, row: dict[str, Any]) -> None:
-        if not self.active:
-            return
-        with self.metrics_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self.rows += 1
-
-    def keep_metrics(self, rows: int) -> None:
-        """Cut ``metrics.jsonl`` to its first ``rows`` rows: what a resumed checkpoint had logged
-        (a fresh start keeps none), so that no step appears twice."""
-        if not self.active:
-            return
-        kept = []
-        if rows and self.metrics_path.is_file():
-            kept = self.metrics_path.read_text(encoding="utf-8").splitlines(keepends=True)[:rows]
-        self.metrics_path.write_text("".join(kept), encoding="utf-8")
-        self.rows = len(kept)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -886,131 +636,3 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ---------------------------------------------------------------------------------------------
-# Running a stage (shared by pretrain/run.py and sft/run.py)
-# ---------------------------------------------------------------------------------------------
-
-
-def take(samples: Sequence[Sample], limit: int | None, what: str, log: RunLog) -> list[Sample]:
-    """The first ``limit`` samples (smoke runs), saying so in the log."""
-    if limit is None or limit >= len(samples):
-        return list(samples)
-    log.info(f"using the first {limit} of {len(samples)} {what} samples (limit)")
-    return list(samples[:limit])
-
-
-def load_model(cfg: TrainConfig, meta: Any) -> nn.Module:
-    """The model to train: ``init_from``'s checkpoint, or a fresh one on ``backbone``."""
-    from anchoralign.linearize import LabelSet
-    from anchoralign.model import AnchorAlignModel
-
-    if cfg.init_from is None:
-        return AnchorAlignModel.from_backbone(cfg.backbone, meta, paradigm=cfg.paradigm)
-    path = Path(cfg.init_from)
-    if not (path / "config.json").is_file():
-        hint = f" (did you mean {path / 'final'}?)" if (path / "final" / "config.json").is_file() else ""
-        raise UserError(f"init_from: {path} is not a model directory: no config.json{hint}")
-    model = AnchorAlignModel.from_pretrained(path)
-    want = LabelSet.from_meta(meta)
-    if (model.labels.entity_types, model.labels.relation_types) != (want.entity_types, want.relation_types):
-        raise UserError(f"init_from: {path} was trained with other labels than dataset '{meta.name}'")
-    if int(model.paradigm) != cfg.paradigm:
-        raise UserError(
-            f"init_from: {path} uses paradigm {int(model.paradigm)} but the config has paradigm={cfg.paradigm}"
-        )
-    return model
-
-
-def run_stage(
-    cfg: TrainConfig,
-    meta: Any,
-    phases: Sequence[Phase],
-    train_sets: Mapping[str, Sequence[Sample]],
-    log: RunLog,
-) -> Path:
-    """Load the eval data and the model, then train the stage; returns the ``final`` directory.
-
-    Everything a user can get wrong in the data is checked before the process group and the model
-    are set up, so such errors come at once.
-    """
-    from anchoralign.datasets import load_split
-    from anchoralign.decode import DecodeConfig
-    from anchoralign.losses import loss_terms
-
-    for split in (cfg.eval_split, *cfg.loss_splits):
-        if split not in meta.splits:
-            raise UserError(
-                f"config: split '{split}' is not one of dataset {meta.name}'s splits {list(meta.splits)}"
-            )
-    splits = {
-        s: load_split(cfg.dataset, s, cfg.data_dir, fold=cfg.fold) for s in {cfg.eval_split, *cfg.loss_splits}
-    }
-    splits = {s: take(v, cfg.limit_eval, s, log) for s, v in splits.items()}
-
-    distributed.setup()
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
-    model = load_model(cfg, meta)
-    collate = model.collator(max_length=cfg.max_length)
-    decode_cfg = DecodeConfig(
-        beam_size=cfg.beam_size,
-        max_len=cfg.decode_max_len,
-        batch_size=cfg.eval_batch_size,
-        aggregate=cfg.aggregate,
-        anchor=cfg.anchor,
-        constrained=cfg.constrained,
-    )
-    evaluator = Evaluator(
-        gold=splits[cfg.eval_split],
-        loss_sets={s: splits[s] for s in cfg.loss_splits},
-        collate=collate,
-        loss_fn=loss_terms,
-        # The loss curves show every configured term, also before the terms are switched on.
-        weights=weights_for(cfg, align=True),
-        decode_cfg=decode_cfg,
-        symmetric=frozenset(meta.symmetric_relations),
-        boundary_only=bool(meta.boundary_only),
-        batch_size=cfg.eval_batch_size,
-    )
-    reload = type(model).from_pretrained
-    trainer = Trainer(cfg, model, phases, train_sets, collate, loss_terms, evaluator, log, reload)
-    return trainer.fit()
-
-
-def stage_main(
-    config_cls: type[TrainConfig],
-    plan: Callable[[Any, Any, RunLog], tuple[list[Phase], dict[str, list[Sample]]]],
-    argv: Sequence[str] | None,
-    prog: str,
-) -> int:
-    """The whole entry point of a stage: parse the config, plan its phases, train, report errors."""
-
-    def run() -> None:
-        from anchoralign.config import parse_args
-        from anchoralign.datasets import get_meta
-
-        cfg = parse_args(config_cls, argv, prog=prog)
-        meta = get_meta(cfg.dataset, cfg.data_dir)
-        log = RunLog(Path(cfg.output_dir))
-        phases, sets = plan(cfg, meta, log)
-        run_stage(cfg, meta, phases, sets, log)
-
-    return main_guard(run)
-
-
-def main_guard(fn: Callable[[], object]) -> int:
-    """Run an entry point; a UserError becomes one red line and exit status 2, not a traceback."""
-    try:
-        fn()
-        return 0
-    except UserError as err:
-        prefix = f"[rank {distributed.rank()}] " if distributed.world_size() > 1 else ""
-        Console(stderr=True, soft_wrap=True).print(
-            f"[bold red]error:[/] {escape(prefix + str(err))}", highlight=False
-        )
-        return err.exit_code
-    except KeyboardInterrupt:
-        Console(stderr=True).print("[yellow]interrupted[/]")
-        return 130

@@ -22,9 +22,11 @@ from pathlib import Path
 
 from anchoralign.config import PretrainConfig
 from anchoralign.datasets import DatasetMeta
-from anchoralign.engine import Phase, RunLog, stage_main, take
 from anchoralign.errors import RecordError, UserError
+from anchoralign.runlog import RunLog
+from anchoralign.schedule import Phase
 from anchoralign.schema import Sample, read_jsonl
+from anchoralign.stages import stage_main, take
 
 MASKED = "masked.jsonl"
 UNMASKED = "unmasked.jsonl"

@@ -124,8 +124,8 @@ def _build(name: str, meta: Any) -> Any:
 
 def plain_loop(model: Any, lr: float, total: int, clip: float) -> Step:
     """One optimizer step of a hand-written loop, doing what the engine does."""
-    from anchoralign.engine import lr_at, warmup_steps_for
     from anchoralign.losses import LossWeights, loss_terms
+    from anchoralign.schedule import lr_at, warmup_steps_for
 
     decay = [p for p in model.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if p.ndim < 2]
@@ -153,8 +153,9 @@ def plain_loop(model: Any, lr: float, total: int, clip: float) -> Step:
 def engine_trainer(model: Any, args: argparse.Namespace, batches: Sequence[list[Any]], out: Path) -> Any:
     """A Trainer whose single phase is one epoch of exactly these batches (same schedule length)."""
     from anchoralign.config import PretrainConfig, load_config
-    from anchoralign.engine import Phase, Trainer
+    from anchoralign.engine import Trainer
     from anchoralign.losses import loss_terms
+    from anchoralign.schedule import Phase
 
     overrides = [
         "--dataset=conll04",

@@ -21,9 +21,11 @@ from collections.abc import Sequence
 
 from anchoralign.config import SFTConfig
 from anchoralign.datasets import DatasetMeta, load_split
-from anchoralign.engine import Phase, RunLog, stage_main, take
 from anchoralign.errors import UserError
+from anchoralign.runlog import RunLog
+from anchoralign.schedule import Phase
 from anchoralign.schema import Sample
+from anchoralign.stages import stage_main, take
 
 
 def curriculum_subset(samples: Sequence[Sample], max_relations: int) -> list[Sample]:

@@ -18,22 +18,21 @@ from torch import nn
 
 from anchoralign import distributed
 from anchoralign.config import PretrainConfig, load_config
-from anchoralign.engine import (
-    EvalResult,
+from anchoralign.engine import Trainer
+from anchoralign.errors import UserError
+from anchoralign.evaluation import EvalResult, mean_loss_terms
+from anchoralign.losses import LOSS_KEYS, LossWeights
+from anchoralign.schedule import (
     Phase,
-    Trainer,
     epoch_order,
     epoch_plan,
     gate_phase,
     lr_at,
-    mean_loss_terms,
     rank_micro_batches,
     steps_per_epoch,
     warmup_steps_for,
     weights_for,
 )
-from anchoralign.errors import UserError
-from anchoralign.losses import LOSS_KEYS, LossWeights
 from anchoralign.schema import Sample
 
 REPO = Path(__file__).resolve().parent.parent

@@ -161,7 +161,7 @@ def test_missing_corpus_names_the_augment_command(
 def test_corpus_with_foreign_labels_is_refused(tmp_path: Path, shared_data: Path) -> None:
     from anchoralign.config import PretrainConfig, load_config
     from anchoralign.datasets import get_meta
-    from anchoralign.engine import RunLog
+    from anchoralign.runlog import RunLog
     from pretrain.run import plan
 
     sample = Sample(id="a", tokens=["x", "y"], entities=[{"start": 0, "end": 1, "type": "Gene"}])
@@ -209,9 +209,11 @@ def test_zero3_trains_like_zero0_and_evaluates(tmp_path: Path, shared_data: Path
     takes the same steps as without ZeRO, and is evaluated through the reloaded export."""
     from anchoralign.config import SFTConfig, load_config
     from anchoralign.datasets import get_meta, load_split
-    from anchoralign.engine import Evaluator, Phase, Trainer, weights_for
+    from anchoralign.engine import Trainer
+    from anchoralign.evaluation import Evaluator
     from anchoralign.losses import loss_terms
     from anchoralign.model import AnchorAlignModel
+    from anchoralign.schedule import Phase, weights_for
 
     meta = get_meta("conll04", str(shared_data))
     train = load_split("conll04", "train", str(shared_data))[:8]
