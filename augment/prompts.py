@@ -47,7 +47,15 @@ from anchoralign.errors import UserError
 from anchoralign.schema import Sample
 from anchoralign.tokenize import detokenize
 
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+
+def _prompts_dir() -> Path:
+    """``prompts/`` of the repository in a clone (editable install), else the copy a wheel
+    installs inside this package (pyproject.toml maps one to the other)."""
+    clone = Path(__file__).resolve().parent.parent / "prompts"
+    return clone if clone.is_dir() else Path(__file__).resolve().parent / "prompt_templates"
+
+
+PROMPTS_DIR = _prompts_dir()
 DEFAULT_MENTION_PROMPT = "mention_rewrite.v1"
 DEFAULT_CONTEXT_PROMPT = "context_rewrite.v1"
 
