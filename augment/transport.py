@@ -234,27 +234,19 @@ def _serialise(request: httpx2.Request, body: bytes) -> bytes:
 async def _read_response(
     reader: asyncio.StreamReader, request: httpx2.Request, reused: bool
 ) -> tuple[httpx2.Response, bool]:
-    """Read one response; returns it and whether the connection can carry another request."""
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError as err:
-        if reused and not err.partial:
-            raise _Stale from None
-        raise httpx2.RemoteProtocolError(
-            "server disconnected without sending a response", request=request
-        ) from None
-    except asyncio.LimitOverrunError:
-        raise httpx2.RemoteProtocolError("response head is too long", request=request) from None
-    except ConnectionError as err:
-        if reused:
-            raise _Stale from None
-        raise httpx2.ReadError(f"{type(err).__name__}: {err}", request=request) from None
-    status_line, *header_lines = head[:-4].split(b"\r\n")
-    parts = status_line.split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-        raise httpx2.RemoteProtocolError(
-            f"not an HTTP/1.x status line: {status_line[:80]!r}", request=request
-        )
+    """Read one response; returns it and whether the connection can carry another request.
+    Interim 1xx responses (a ``100 Continue`` nobody asked for) are skipped."""
+    while True:
+        head = await _read_head(reader, request, reused)
+        status_line, *header_lines = head[:-4].split(b"\r\n")
+        parts = status_line.split(b" ", 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            raise httpx2.RemoteProtocolError(
+                f"not an HTTP/1.x status line: {status_line[:80]!r}", request=request
+            )
+        if not 100 <= int(parts[1]) < 200:
+            break
+        reused = False  # bytes came back: the connection was alive
     version, status = parts[0], int(parts[1])
     headers: list[tuple[bytes, bytes]] = []
     length: int | None = None
@@ -277,7 +269,7 @@ async def _read_response(
             tokens = {t.strip() for t in value.lower().split(b",")}
             close = close and b"keep-alive" not in tokens or b"close" in tokens
     try:
-        if request.method == "HEAD" or status in BODYLESS_STATUSES or 100 <= status < 200:
+        if request.method == "HEAD" or status in BODYLESS_STATUSES:
             raw = b""
         elif chunked:
             raw = await _read_chunked(reader)
@@ -298,6 +290,23 @@ async def _read_response(
         extensions={"http_version": version, "reason_phrase": parts[2] if len(parts) > 2 else b""},
     )
     return response, not close
+
+
+async def _read_head(reader: asyncio.StreamReader, request: httpx2.Request, reused: bool) -> bytes:
+    try:
+        return await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as err:
+        if reused and not err.partial:
+            raise _Stale from None
+        raise httpx2.RemoteProtocolError(
+            "server disconnected without sending a response", request=request
+        ) from None
+    except asyncio.LimitOverrunError:
+        raise httpx2.RemoteProtocolError("response head is too long", request=request) from None
+    except ConnectionError as err:
+        if reused:
+            raise _Stale from None
+        raise httpx2.ReadError(f"{type(err).__name__}: {err}", request=request) from None
 
 
 async def _read_chunked(reader: asyncio.StreamReader) -> bytes:

@@ -10,6 +10,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import threading
 from collections.abc import Awaitable, Callable
 
 import httpx2
@@ -331,3 +332,61 @@ def test_a_connection_check_keeps_its_connection_for_the_first_request():
         assert transport.connections_opened == 1
 
     run(serve_forever, test)
+
+
+def test_an_unrequested_100_continue_is_skipped():
+    async def handler(reader, writer, n):
+        while True:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n" + ok(b'{"conn": %d}' % n))
+            await writer.drain()
+
+    async def test(url):
+        transport = LeanTransport()
+        async with httpx2.AsyncClient(transport=transport, base_url=url) as http:
+            for _ in range(2):
+                assert (await http.get("/")).json() == {"conn": 0}
+        assert transport.connections_opened == 1
+
+    run(handler, test)
+
+
+def test_the_client_works_against_a_plain_stdlib_http_1_0_server():
+    """The simplest server a user might write: http.server's defaults (HTTP/1.0, one thread,
+    no Content-Length, the connection closed after each answer)."""
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from augment.client import ClientSettings, LLMClient
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            text = "echo: " + body["messages"][-1]["content"]
+            self.wfile.write(
+                json.dumps({"choices": [{"message": {"content": text}, "finish_reason": "stop"}]}).encode()
+            )
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+
+        async def go():
+            url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+            async with LLMClient(ClientSettings(base_url=url, model="m", concurrency=4), "k") as client:
+                return await asyncio.gather(
+                    *(client.complete([{"role": "user", "content": f"q{i}"}]) for i in range(6))
+                )
+
+        answers = asyncio.run(go())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [a.text for a in answers] == [f"echo: q{i}" for i in range(6)]
+    assert all(a.attempts == 1 for a in answers)
