@@ -68,6 +68,11 @@ async def serve_forever(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
         await writer.drain()
 
 
+async def answer_nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+    await read_request(reader)
+    await asyncio.sleep(5)
+
+
 def test_requests_are_serialised_whole_and_connections_kept_alive():
     seen: list[tuple[bytes, dict[bytes, bytes], bytes]] = []
 
@@ -216,10 +221,6 @@ def test_broken_answers_on_a_fresh_connection_are_protocol_errors(answer, match)
 
 
 def test_a_silent_server_is_a_read_timeout_and_the_connection_is_dropped():
-    async def handler(reader, writer, n):
-        await read_request(reader)
-        await asyncio.sleep(5)
-
     async def test(url):
         transport = LeanTransport()
         async with httpx2.AsyncClient(transport=transport, base_url=url, timeout=0.2) as http:
@@ -227,14 +228,10 @@ def test_a_silent_server_is_a_read_timeout_and_the_connection_is_dropped():
                 await http.get("/")
         assert not transport._idle.get(("http", "127.0.0.1", int(url.rsplit(":", 1)[1])))
 
-    run(handler, test)
+    run(answer_nothing, test)
 
 
 def test_a_cancelled_request_leaves_no_connection_behind():
-    async def handler(reader, writer, n):
-        await read_request(reader)
-        await asyncio.sleep(5)
-
     async def test(url):
         transport = LeanTransport()
         async with httpx2.AsyncClient(transport=transport, base_url=url) as http:
@@ -245,7 +242,7 @@ def test_a_cancelled_request_leaves_no_connection_behind():
                 await task
         assert not transport._active and not any(transport._idle.values())
 
-    run(handler, test)
+    run(answer_nothing, test)
 
 
 def test_a_refused_connection_is_a_connect_error():
