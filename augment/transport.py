@@ -15,7 +15,8 @@ are decoded by httpx's ``Response`` as usual. Proxies are not: :func:`wants_defa
 tells the client to keep httpx's own transport when an environment proxy applies.
 
 Errors are httpx's: ``ConnectError``/``ConnectTimeout`` before the request is written,
-``WriteError``/``WriteTimeout`` while writing, ``ReadTimeout`` while waiting for the answer,
+``WriteError``/``WriteTimeout`` while writing, ``ReadTimeout`` when the whole answer (not one
+read, as in httpx: an LLM writes nothing until it is done) takes longer than the read timeout,
 ``RemoteProtocolError`` for a connection closed early or a malformed response. A request on a
 reused keep-alive connection that the server had already closed is sent once more on a new
 connection (no byte of an answer was read, so nothing is counted twice), as browsers and httpx
@@ -78,7 +79,7 @@ async def _bounded(seconds: float | None, awaitable: Awaitable[T], error: type[E
             async with asyncio.timeout(seconds):
                 return await awaitable
         return await asyncio.wait_for(awaitable, seconds)
-    except TimeoutError:
+    except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
         raise error(f"{what} took longer than {seconds:g} s") from None
 
 
