@@ -203,11 +203,7 @@ class LLMClient:
         # Bounds the attempts on the wire (not the requests: one sleeping in backoff holds no
         # slot), and so the connections the transport keeps open.
         self._slots = asyncio.Semaphore(settings.concurrency)
-        transport: LeanTransport | None = None
-        if not wants_default_transport(settings.base_url):
-            # httpx's trust store for TLS, built only when needed (importing it costs ~0.15 s).
-            https = settings.base_url.startswith("https:")
-            transport = LeanTransport(httpx2.create_ssl_context() if https else None)
+        transport = None if wants_default_transport(settings.base_url) else LeanTransport()
         http = httpx2.AsyncClient(
             transport=transport,
             limits=httpx2.Limits(

@@ -9,7 +9,7 @@ the documented extension point, so the SDK keeps doing everything it does (URL, 
 error classes) and only the bytes on the wire are handled here, at about a third of the cost.
 
 What it supports is what OpenAI-compatible endpoints use: HTTP/1.1 over TCP or TLS (SNI and
-certificate checks by the SSL context given), bodies framed by ``Content-Length``, chunked or
+certificate checks by the SSL context given, httpx's by default), bodies framed by ``Content-Length``, chunked or
 read to the end, keep-alive with an idle expiry, and ``Connection: close``. Compressed bodies
 are decoded by httpx's ``Response`` as usual. Proxies are not: :func:`wants_default_transport`
 tells the client to keep httpx's own transport when an environment proxy applies.
@@ -153,7 +153,11 @@ class LeanTransport(httpx2.AsyncBaseTransport):
         scheme, host, port = origin
         tls: dict[str, Any] = {}
         if scheme == "https":
-            tls = {"ssl": self._ssl or ssl.create_default_context(), "server_hostname": host}
+            if self._ssl is None:
+                # httpx's trust store, built on first use: importing it costs ~0.15 s, which a
+                # run against a plain-http (loopback, vLLM) endpoint should not pay.
+                self._ssl = httpx2.create_ssl_context()
+            tls = {"ssl": self._ssl, "server_hostname": host}
         try:
             reader, writer = await _bounded(
                 timeout,
