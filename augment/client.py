@@ -25,9 +25,8 @@ import asyncio
 import email.utils
 import json
 import random
-import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, TypeVar
@@ -37,7 +36,7 @@ import openai
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from anchoralign.errors import UserError
-from augment.transport import LeanTransport, wants_default_transport
+from augment.transport import LeanTransport, wants_default_transport, within
 
 # A server asking for a longer pause than this is treated as asking for this long: a run should
 # not sleep for an hour on one header.
@@ -185,14 +184,6 @@ def redact(text: str, secret: str | None) -> str:
     return text
 
 
-async def _within(seconds: float, awaitable: Awaitable[T]) -> T:
-    """``awaitable`` bounded in time; asyncio.timeout (3.11+) does it without wait_for's extra task."""
-    if sys.version_info >= (3, 11):
-        async with asyncio.timeout(seconds):
-            return await awaitable
-    return await asyncio.wait_for(awaitable, seconds)
-
-
 class LLMClient:
     """Async chat completions with bounded concurrency and one retry layer (see module doc)."""
 
@@ -279,7 +270,7 @@ class LLMClient:
             start = time.perf_counter()
             try:
                 # The SDK's timeout is per read; this bounds the whole exchange, trickling included.
-                content = await _within(s.timeout_s, self._post(messages))
+                content = await within(s.timeout_s, self._post(messages))
             except asyncio.TimeoutError:
                 raise _Retryable(f"no answer within {s.timeout_s:g} s") from None
             except openai.APITimeoutError:

@@ -71,14 +71,20 @@ class _Stale(Exception):
     """A reused connection turned out closed before any byte of the answer arrived."""
 
 
+async def within(seconds: float, awaitable: Awaitable[T]) -> T:
+    """``awaitable`` bounded in time; asyncio.timeout (3.11+) does it without wait_for's extra task."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)
+
+
 async def _bounded(seconds: float | None, awaitable: Awaitable[T], error: type[Exception], what: str) -> T:
+    """:func:`within`, raising ``error`` (an httpx timeout class) on expiry; None: no bound."""
     if seconds is None:
         return await awaitable
     try:
-        if sys.version_info >= (3, 11):
-            async with asyncio.timeout(seconds):
-                return await awaitable
-        return await asyncio.wait_for(awaitable, seconds)
+        return await within(seconds, awaitable)
     except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
         raise error(f"{what} took longer than {seconds:g} s") from None
 
