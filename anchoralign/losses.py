@@ -146,6 +146,19 @@ class LossWeights:
 LOSS_KEYS = ("ce_ner", "ce_fwd", "ce_rev", "kl_ner_re", "kl_fwd_rev", "suppress", "loss")
 
 
+def weighted_total(terms: Mapping[str, torch.Tensor], weights: LossWeights) -> torch.Tensor:
+    """The training objective from the unweighted terms: the three cross-entropies plus
+    alpha, beta and gamma times the NER-RE, forward-reverse and suppression terms."""
+    return (
+        terms["ce_ner"]
+        + terms["ce_fwd"]
+        + terms["ce_rev"]
+        + weights.alpha * terms["kl_ner_re"]
+        + weights.beta * terms["kl_fwd_rev"]
+        + weights.gamma * terms["suppress"]
+    )
+
+
 def loss_terms(
     outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor], weights: LossWeights
 ) -> dict[str, torch.Tensor]:
@@ -175,12 +188,5 @@ def loss_terms(
             negative_suppression(fwd, batch["fwd_labels"], neg_mask, vocab_mask)
             + negative_suppression(rev, batch["rev_labels"], neg_mask, vocab_mask)
         )
-    terms["loss"] = (
-        terms["ce_ner"]
-        + terms["ce_fwd"]
-        + terms["ce_rev"]
-        + weights.alpha * terms["kl_ner_re"]
-        + weights.beta * terms["kl_fwd_rev"]
-        + weights.gamma * terms["suppress"]
-    )
+    terms["loss"] = weighted_total(terms, weights)
     return terms

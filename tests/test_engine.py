@@ -21,7 +21,7 @@ from anchoralign.config import PretrainConfig, load_config
 from anchoralign.engine import Trainer
 from anchoralign.errors import UserError
 from anchoralign.evaluation import EvalResult, mean_loss_terms
-from anchoralign.losses import LOSS_KEYS, LossWeights
+from anchoralign.losses import LOSS_KEYS, LossWeights, weighted_total
 from anchoralign.schedule import (
     Phase,
     epoch_order,
@@ -184,14 +184,7 @@ class Loss:
             terms["kl_fwd_rev"] = (outputs["fwd_logits"] - outputs["rev_logits"]).abs().mean()
         if weights.suppress:
             terms["suppress"] = outputs["rev_logits"].softmax(-1)[..., 0].mean()
-        terms["loss"] = (
-            terms["ce_ner"]
-            + terms["ce_fwd"]
-            + terms["ce_rev"]
-            + weights.alpha * terms["kl_ner_re"]
-            + weights.beta * terms["kl_fwd_rev"]
-            + weights.gamma * terms["suppress"]
-        )
+        terms["loss"] = weighted_total(terms, weights)
         return terms
 
 
