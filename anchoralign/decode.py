@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from anchoralign.backbones import DECODERS, new_cache
+from anchoralign.backbones import DECODERS
 from anchoralign.errors import UserError
 from anchoralign.linearize import BOS, EOS, N_SPECIAL, LabelSet, Paradigm, ParseReport, parse_with_report
 from anchoralign.model import AnchorAlignModel, EncoderState
@@ -213,7 +213,7 @@ def generate(
             last=torch.full((n_rows,), -1, dtype=torch.long, device=device),
             done=empty,
             cut=empty.clone(),
-            cache=new_cache(),
+            cache=model.backbone.new_cache(),
         )
     eos_only = torch.zeros_like(vocab_mask)
     eos_only[:, EOS] = True

@@ -137,6 +137,8 @@ class Trainer:
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.state = TrainState(stage=cfg.stage, world_size=self.world)
         self.global_batch = cfg.micro_batch_size * cfg.grad_accum * self.world
+        # Sentence lengths for length bucketing, by training set.
+        self.lengths = {id(v): [len(s.tokens) for s in v] for v in train_sets.values()}
         self.epoch_steps = [
             steps_per_epoch(len(train_sets[self.phases[p].data]), self.global_batch) for p in self.plan
         ]
@@ -151,16 +153,7 @@ class Trainer:
         import deepspeed
 
         cfg = self.cfg
-        decay, no_decay = [], []
-        for _, p in self.model.named_parameters():
-            if p.requires_grad:
-                # Biases and norm scales are not decayed: shrinking them only hurts.
-                (decay if p.ndim >= 2 else no_decay).append(p)
-        groups = [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+        optimizer = torch.optim.AdamW(parameter_groups(self.model, cfg), lr=cfg.lr)
 
         def factor(step: int) -> float:
             return lr_at(step, self.total_steps, self.warmup, 1.0, cfg.schedule, cfg.min_lr_ratio)
@@ -192,7 +185,10 @@ class Trainer:
         sums = {k: torch.zeros((), device=self.device) for k in LOSS_KEYS}
         for samples in micro_batches:
             batch = to_device(self.collate(list(samples)), self.device)
-            terms = self.loss_fn(self.engine(batch), batch, weights)
+            with autocast(self.cfg.precision, self.device):
+                outputs = self.engine(batch)
+            # The losses take float32 softmaxes of the (bf16) logits themselves.
+            terms = self.loss_fn(outputs, batch, weights)
             # DeepSpeed scales the loss by 1/grad_accum and steps the optimizer (and the schedule)
             # only at the last micro-batch of the step.
             self.engine.backward(terms["loss"])
@@ -445,7 +441,14 @@ class Trainer:
         """The rest of the current epoch (all of it unless resumed mid-epoch)."""
         st, cfg = self.state, self.cfg
         data = self.train_sets[self.phases[self.plan[st.epoch]].data]
-        order = epoch_order(cfg.seed, st.epoch, len(data))
+        order = epoch_order(
+            cfg.seed,
+            st.epoch,
+            len(data),
+            self.lengths[id(data)],
+            cfg.bucket_batches * self.global_batch,
+            self.global_batch,
+        )
         n_steps = self.epoch_steps[st.epoch]
         while st.step_in_epoch < n_steps and not self._at_max_steps():
             idx = rank_micro_batches(
@@ -593,6 +596,33 @@ class _Window:
 
     def samples_per_s(self) -> float:
         return self.samples / max(1e-9, time.perf_counter() - self.t0)
+
+
+def autocast(precision: str, device: torch.device) -> AbstractContextManager[Any]:
+    """Mixed precision of the forward pass: bfloat16 autocast for ``bf16``, nothing for ``fp32``."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices only (shrinking biases and norm scales only hurts),
+    and ``lr * new_lr_mult`` for the parameters the backbone checkpoint did not provide (random
+    cross-attention), which have everything to learn while the rest needs gentle steps."""
+    new_names = set(getattr(getattr(model, "backbone", None), "new_parameter_names", list)())
+    new_names = {f"backbone.{n}" for n in new_names}
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((p.ndim >= 2, name in new_names), []).append(p)
+    return [
+        {
+            "params": params,
+            "weight_decay": cfg.weight_decay if decay else 0.0,
+            "lr": cfg.lr * (cfg.new_lr_mult if new else 1.0),
+        }
+        for (decay, new), params in sorted(groups.items())
+    ]
 
 
 def _active_terms(w: LossWeights) -> list[str]:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -87,12 +88,17 @@ def masked_fill_value(dtype: torch.dtype) -> float:
 class EncoderState:
     """What the decoders need from one encoding (rows can be repeated for beams)."""
 
-    hidden: torch.Tensor  # [B,S,H] encoder output
+    memory: torch.Tensor  # [B,M,S,H] what the decoders read (Backbone.encode); [:, -1] is the output
     mask: torch.Tensor  # [B,S]
     input_ids: torch.Tensor  # [B,S]
     word_starts: torch.Tensor  # [B,W]
     word_reps: torch.Tensor  # [B,W,H] pointer targets
     vocab_mask: torch.Tensor  # [B,V]
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        """[B,S,H] the encoder's output."""
+        return self.memory[:, -1]
 
     def repeat(self, k: int) -> EncoderState:
         """Each row ``k`` times in a row (row ``b * k + j`` is beam ``j`` of sample ``b``)."""
@@ -120,17 +126,24 @@ class AnchorAlignModel(nn.Module):
 
     @classmethod
     def from_backbone(
-        cls, backbone: str, meta: Any, paradigm: int | Paradigm = Paradigm.GROUPED_ALL, **tiny_options: Any
+        cls,
+        backbone: str,
+        meta: Any,
+        paradigm: int | Paradigm = Paradigm.GROUPED_ALL,
+        decoder_attention: str = "prefix",
+        label_init: str = "name",
+        **tiny_options: Any,
     ) -> AnchorAlignModel:
-        """A new model: the backbone's weights, label tokens initialised from their descriptions.
+        """A new model: the backbone's weights, label tokens initialised from their names or
+        descriptions (``label_init``); ``decoder_attention`` as in ``backbones.load_backbone``.
 
         ``tiny_options`` override fields of ``backbones.TINY_CONFIG`` (``backbone="tiny"`` only).
         """
-        net, tokenizer = load_backbone(backbone, **tiny_options)
+        net, tokenizer = load_backbone(backbone, decoder_attention, **tiny_options)
         added = add_label_tokens(tokenizer, meta)
         old_size = net.embed_tokens.num_embeddings
         net.resize_token_embeddings(max(len(tokenizer), old_size))
-        init_label_embeddings(net.embed_tokens, tokenizer, added, meta)
+        init_label_embeddings(net.embed_tokens, tokenizer, added, meta, label_init)
         return cls(net, tokenizer, meta, paradigm, backbone)
 
     def _fixed_token_ids(self) -> torch.Tensor:
@@ -159,12 +172,13 @@ class AnchorAlignModel(nn.Module):
 
     def encode(self, batch: Mapping[str, torch.Tensor]) -> EncoderState:
         input_ids, word_starts = batch["input_ids"], batch["word_starts"]
-        hidden = self.backbone.encode(input_ids, batch["attention_mask"])
+        memory = self.backbone.encode(input_ids, batch["attention_mask"])
+        hidden = memory[:, -1]
         index = word_starts.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
         first_piece = input_ids.gather(1, word_starts)
         word_reps = (hidden.gather(1, index) + self.backbone.embed_tokens.weight[first_piece]) / 2
         return EncoderState(
-            hidden, batch["attention_mask"], input_ids, word_starts, word_reps, batch["vocab_mask"]
+            memory, batch["attention_mask"], input_ids, word_starts, word_reps, batch["vocab_mask"]
         )
 
     def to_token_ids(self, ids: torch.Tensor, state: EncoderState) -> torch.Tensor:
@@ -185,7 +199,7 @@ class AnchorAlignModel(nn.Module):
     def decoder_logits(self, name: str, ids: torch.Tensor, state: EncoderState, cache=None) -> torch.Tensor:
         """Logits of decoder ``name`` for inputs ``ids`` [N,T] (with ``cache``: only the new steps)."""
         tokens = self.to_token_ids(ids, state)
-        hidden = self.backbone.decode(name, tokens, state.hidden, state.mask, cache)
+        hidden = self.backbone.decode(name, tokens, state.memory, state.mask, cache)
         return self.pointer_logits(hidden, state)
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -252,7 +266,11 @@ class AnchorAlignModel(nn.Module):
             )
         try:
             backbone = backbone_from_config_dict(
-                {"family": config["backbone_family"], "config": config["backbone_config"]}
+                {
+                    "family": config["backbone_family"],
+                    "config": config["backbone_config"],
+                    "decoder_attention": config.get("backbone_decoder_attention", "cross"),
+                }
             )
             meta = meta_from_json(labels)
             paradigm = config["paradigm"]
@@ -285,10 +303,23 @@ def add_label_tokens(tokenizer: Any, meta: Any) -> list[str]:
     return new
 
 
-def token_descriptions(tokenizer: Any, meta: Any) -> dict[str, str]:
+LABEL_INITS = ("name", "description")
+
+
+def label_name(description: str) -> str:
+    """A label's readable name: its description up to the first comma ("location, a place ..."
+    -> "location"). Averaging over a whole description mixes in function words that every label
+    shares, so the label rows would start out alike."""
+    return re.split(r"[,，]", description, maxsplit=1)[0].strip() or description
+
+
+def token_descriptions(tokenizer: Any, meta: Any, label_init: str = "name") -> dict[str, str]:
     """The text whose sub-word embeddings initialise each added token."""
-    texts = {entity_token(t): d for t, d in meta.entity_types.items()}
-    texts.update({relation_token(r): d for r, d in meta.relation_types.items()})
+    if label_init not in LABEL_INITS:
+        raise UserError(f"label_init must be one of {', '.join(LABEL_INITS)}; got {label_init!r}")
+    text = label_name if label_init == "name" else str
+    texts = {entity_token(t): text(d) for t, d in meta.entity_types.items()}
+    texts.update({relation_token(r): text(d) for r, d in meta.relation_types.items()})
     texts[SEP_TOKEN] = "separator"
     mask = tokenizer.mask_token or "entity"
     texts.update({mask_token(i): f"{mask} {i}" for i in range(N_MASK_TOKENS)})
@@ -296,9 +327,11 @@ def token_descriptions(tokenizer: Any, meta: Any) -> dict[str, str]:
 
 
 @torch.no_grad()
-def init_label_embeddings(embedding: nn.Embedding, tokenizer: Any, tokens: list[str], meta: Any) -> None:
-    """Each token in ``tokens`` starts as the mean embedding of its description's sub-words."""
-    texts = token_descriptions(tokenizer, meta)
+def init_label_embeddings(
+    embedding: nn.Embedding, tokenizer: Any, tokens: list[str], meta: Any, label_init: str = "name"
+) -> None:
+    """Each token in ``tokens`` starts as the mean embedding of its text's sub-words (``token_descriptions``)."""
+    texts = token_descriptions(tokenizer, meta, label_init)
     weight = embedding.weight
     n_old = min(tokenizer.convert_tokens_to_ids(tokens), default=weight.shape[0])
     fallback = weight[:n_old].mean(0)

@@ -79,10 +79,29 @@ def steps_per_epoch(n_samples: int, global_batch: int) -> int:
     return math.ceil(n_samples / global_batch)
 
 
-def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
-    """The sample order of one epoch: a permutation fixed by (seed, epoch), the same on every rank."""
+def epoch_order(
+    seed: int, epoch: int, n: int, lengths: Sequence[int] | None = None, bucket: int = 0, batch: int = 1
+) -> list[int]:
+    """The sample order of one epoch: a permutation fixed by (seed, epoch), the same on every rank.
+
+    With ``bucket`` > 0 (a multiple of the global ``batch``) and ``lengths``, each window of
+    ``bucket`` samples of the permutation is sorted by length and cut into batches, and the batches
+    of the epoch are shuffled: every batch holds sentences of similar length, so little of it is
+    padding, while the epoch still visits the samples in a random mix of lengths.
+    """
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
+    order = torch.randperm(n, generator=g).tolist()
+    if not bucket or lengths is None:
+        return order
+    batches = []
+    for start in range(0, n, bucket):
+        window = sorted(order[start : start + bucket], key=lambda i: lengths[i])
+        batches += [window[i : i + batch] for i in range(0, len(window), batch)]
+    # Only the very last batch can be short; it stays last so that every global batch of
+    # ``rank_micro_batches`` is one of these batches.
+    short = [batches.pop()] if len(batches[-1]) < batch else []
+    shuffled = [batches[b] for b in torch.randperm(len(batches), generator=g).tolist()]
+    return [i for b in shuffled + short for i in b]
 
 
 def rank_micro_batches(

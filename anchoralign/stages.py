@@ -41,7 +41,13 @@ def load_model(cfg: TrainConfig, meta: Any) -> nn.Module:
     from anchoralign.model import AnchorAlignModel
 
     if cfg.init_from is None:
-        return AnchorAlignModel.from_backbone(cfg.backbone, meta, paradigm=cfg.paradigm)
+        return AnchorAlignModel.from_backbone(
+            cfg.backbone,
+            meta,
+            paradigm=cfg.paradigm,
+            decoder_attention=cfg.decoder_attention,
+            label_init=cfg.label_init,
+        )
     path = Path(cfg.init_from)
     if not (path / "config.json").is_file():
         hint = f" (did you mean {path / 'final'}?)" if (path / "final" / "config.json").is_file() else ""

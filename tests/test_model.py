@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from anchoralign.backbones import DECODERS, BartBackbone, EncoderOnlyBackbone
 from anchoralign.errors import UserError
 from anchoralign.losses import LossWeights, loss_terms
-from anchoralign.model import AnchorAlignModel, entity_token, mask_token, relation_token
+from anchoralign.model import AnchorAlignModel, entity_token, label_name, mask_token, relation_token
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_decoder_inputs_read_words_as_their_first_sub_word(model, batch):
     assert tokens[1, 5].item() == tok("Pusterla", add_special_tokens=False)["input_ids"][0]
 
 
-def test_label_tokens_are_single_tokens_initialised_from_their_descriptions():
+def test_label_tokens_are_single_tokens_initialised_from_their_names():
     model = tiny_model()
     tok = model.tokenizer
     assert tok.tokenize("<mask0> <mask63> <ent:Org> <rel:Live_In>") == [
@@ -87,7 +87,8 @@ def test_label_tokens_are_single_tokens_initialised_from_their_descriptions():
         "<rel:Live_In>",
     ]
     weight = model.backbone.embed_tokens.weight.detach()
-    pieces = tok("organization, a company", add_special_tokens=False)["input_ids"]
+    # The name is the description up to its first comma ("organization, a company").
+    pieces = tok("organization", add_special_tokens=False)["input_ids"]
     torch.testing.assert_close(weight[tok.convert_tokens_to_ids(entity_token("Org"))], weight[pieces].mean(0))
     pieces = tok("lives in", add_special_tokens=False)["input_ids"]
     torch.testing.assert_close(
@@ -95,6 +96,20 @@ def test_label_tokens_are_single_tokens_initialised_from_their_descriptions():
     )
     pieces = tok("[MASK] 7", add_special_tokens=False)["input_ids"]
     torch.testing.assert_close(weight[tok.convert_tokens_to_ids(mask_token(7))], weight[pieces].mean(0))
+
+
+def test_label_init_description_uses_the_whole_description():
+    model = tiny_model(label_init="description")
+    tok = model.tokenizer
+    weight = model.backbone.embed_tokens.weight.detach()
+    pieces = tok("organization, a company", add_special_tokens=False)["input_ids"]
+    torch.testing.assert_close(weight[tok.convert_tokens_to_ids(entity_token("Org"))], weight[pieces].mean(0))
+
+
+def test_label_name_is_the_description_before_its_first_comma():
+    assert label_name("location, a place such as a city") == "location"
+    assert label_name("临床表现，即症状") == "临床表现"
+    assert label_name("works for") == "works for"
 
 
 def test_gradients_reach_the_shared_encoder_all_three_decoders_and_label_tokens():
@@ -200,11 +215,53 @@ def test_bart_directory_loads_through_from_pretrained_and_seeds_all_three_decode
         torch.testing.assert_close(model.eval()(batch)["ner_logits"], loaded(batch)["ner_logits"])
 
 
-def test_encoder_only_backbone_gets_decoders_copied_from_its_layers(tmp_path):
+def test_encoder_only_backbone_gets_prefix_decoders_without_random_weights(tmp_path):
     from transformers import BertModel
 
     source = save_tiny_bert(tmp_path / "bert")
     model = AnchorAlignModel.from_backbone(str(source), TOY_META)
+    assert model.backbone.new_parameter_names() == []
+    reference = BertModel.from_pretrained(source, add_pooling_layer=False).state_dict()
+    for name in DECODERS:
+        decoder = model.backbone.decoders[name].model
+        for key, value in decoder.state_dict().items():
+            if key != "embeddings.word_embeddings.weight":  # the shared, grown table
+                torch.testing.assert_close(value, reference[key], msg=key)
+        assert decoder.embeddings.word_embeddings is model.backbone.embed_tokens
+    batch = model.collator()(toy_samples())
+    terms = loss_terms(model(batch), batch, LossWeights(0.0, 0.0, 0.0))
+    terms["loss"].backward()
+    for name in DECODERS:
+        key = model.backbone.decoders[name].layers[0].attention.self.key.weight
+        assert key.grad is not None and key.grad.abs().sum() > 0
+    model.save_pretrained(tmp_path / "ck")
+    loaded = AnchorAlignModel.from_pretrained(tmp_path / "ck")
+    assert loaded.backbone.decoder_attention == "prefix"
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(batch)["fwd_logits"], loaded(batch)["fwd_logits"])
+
+
+def test_prefix_decoder_with_a_cache_matches_the_full_pass(tmp_path):
+    source = save_tiny_bert(tmp_path / "bert")
+    model = AnchorAlignModel.from_backbone(str(source), TOY_META).eval()
+    batch = model.collator()(toy_samples())
+    with torch.no_grad():
+        state = model.encode(batch)
+        ids = batch["fwd_input"]
+        full = model.decoder_logits("fwd", ids, state)
+        cache = model.backbone.new_cache()
+        steps = [model.decoder_logits("fwd", ids[:, t : t + 1], state, cache) for t in range(ids.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_encoder_only_backbone_with_cross_attention_gets_decoders_copied_from_its_layers(tmp_path):
+    from transformers import BertModel
+
+    source = save_tiny_bert(tmp_path / "bert")
+    model = AnchorAlignModel.from_backbone(str(source), TOY_META, decoder_attention="cross")
+    assert model.backbone.new_parameter_names() and all(
+        ".crossattention." in n for n in model.backbone.new_parameter_names()
+    )
     assert isinstance(model.backbone, EncoderOnlyBackbone)
     reference = BertModel.from_pretrained(source, add_pooling_layer=False)
     for name in DECODERS:
@@ -227,7 +284,8 @@ def test_minilm_backbone_is_partly_pretrained_offline():
     model = AnchorAlignModel.from_backbone("minilm", TOY_META)
     counts = model.parameter_counts()
     assert counts["embeddings"] == len(model.tokenizer) * 384
-    assert counts["decoder_ner"] > counts["encoder"]  # each decoder adds cross-attention
+    # Prefix decoders: each is a copy of the encoder's layers and nothing more.
+    assert counts["decoder_ner"] == counts["encoder"]
     batch = model.collator()(toy_samples()[:2])
     with torch.no_grad():
         assert torch.isfinite(model.eval()(batch)["fwd_logits"]).all()
