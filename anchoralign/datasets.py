@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from anchoralign.errors import UserError
 from anchoralign.formats import LOADERS, FormatOptions, LoadReport
-from anchoralign.schema import Entity, Sample
+from anchoralign.schema import DatasetMeta, Entity, Sample
 
 __all__ = [
     "DataNotFoundError",
@@ -66,20 +66,6 @@ class DataNotFoundError(UserError):
         self.path = path
 
 
-@dataclass(frozen=True)
-class DatasetMeta:
-    name: str
-    language: str  # "en" or "zh" (zh: tokens are characters)
-    entity_types: dict[str, str]  # label -> readable description (used to init label tokens)
-    relation_types: dict[str, str]  # label -> readable description
-    symmetric_relations: frozenset[str]
-    boundary_only: bool  # NYT, WebNLG: no meaningful entity types, scored on relation boundary F1
-    splits: tuple[str, ...]  # e.g. ("train", "dev", "test")
-    folds: int = 0  # ADE: 10 (cross-validation), else 0
-    notes: str = ""  # e.g. how NYT entity types are derived
-    full_split: str = ""  # cross-validated datasets: the split holding the whole corpus ("full")
-
-
 class _DevFromTrain(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -105,6 +91,7 @@ class _MetadataFile(BaseModel):
     relation_types: dict[str, str] = Field(default_factory=dict)
     symmetric_relations: list[str] = Field(default_factory=list)
     boundary_only: bool = False
+    self_relations: bool = False  # relations whose head and tail are the same mention occur
     argument_types: dict[str, tuple[str, str]] = Field(default_factory=dict)  # relation -> (subj, obj) type
     entity_type_aliases: dict[str, str] = Field(default_factory=dict)  # type in the files -> our label
     obtain: str = ""  # how to get the files, shown when they are missing
@@ -274,6 +261,7 @@ def _meta_of(spec: _MetadataFile, name: str) -> DatasetMeta:
         relation_types=dict(spec.relation_types),
         symmetric_relations=frozenset(spec.symmetric_relations),
         boundary_only=spec.boundary_only,
+        self_relations=spec.self_relations,
         splits=spec.split_names(),
         folds=spec.folds,
         notes=spec.notes,

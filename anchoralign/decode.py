@@ -4,8 +4,8 @@ One encoding per batch; the NER, forward RE and reverse RE decoders then advance
 one step each per loop iteration, each with its own key/value cache (only the newest token is
 fed at a step). A decoder whose rows have all finished stops being run.
 
-Search: beam search over each decoder independently (``beam_size=1`` is greedy and uses the
-same code). Rows are ``sample * beam_size + beam``; a beam's score is the sum of its
+Search: beam search over each decoder independently (``beam=1`` is greedy and uses the
+same code). Rows are ``sample * k + beam`` (k = ``cfg.beam``); a beam's score is the sum of its
 log-probabilities over the restricted vocabulary; a finished beam keeps its score and can only
 continue with ``<eos>`` (at no cost), so finished and running beams compete on probability and
 the best beam of each sample is taken at the end.
@@ -39,27 +39,33 @@ from dataclasses import dataclass, field
 
 import torch
 
-from anchoralign.backbones import DECODERS
+from anchoralign.config import DecodeConfig
 from anchoralign.errors import UserError
-from anchoralign.linearize import BOS, EOS, N_SPECIAL, LabelSet, Paradigm, ParseReport, parse_with_report
+from anchoralign.linearize import (
+    ANY_WORD,
+    BOS,
+    CAT_ENT,
+    CAT_EOS,
+    CAT_REL,
+    CAT_WORD,
+    DECODERS,
+    DONE,
+    EOS,
+    N_SPECIAL,
+    NEXT_WORD,
+    NO_WORD,
+    START,
+    GrammarState,
+    LabelSet,
+    Paradigm,
+    ParseReport,
+    grammar_of,
+    parse_with_report,
+)
 from anchoralign.model import AnchorAlignModel, EncoderState
 from anchoralign.schema import Sample
 
-# Token categories, in the order the grammar tables index them.
-CAT_BOS, CAT_EOS, CAT_SEP, CAT_ENT, CAT_REL, CAT_WORD = range(6)
-# How a grammar state treats word ids.
-NO_WORD, ANY_WORD, NEXT_WORD = 0, 1, 2
-DONE = 0  # state 0 of every grammar: finished, only <eos> may follow
-
-
-@dataclass(frozen=True)
-class DecodeConfig:
-    beam_size: int = 1
-    max_len: int | None = None  # per decoder; None: 3 * n_words + 16
-    batch_size: int = 40
-    aggregate: bool = True
-    anchor: bool = True
-    constrained: bool = True
+__all__ = ["DecodeConfig", "Prediction", "generate", "predict", "predict_long"]
 
 
 @dataclass
@@ -76,38 +82,23 @@ def default_max_len(n_words: int) -> int:
 
 # ---------------------------------------------------------------------- grammar
 
-# A state: (word rule, state after a word, {category: next state}). State 0 is DONE.
-StateSpec = tuple[int, int, dict[int, int]]
-
-_NER: list[StateSpec] = [
-    (NO_WORD, 0, {CAT_EOS: DONE}),
-    (ANY_WORD, 2, {CAT_EOS: DONE}),  # 1: between mentions
-    (NEXT_WORD, 2, {CAT_ENT: 1}),  # 2: inside a mention
-]
-_GROUPED: list[StateSpec] = [
-    (NO_WORD, 0, {CAT_EOS: DONE}),
-    (ANY_WORD, 2, {CAT_EOS: DONE}),  # 1: a block may start (or the output end)
-    (NEXT_WORD, 2, {CAT_ENT: 3}),  # 2: inside the anchor mention
-    (ANY_WORD, 4, {}),  # 3: a partner mention must follow
-    (NEXT_WORD, 4, {CAT_ENT: 5}),  # 4: inside a partner mention
-    (NO_WORD, 0, {CAT_REL: 6}),  # 5: its relation label
-    (ANY_WORD, 4, {CAT_SEP: 1}),  # 6: another partner, or close the block
-]
-_FLAT: list[StateSpec] = [
-    (NO_WORD, 0, {CAT_EOS: DONE}),
-    (ANY_WORD, 2, {CAT_EOS: DONE}),  # 1: a triple may start (or the output end)
-    (NEXT_WORD, 2, {CAT_ENT: 3}),  # 2: inside the first mention
-    (ANY_WORD, 4, {}),  # 3: the second mention must follow
-    (NEXT_WORD, 4, {CAT_ENT: 5}),  # 4: inside the second mention
-    (NO_WORD, 0, {CAT_REL: 1}),  # 5: the relation label
-]
-START = 1
-
 
 class Grammar:
-    """Tensor tables of one decoder's state machine; ``mask`` and ``step`` work on all rows at once."""
+    """Tensor tables of one decoder's state machine (``linearize.grammar_of``); ``mask`` and
+    ``step`` work on all rows at once.
 
-    def __init__(self, specs: Sequence[StateSpec], labels: LabelSet, device: torch.device):
+    Without ``self_relations`` a partner mention may not start at its anchor's first word, so a
+    relation can never link a mention to itself (an approximation on the safe side: a partner
+    nested in its anchor and starting at the same word is refused too).
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[GrammarState],
+        labels: LabelSet,
+        device: torch.device,
+        self_relations: bool = False,
+    ):
         n_states = len(specs)
         self.n_fixed = labels.n_fixed
         self.first_relation = N_SPECIAL + len(labels.entity_types)
@@ -115,45 +106,68 @@ class Grammar:
         # Illegal moves (possible only in unconstrained runs) lead to DONE, the default.
         trans = torch.zeros(n_states, 6, dtype=torch.long)
         word_rule = torch.zeros(n_states, dtype=torch.long)
-        for s, (rule, after_word, moves) in enumerate(specs):
-            word_rule[s] = rule
-            if rule != NO_WORD:
+        for s, spec in enumerate(specs):
+            word_rule[s] = spec.words
+            if spec.words != NO_WORD:
                 allowed[s, CAT_WORD] = True
-                trans[s, CAT_WORD] = after_word
-            for cat, nxt in moves.items():
+                trans[s, CAT_WORD] = spec.after_word
+            for cat, nxt in spec.moves.items():
                 allowed[s, cat] = True
                 trans[s, cat] = nxt
         allowed[DONE, CAT_EOS] = True
         self.allowed = allowed.to(device)
         self.trans = trans.to(device)
         self.word_rule = word_rule.to(device)
+        self.starts_anchor = torch.tensor([spec.starts_anchor for spec in specs], device=device)
+        self.no_self = torch.tensor(
+            [spec.starts_partner and not self_relations for spec in specs], device=device
+        )
         self.fixed_cat = self.category(torch.arange(self.n_fixed, device=device))
 
     @classmethod
-    def for_decoder(cls, name: str, labels: LabelSet, paradigm: Paradigm, device: torch.device) -> Grammar:
-        if name == "ner":
-            return cls(_NER, labels, device)
-        return cls(_GROUPED if paradigm.grouped else _FLAT, labels, device)
+    def for_decoder(
+        cls,
+        name: str,
+        labels: LabelSet,
+        paradigm: Paradigm,
+        device: torch.device,
+        self_relations: bool = False,
+    ) -> Grammar:
+        return cls(grammar_of(name, paradigm), labels, device, self_relations)
 
     def category(self, ids: torch.Tensor) -> torch.Tensor:
         cat = torch.where(ids >= self.first_relation, CAT_REL, torch.where(ids >= N_SPECIAL, CAT_ENT, ids))
         return torch.where(ids >= self.n_fixed, CAT_WORD, cat)
 
-    def mask(self, state: torch.Tensor, last_word: torch.Tensor, vocab_mask: torch.Tensor) -> torch.Tensor:
-        """Legal ids [N,V] for rows in ``state`` whose last emitted word is ``last_word`` (-1: none)."""
+    def mask(
+        self,
+        state: torch.Tensor,
+        last_word: torch.Tensor,
+        vocab_mask: torch.Tensor,
+        anchor: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Legal ids [N,V] for rows in ``state`` whose last emitted word is ``last_word`` (-1: none)
+        and whose current anchor starts at word ``anchor`` (-1: none)."""
         fixed = self.allowed[state][:, self.fixed_cat]
         n_words = vocab_mask.shape[1] - self.n_fixed
         positions = torch.arange(n_words, device=state.device)
         rule = self.word_rule[state][:, None]
         words = (rule == ANY_WORD) | ((rule == NEXT_WORD) & (positions[None, :] == last_word[:, None] + 1))
+        if anchor is not None:
+            words &= ~(self.no_self[state][:, None] & (positions[None, :] == anchor[:, None]))
         return torch.cat([fixed, words], dim=1) & vocab_mask
 
-    def step(self, state: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next states and last words after emitting ``ids``."""
+    def step(
+        self, state: torch.Tensor, ids: torch.Tensor, anchor: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Next states, last words and anchor starts after emitting ``ids``."""
         cat = self.category(ids)
         nxt = self.trans[state, cat]
-        last = torch.where(cat == CAT_WORD, ids - self.n_fixed, torch.full_like(ids, -1))
-        return nxt, last
+        is_word = cat == CAT_WORD
+        last = torch.where(is_word, ids - self.n_fixed, torch.full_like(ids, -1))
+        if anchor is not None:
+            anchor = torch.where(is_word & self.starts_anchor[state], ids - self.n_fixed, anchor)
+        return nxt, last, anchor
 
 
 # ---------------------------------------------------------------------- search
@@ -167,15 +181,17 @@ class _Rows:
     scores: torch.Tensor  # [N] float32 sum of log-probabilities
     state: torch.Tensor  # [N] grammar state
     last: torch.Tensor  # [N] last emitted word (-1: none)
+    anchor: torch.Tensor  # [N] first word of the current anchor mention (-1: none)
     done: torch.Tensor  # [N] bool
     cut: torch.Tensor  # [N] bool: stopped by the length bound, not by <eos>
     cache: object
 
     def select(self, src: torch.Tensor, reorder_cache: bool) -> None:
         self.tokens, self.scores = self.tokens[src], self.scores[src]
-        self.state, self.last, self.done, self.cut = (
+        self.state, self.last, self.anchor, self.done, self.cut = (
             self.state[src],
             self.last[src],
+            self.anchor[src],
             self.done[src],
             self.cut[src],
         )
@@ -188,9 +204,9 @@ def generate(
     model: AnchorAlignModel, batch: dict[str, torch.Tensor], cfg: DecodeConfig
 ) -> dict[str, tuple[list[list[int]], list[bool]]]:
     """Per decoder: the best output ids of every sample (up to and with ``<eos>``) and whether it was cut."""
-    k = cfg.beam_size
+    k = cfg.beam
     if k < 1:
-        raise ValueError(f"beam_size must be >= 1, got {k}")
+        raise ValueError(f"beam must be >= 1, got {k}")
     state = model.encode(batch).repeat(k)
     vocab_mask = state.vocab_mask
     n_rows, device = vocab_mask.shape[0], vocab_mask.device
@@ -203,7 +219,11 @@ def generate(
     first = torch.full((n_samples, k), float("-inf"), device=device)
     first[:, 0] = 0.0  # all beams start identical: keep one so the first step does not repeat it k times
     rows: dict[str, _Rows] = {}
-    grammars = {name: Grammar.for_decoder(name, model.labels, model.paradigm, device) for name in DECODERS}
+    self_relations = bool(getattr(model.meta, "self_relations", False))
+    grammars = {
+        name: Grammar.for_decoder(name, model.labels, model.paradigm, device, self_relations)
+        for name in DECODERS
+    }
     for name in DECODERS:
         empty = torch.zeros(n_rows, dtype=torch.bool, device=device)
         rows[name] = _Rows(
@@ -211,6 +231,7 @@ def generate(
             scores=first.flatten().clone(),
             state=torch.full((n_rows,), START, dtype=torch.long, device=device),
             last=torch.full((n_rows,), -1, dtype=torch.long, device=device),
+            anchor=torch.full((n_rows,), -1, dtype=torch.long, device=device),
             done=empty,
             cut=empty.clone(),
             cache=model.backbone.new_cache(),
@@ -249,7 +270,7 @@ def _advance(
     """One decoding step of one decoder over all its rows."""
     logits = model.decoder_logits(name, r.tokens[:, -1:], state, r.cache)[:, -1].float()
     if cfg.constrained:
-        legal = grammar.mask(r.state, r.last, state.vocab_mask)
+        legal = grammar.mask(r.state, r.last, state.vocab_mask, r.anchor)
         legal[:, EOS] |= ~legal.any(1)  # a state with no legal id (a label set without relations) ends
     else:
         legal = state.vocab_mask.clone()
@@ -264,7 +285,7 @@ def _advance(
         r.select(src, reorder_cache=True)
     r.scores = top_scores.flatten()
     was_done = r.done
-    new_state, new_last = grammar.step(r.state, ids)
+    new_state, new_last, r.anchor = grammar.step(r.state, ids, r.anchor)
     r.state = torch.where(was_done, DONE, new_state)
     r.last = new_last
     r.tokens = torch.cat([r.tokens, ids[:, None]], dim=1)
@@ -329,6 +350,7 @@ def to_prediction(
         model.paradigm,
         aggregate=cfg.aggregate,
         anchor=cfg.anchor,
+        self_relations=bool(getattr(model.meta, "self_relations", False)),
         sample_id=sample.id,
     )
     return Prediction(sample=parsed, valid=report.valid, outputs=ids, report=report)

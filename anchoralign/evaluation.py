@@ -1,11 +1,23 @@
-"""Evaluation during training: dev scores with the metrics of ``anchoralign.metrics``, the share
-of outputs that parse into valid structures (the gate of progressive activation), and the mean
-loss terms on the configured splits (the alignment curves of the paper's appendix).
+"""Evaluation: the one path by which a model is scored on a split, during training (the dev
+checks, the best checkpoint, the switch of progressive activation) and by ``anchoralign evaluate``.
+
+:func:`evaluate_split` decodes the inputs (ids and tokens only) with a :class:`DecodeConfig` and
+scores them with ``anchoralign.metrics.score``. Two rates say how well-formed the outputs are:
+
+- ``complete_rate``: the share of sentences whose three outputs, decoded as configured, ended with
+  ``<eos>`` within the length bound and parsed with nothing dropped (with the grammar constraint
+  only the length bound can fail);
+- ``free_valid_rate`` (on request): the share whose *unconstrained* greedy outputs parse with
+  nothing dropped and whose NER output is not empty: whether the model itself writes the output
+  grammar (an empty output parses cleanly, so it does not count).
+
+The trainer's :class:`Evaluator` adds the mean teacher-forced loss terms on the configured splits
+(the alignment curves).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -13,26 +25,25 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from anchoralign.losses import LOSS_KEYS, LossWeights
-from anchoralign.schema import Sample
+from anchoralign.config import DecodeConfig, LossConfig
+from anchoralign.losses import LOSS_KEYS, term_weights
+from anchoralign.schema import DatasetMeta, Sample
 
 Batch = dict[str, Any]
-LossFn = Callable[
-    [Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], LossWeights], dict[str, torch.Tensor]
-]
+LossFn = Callable[..., dict[str, torch.Tensor]]
 Collate = Callable[[list[Sample]], Batch]
 
 
 @dataclass
 class EvalResult:
-    scores: dict[str, Any]  # metrics.score of the eval split, plus "valid_rate"
+    scores: dict[str, Any]  # metrics.score of the eval split, plus the rates
     losses: dict[str, dict[str, float]] = field(default_factory=dict)  # split -> mean loss terms
+    predictions: list[Any] = field(default_factory=list)
 
 
 class Evaluate(Protocol):
     def __call__(self, model: nn.Module, device: torch.device, validity: bool) -> EvalResult:
-        """Scores of the eval split; with ``validity``, ``valid_rate`` must say how many of the
-        model's own (unconstrained) outputs parse into valid structures."""
+        """Scores of the eval split; with ``validity``, also ``free_valid_rate``."""
         ...
 
 
@@ -42,13 +53,53 @@ def to_device(batch: Batch, device: torch.device | str) -> Batch:
     }
 
 
+def evaluate_split(
+    model: nn.Module,
+    gold: Sequence[Sample],
+    decode_cfg: DecodeConfig,
+    meta: DatasetMeta,
+    validity: bool = False,
+    long: str = "split",
+    where: Callable[[Sample], str] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> EvalResult:
+    """Decode ``gold``'s inputs and score them: ``metrics.score`` plus ``complete_rate``,
+    ``n_split`` (inputs longer than the encoder, decoded in word windows), ``samples_per_second``
+    and, with ``validity``, ``free_valid_rate``."""
+    from anchoralign.decode import predict, predict_long
+    from anchoralign.metrics import score
+
+    inputs = [Sample(id=s.id, tokens=s.tokens) for s in gold]  # nothing of the answer can leak
+    start = time.perf_counter()
+    preds, split_ids = predict_long(model, inputs, decode_cfg, long=long, where=where, progress=progress)
+    seconds = time.perf_counter() - start
+    scores: dict[str, Any] = dict(
+        score(
+            gold,
+            [p.sample for p in preds],
+            symmetric=meta.symmetric_relations,
+            boundary_only=meta.boundary_only,
+        )
+    )
+    scores["complete_rate"] = sum(p.valid for p in preds) / max(1, len(preds))
+    scores["n_split"] = len(split_ids)
+    scores["samples_per_second"] = len(preds) / max(seconds, 1e-9)
+    if validity:
+        free = decode_cfg.model_copy(update={"constrained": False, "beam": 1})
+        checked = predict(model, inputs, free)
+        scores["free_valid_rate"] = sum(
+            p.valid and bool(p.outputs.get("ner", [1])[:-1]) for p in checked
+        ) / max(1, len(checked))
+    return EvalResult(scores=scores, predictions=preds)
+
+
 @torch.no_grad()
 def mean_loss_terms(
     model: nn.Module,
     samples: Sequence[Sample],
     collate: Collate,
     loss_fn: LossFn,
-    weights: LossWeights,
+    weights: Mapping[str, float],
     batch_size: int,
     device: torch.device | str,
 ) -> dict[str, float]:
@@ -64,14 +115,11 @@ def mean_loss_terms(
 
 
 class Evaluator:
-    """Scores the eval split with the real decoder and logs loss terms on the loss splits.
+    """The trainer's evaluation: :func:`evaluate_split` on the eval split, and the loss terms on
+    the loss splits (every configured term, also before it is switched on).
 
     Every rank runs the same evaluation (identical inputs and weights): under ZeRO-3 the forward
     passes gather parameters collectively, so all ranks must take part anyway.
-
-    ``valid_rate`` is the share of predictions whose three outputs parse with nothing dropped.
-    Constrained decoding makes every output parse, so when the switch needs to know whether the
-    model itself writes valid structures, the rate comes from a second, unconstrained greedy pass.
     """
 
     def __init__(
@@ -80,46 +128,22 @@ class Evaluator:
         loss_sets: Mapping[str, Sequence[Sample]],
         collate: Collate,
         loss_fn: LossFn,
-        weights: LossWeights,
-        decode_cfg: Any,
-        symmetric: frozenset[str],
-        boundary_only: bool,
-        batch_size: int,
+        loss_cfg: LossConfig,
+        decode_cfg: DecodeConfig,
+        meta: DatasetMeta,
     ):
         self.gold = list(gold)
-        # Only id and tokens go to the decoder: nothing of the answer can leak into it.
-        self.inputs = [Sample(id=s.id, tokens=s.tokens) for s in self.gold]
         self.loss_sets = {k: list(v) for k, v in loss_sets.items()}
-        self.collate, self.loss_fn, self.weights = collate, loss_fn, weights
-        self.decode_cfg = decode_cfg
-        self.symmetric, self.boundary_only = symmetric, boundary_only
-        self.batch_size = batch_size
+        self.collate, self.loss_fn = collate, loss_fn
+        self.weights = term_weights(loss_cfg, align=True)
+        self.decode_cfg, self.meta = decode_cfg, meta
 
     def __call__(self, model: nn.Module, device: torch.device, validity: bool = False) -> EvalResult:
-        from anchoralign.decode import predict
-        from anchoralign.metrics import score
-
-        preds = predict(model, self.inputs, self.decode_cfg)
-        scores: dict[str, Any] = dict(
-            score(
-                self.gold,
-                [p.sample for p in preds],
-                symmetric=self.symmetric,
-                boundary_only=self.boundary_only,
-            )
-        )
-        checked = preds
-        if validity and self.decode_cfg.constrained:
-            free = dataclasses.replace(self.decode_cfg, constrained=False, beam_size=1)
-            checked = predict(model, self.inputs, free)
-        scores["valid_rate"] = sum(p.valid for p in checked) / max(1, len(checked))
-        scores["valid_rate_of"] = (
-            "constrained" if checked is preds and self.decode_cfg.constrained else "unconstrained"
-        )
-        losses = {
+        result = evaluate_split(model, self.gold, self.decode_cfg, self.meta, validity)
+        result.losses = {
             split: mean_loss_terms(
-                model, samples, self.collate, self.loss_fn, self.weights, self.batch_size, device
+                model, samples, self.collate, self.loss_fn, self.weights, self.decode_cfg.batch_size, device
             )
             for split, samples in self.loss_sets.items()
         }
-        return EvalResult(scores=scores, losses=losses)
+        return result

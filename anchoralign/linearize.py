@@ -85,10 +85,16 @@ from anchoralign.schema import Entity, Relation, Sample
 
 BOS, EOS, SEP = 0, 1, 2
 N_SPECIAL = 3
+IGNORE = -100  # target positions that carry no label (padding); losses skip them
+DECODERS = ("ner", "fwd", "rev")
 
 Span = tuple[int, int, str]  # (start, end exclusive, entity type)
 Triple = tuple[Span, Span, str]  # (head, tail, relation type)
 Key = Hashable | None
+# What a position of an RE target writes for one triple: (triple, "head" | "tail" | "rel", k), k
+# the token's index in the mention (0 for a relation label). An anchor serves every triple of its
+# block, so a position can carry several.
+Role = tuple[Triple, str, int]
 TokenKind = Literal["bos", "eos", "sep", "entity", "relation", "word", "invalid"]
 
 
@@ -203,7 +209,8 @@ def _checked_labels(kind: str, labels: Iterable[str]) -> tuple[str, ...]:
 
 @dataclass
 class Targets:
-    """Target ids of the three decoders (each ending with ``<eos>``) and one key per id."""
+    """Target ids of the three decoders (each ending with ``<eos>``), one key per id, and for the
+    RE decoders the roles of every id (see ``Role``)."""
 
     ner: list[int]
     fwd: list[int]
@@ -211,9 +218,11 @@ class Targets:
     ner_keys: list[Key]
     fwd_keys: list[Key]
     rev_keys: list[Key]
+    fwd_roles: list[tuple[Role, ...]] = field(default_factory=list)
+    rev_roles: list[tuple[Role, ...]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for name in ("ner", "fwd", "rev"):
+        for name in DECODERS:
             if len(getattr(self, name)) != len(getattr(self, f"{name}_keys")):
                 raise ValueError(f"{name}: {len(getattr(self, name))} ids but a different number of keys")
 
@@ -232,32 +241,35 @@ def relation_key(triple: Triple) -> tuple[str, Span, Span, str]:
 
 
 class _Writer:
-    """Accumulates one decoder's ids and their keys."""
+    """Accumulates one decoder's ids, their keys and their roles."""
 
     def __init__(self, labels: LabelSet) -> None:
         self.labels = labels
         self.ids: list[int] = []
         self.keys: list[Key] = []
+        self.roles: list[tuple[Role, ...]] = []
 
-    def mention(self, span: Span) -> None:
+    def mention(self, span: Span, serves: Sequence[tuple[Triple, str]] = ()) -> None:
+        """Write a mention; ``serves``: the (triple, "head" | "tail") it is written for."""
         start, end, entity_type = span
         for k, word in enumerate(range(start, end)):
-            self._emit(self.labels.word_id(word), entity_key(span, k))
-        self._emit(self.labels.entity_id(entity_type), entity_key(span, end - start))
+            self._emit(self.labels.word_id(word), entity_key(span, k), serves, k)
+        self._emit(self.labels.entity_id(entity_type), entity_key(span, end - start), serves, end - start)
 
     def relation(self, triple: Triple) -> None:
-        self._emit(self.labels.relation_id(triple[2]), relation_key(triple))
+        self._emit(self.labels.relation_id(triple[2]), relation_key(triple), [(triple, "rel")], 0)
 
     def sep(self) -> None:
         self._emit(SEP, None)
 
-    def finish(self) -> tuple[list[int], list[Key]]:
+    def finish(self) -> tuple[list[int], list[Key], list[tuple[Role, ...]]]:
         self._emit(EOS, None)
-        return self.ids, self.keys
+        return self.ids, self.keys, self.roles
 
-    def _emit(self, token_id: int, key: Key) -> None:
+    def _emit(self, token_id: int, key: Key, serves: Sequence[tuple[Triple, str]] = (), k: int = 0) -> None:
         self.ids.append(token_id)
         self.keys.append(key)
+        self.roles.append(tuple((triple, role, k) for triple, role in serves))
 
 
 def linearize(sample: Sample, labels: LabelSet, paradigm: int | Paradigm = Paradigm.GROUPED_ALL) -> Targets:
@@ -268,10 +280,10 @@ def linearize(sample: Sample, labels: LabelSet, paradigm: int | Paradigm = Parad
         related = {span for head, tail, _ in triples for span in (head, tail)}
         entities = [span for span in entities if span not in related]
     write_relations = _write_grouped if paradigm.grouped else _write_flat
-    ner, ner_keys = _write_entities(entities, labels)
-    fwd, fwd_keys = write_relations(triples, labels, reverse=False)
-    rev, rev_keys = write_relations(triples, labels, reverse=True)
-    return Targets(ner, fwd, rev, ner_keys, fwd_keys, rev_keys)
+    ner, ner_keys, _ = _write_entities(entities, labels)
+    fwd, fwd_keys, fwd_roles = write_relations(triples, labels, reverse=False)
+    rev, rev_keys, rev_roles = write_relations(triples, labels, reverse=True)
+    return Targets(ner, fwd, rev, ner_keys, fwd_keys, rev_keys, fwd_roles, rev_roles)
 
 
 def gold_structure(sample: Sample, labels: LabelSet) -> tuple[list[Span], list[Triple]]:
@@ -312,36 +324,131 @@ def _triple_order(labels: LabelSet, reverse: bool) -> Callable[[Triple], tuple]:
     return order
 
 
-def _write_entities(spans: Iterable[Span], labels: LabelSet) -> tuple[list[int], list[Key]]:
+_Written = tuple[list[int], list[Key], list[tuple[Role, ...]]]
+
+
+def _write_entities(spans: Iterable[Span], labels: LabelSet) -> _Written:
     writer = _Writer(labels)
     for span in spans:
         writer.mention(span)
     return writer.finish()
 
 
-def _write_flat(triples: Iterable[Triple], labels: LabelSet, reverse: bool) -> tuple[list[int], list[Key]]:
+def _write_flat(triples: Iterable[Triple], labels: LabelSet, reverse: bool) -> _Written:
     writer = _Writer(labels)
+    first_role, second_role = ("tail", "head") if reverse else ("head", "tail")
     for triple in sorted(triples, key=_triple_order(labels, reverse)):
         head, tail, _ = triple
         first, second = (tail, head) if reverse else (head, tail)
-        writer.mention(first)
-        writer.mention(second)
+        writer.mention(first, [(triple, first_role)])
+        writer.mention(second, [(triple, second_role)])
         writer.relation(triple)
     return writer.finish()
 
 
-def _write_grouped(triples: Iterable[Triple], labels: LabelSet, reverse: bool) -> tuple[list[int], list[Key]]:
+def _write_grouped(triples: Iterable[Triple], labels: LabelSet, reverse: bool) -> _Written:
     writer = _Writer(labels)
     anchor_of: Callable[[Triple], Span] = (lambda t: t[1]) if reverse else (lambda t: t[0])
     partner_of: Callable[[Triple], Span] = (lambda t: t[0]) if reverse else (lambda t: t[1])
+    anchor_role, partner_role = ("tail", "head") if reverse else ("head", "tail")
     ordered = sorted(triples, key=_triple_order(labels, reverse))
-    for anchor, block in itertools.groupby(ordered, key=anchor_of):
-        writer.mention(anchor)
+    for anchor, group in itertools.groupby(ordered, key=anchor_of):
+        block = list(group)
+        writer.mention(anchor, [(triple, anchor_role) for triple in block])
         for triple in block:
-            writer.mention(partner_of(triple))
+            writer.mention(partner_of(triple), [(triple, partner_role)])
             writer.relation(triple)
         writer.sep()
     return writer.finish()
+
+
+# --------------------------------------------------------------------------- the grammar
+
+# Token categories of the restricted vocabulary.
+CAT_BOS, CAT_EOS, CAT_SEP, CAT_ENT, CAT_REL, CAT_WORD = range(6)
+# How a grammar state treats word ids: none allowed, any word, or only the word after the last one.
+NO_WORD, ANY_WORD, NEXT_WORD = 0, 1, 2
+DONE, START = 0, 1  # every grammar: state 0 = finished (only <eos> may follow), state 1 = start
+
+
+@dataclass(frozen=True)
+class GrammarState:
+    """One state of a decoder's output grammar.
+
+    ``words``: which word ids may follow (NO_WORD, ANY_WORD, NEXT_WORD) and ``after_word`` the state
+    they lead to; ``moves``: category -> next state for the other ids; ``starts_anchor``: a word
+    written here begins the anchor (grouped) or the first mention (flat) of a relation;
+    ``starts_partner``: a word written here begins the mention that the anchor relates to.
+    """
+
+    words: int
+    after_word: int
+    moves: Mapping[int, int]
+    starts_anchor: bool = False
+    starts_partner: bool = False
+
+
+# The three grammars, one per kind of output (the writers above produce exactly these; the
+# decoder's constraint tables are built from them, see anchoralign.decode.Grammar).
+ENTITY_GRAMMAR = (
+    GrammarState(NO_WORD, DONE, {CAT_EOS: DONE}),
+    GrammarState(ANY_WORD, 2, {CAT_EOS: DONE}),  # 1: between mentions
+    GrammarState(NEXT_WORD, 2, {CAT_ENT: 1}),  # 2: inside a mention
+)
+GROUPED_GRAMMAR = (
+    GrammarState(NO_WORD, DONE, {CAT_EOS: DONE}),
+    GrammarState(ANY_WORD, 2, {CAT_EOS: DONE}, starts_anchor=True),  # 1: a block may start (or end)
+    GrammarState(NEXT_WORD, 2, {CAT_ENT: 3}),  # 2: inside the anchor mention
+    GrammarState(ANY_WORD, 4, {}, starts_partner=True),  # 3: a partner mention must follow
+    GrammarState(NEXT_WORD, 4, {CAT_ENT: 5}),  # 4: inside a partner mention
+    GrammarState(NO_WORD, DONE, {CAT_REL: 6}),  # 5: its relation label
+    GrammarState(ANY_WORD, 4, {CAT_SEP: 1}, starts_partner=True),  # 6: another partner, or close the block
+)
+FLAT_GRAMMAR = (
+    GrammarState(NO_WORD, DONE, {CAT_EOS: DONE}),
+    GrammarState(ANY_WORD, 2, {CAT_EOS: DONE}, starts_anchor=True),  # 1: a triple may start (or end)
+    GrammarState(NEXT_WORD, 2, {CAT_ENT: 3}),  # 2: inside the first mention
+    GrammarState(ANY_WORD, 4, {}, starts_partner=True),  # 3: the second mention must follow
+    GrammarState(NEXT_WORD, 4, {CAT_ENT: 5}),  # 4: inside the second mention
+    GrammarState(NO_WORD, DONE, {CAT_REL: 1}),  # 5: the relation label
+)
+
+
+def grammar_of(decoder: str, paradigm: int | Paradigm) -> tuple[GrammarState, ...]:
+    """The grammar of ``decoder``'s output ("ner", "fwd" or "rev") in ``paradigm``."""
+    if decoder == "ner":
+        return ENTITY_GRAMMAR
+    return GROUPED_GRAMMAR if as_paradigm(paradigm).grouped else FLAT_GRAMMAR
+
+
+def token_category(token_id: int, labels: LabelSet) -> int:
+    kind = labels.decode_id(token_id)[0]
+    return {"bos": CAT_BOS, "eos": CAT_EOS, "sep": CAT_SEP, "entity": CAT_ENT, "relation": CAT_REL}.get(
+        kind, CAT_WORD
+    )
+
+
+def accepted(ids: Sequence[int], grammar: Sequence[GrammarState], labels: LabelSet) -> bool:
+    """Whether ``ids`` (ending with ``<eos>``) is a complete output of ``grammar``; the writers'
+    targets always are (tested), so the grammar and the writers cannot drift apart."""
+    state, last = START, None
+    for token_id in ids:
+        spec = grammar[state]
+        cat = token_category(token_id, labels)
+        if cat == CAT_WORD:
+            word = token_id - labels.n_fixed
+            if spec.words == NO_WORD or (spec.words == NEXT_WORD and word != last + 1):
+                return False
+            state, last = spec.after_word, word
+        elif state == DONE and cat == CAT_EOS:
+            return True
+        elif cat in spec.moves:
+            state = spec.moves[cat]
+            if cat == CAT_EOS:
+                return True
+        else:
+            return False
+    return False
 
 
 # --------------------------------------------------------------------------- parsing
@@ -538,6 +645,9 @@ def parse_relations(
     return _read_relations(ids, n_words, labels, as_paradigm(paradigm), reverse)[0]
 
 
+ANCHOR_MODES = ("typed", "span", "off")
+
+
 def parse(
     ner: Iterable[int],
     fwd: Iterable[int],
@@ -546,11 +656,14 @@ def parse(
     labels: LabelSet,
     paradigm: int | Paradigm = Paradigm.GROUPED_ALL,
     aggregate: bool = True,
-    anchor: bool = True,
+    anchor: bool | str = "typed",
     sample_id: str = "",
+    self_relations: bool = False,
 ) -> Sample:
     """The predicted Sample of the three decoder outputs; see :func:`parse_with_report`."""
-    return parse_with_report(ner, fwd, rev, tokens, labels, paradigm, aggregate, anchor, sample_id)[0]
+    return parse_with_report(
+        ner, fwd, rev, tokens, labels, paradigm, aggregate, anchor, sample_id, self_relations
+    )[0]
 
 
 def parse_with_report(
@@ -561,31 +674,43 @@ def parse_with_report(
     labels: LabelSet,
     paradigm: int | Paradigm = Paradigm.GROUPED_ALL,
     aggregate: bool = True,
-    anchor: bool = True,
+    anchor: bool | str = "typed",
     sample_id: str = "",
+    self_relations: bool = False,
 ) -> tuple[Sample, ParseReport]:
     """Recombine the three decoders into one Sample, and say how cleanly each parsed.
 
     Relations are the forward ones, united with the reverse ones when ``aggregate`` (else
-    the reverse output is not used at all). With ``anchor``, a relation survives only if
-    both its (span, type) mentions are among the NER outputs. In paradigms 2 and 4 the NER
-    decoder is trained to omit every entity that takes part in a relation, so there is
-    nothing to anchor to and ``anchor`` has no effect. Entities are the NER outputs plus
-    the mentions of the surviving relations (with ``anchor`` in paradigms 1 and 3 that adds
-    nothing). Entities are ordered by (start, end, label order) and relations by (head,
-    tail, label order), both without duplicates.
+    the reverse output is not used at all). ``anchor`` is the anchor-guided constraint: with
+    ``"typed"`` (or True) a relation survives only if both its (span, type) mentions are among
+    the NER outputs; with ``"span"`` only their spans must be, and the relation keeps the types
+    its RE decoder wrote (so a span can then appear as an entity of two types); ``"off"`` (or
+    False) keeps every relation. In paradigms 2 and 4 the NER decoder is trained to omit every
+    entity that takes part in a relation, so there is nothing to anchor to and ``anchor`` has
+    no effect. A relation from a mention to itself is dropped unless ``self_relations``.
+    Entities are the NER outputs plus the mentions of the surviving relations (with the typed
+    anchor in paradigms 1 and 3 that adds nothing). Entities are ordered by (start, end, label
+    order) and relations by (head, tail, label order), both without duplicates.
 
     ``tokens`` must be the sentence (at least one token); the id lists may be anything.
     """
     paradigm = as_paradigm(paradigm)
+    mode = {True: "typed", False: "off"}.get(anchor, anchor) if isinstance(anchor, bool) else anchor
+    if mode not in ANCHOR_MODES:
+        raise ValueError(f"anchor must be one of {ANCHOR_MODES}, got {anchor!r}")
     n_words = len(tokens)
     spans, ner_report = _read_entities(ner, n_words, labels)
     fwd_triples, fwd_report = _read_relations(fwd, n_words, labels, paradigm, reverse=False)
     rev_triples, rev_report = _read_relations(rev, n_words, labels, paradigm, reverse=True)
     triples = _unique(fwd_triples + rev_triples) if aggregate else fwd_triples
-    if anchor and paradigm.ner_lists_all:
+    if not self_relations:
+        triples = [t for t in triples if t[0][:2] != t[1][:2]]
+    if mode == "typed" and paradigm.ner_lists_all:
         anchors = set(spans)
         triples = [t for t in triples if t[0] in anchors and t[1] in anchors]
+    elif mode == "span" and paradigm.ner_lists_all:
+        places = {span[:2] for span in spans}
+        triples = [t for t in triples if t[0][:2] in places and t[1][:2] in places]
     sample = _assemble(sample_id, tokens, spans, triples, labels)
     return sample, ParseReport(ner_report, fwd_report, rev_report)
 
@@ -660,15 +785,59 @@ def shared_triple_keys(keys_a: Sequence[Key], keys_b: Sequence[Key]) -> Callable
     return lambda key: key in shared or (is_entity_key(key) and key[1:4] in anchors)
 
 
-def decoder_pairs(targets: Targets) -> dict[str, list[tuple[int, int]]]:
-    """The aligned positions the collator needs: ``ner_fwd`` and ``ner_rev`` pair the NER
-    target with an RE target on entity keys (empty in paradigms 2 and 4, whose NER target
-    shares no entity with the RE targets), ``fwd_rev`` pairs the forward and reverse
-    targets on shared triples (see :func:`shared_triple_keys`)."""
+def is_continuation_key(key: Key) -> bool:
+    """An entity key past a mention's first token: a later word of it or its type label."""
+    return is_entity_key(key) and key[4] >= 1
+
+
+def role_pairs(
+    roles_a: Sequence[tuple[Role, ...]], roles_b: Sequence[tuple[Role, ...]]
+) -> list[tuple[int, int]]:
+    """Pairs (i, j) of positions of two RE targets that write the same role of the same triple:
+    the k-th token (k >= 1) of its head or of its tail, or its relation label. Sorted."""
+    positions: defaultdict[Role, list[int]] = defaultdict(list)
+    for j, roles in enumerate(roles_b):
+        for role in roles:
+            positions[role].append(j)
+    pairs = {
+        (i, j)
+        for i, roles in enumerate(roles_a)
+        for role in roles
+        if role[1] == "rel" or role[2] >= 1
+        for j in positions.get(role, ())
+    }
+    return sorted(pairs)
+
+
+ALIGN_POSITIONS = ("decision", "all")
+
+
+def decoder_pairs(targets: Targets, positions: str = "decision") -> dict[str, list[tuple[int, int]]]:
+    """The aligned positions the collator needs: ``ner_fwd`` and ``ner_rev`` pair the NER target
+    with an RE target on entity keys (empty in paradigms 2 and 4, whose NER target shares no entity
+    with the RE targets), ``fwd_rev`` pairs the forward and reverse targets on shared triples.
+
+    ``positions="decision"`` keeps only positions where the two decoders make the same decision.
+    At the first token of a mention they do not: the NER decoder chooses which entity comes next
+    in sentence order, an RE decoder which block anchor or which partner comes next, and pulling
+    one towards the other teaches the RE decoders to put mass on entities in no relation. Later
+    tokens of a mention (continue it, or close it with its type) and relation labels are the same
+    decision in both. Forward and reverse positions are paired by (triple, role) rather than by
+    order of occurrence. ``"all"`` pairs every shared entity token (:func:`align_pairs`,
+    :func:`shared_triple_keys`).
+    """
+    if positions == "all":
+        return {
+            "ner_fwd": align_pairs(targets.ner_keys, targets.fwd_keys, is_entity_key),
+            "ner_rev": align_pairs(targets.ner_keys, targets.rev_keys, is_entity_key),
+            "fwd_rev": align_pairs(
+                targets.fwd_keys, targets.rev_keys, shared_triple_keys(targets.fwd_keys, targets.rev_keys)
+            ),
+        }
+    if positions != "decision":
+        raise ValueError(f"positions must be one of {ALIGN_POSITIONS}, got {positions!r}")
     return {
-        "ner_fwd": align_pairs(targets.ner_keys, targets.fwd_keys, is_entity_key),
-        "ner_rev": align_pairs(targets.ner_keys, targets.rev_keys, is_entity_key),
-        "fwd_rev": align_pairs(
-            targets.fwd_keys, targets.rev_keys, shared_triple_keys(targets.fwd_keys, targets.rev_keys)
-        ),
+        "ner_fwd": align_pairs(targets.ner_keys, targets.fwd_keys, is_continuation_key),
+        "ner_rev": align_pairs(targets.ner_keys, targets.rev_keys, is_continuation_key),
+        "fwd_rev": role_pairs(targets.fwd_roles, targets.rev_roles),
     }

@@ -6,7 +6,8 @@ Every decoder scores, at each target position, the restricted vocabulary of its 
 mask get zero probability here whatever the model put in their logits, and every softmax is
 taken in float32 so that bf16/fp16 training gets the same numbers.
 
-Terms (weighted and summed by :func:`loss_terms`):
+Terms (weighted by :func:`term_weights`, the one place that says which are on, and summed by
+:func:`loss_terms`):
 
 - cross-entropy of each decoder (NER, forward RE, reverse RE) on its target;
 - NER-RE alignment: KL(p_NER || p_RE) on the target positions where an RE decoder emits a token of
@@ -20,12 +21,12 @@ Terms (weighted and summed by :func:`loss_terms`):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from anchoralign.config import LossConfig
+from anchoralign.linearize import IGNORE
 
 # Large and finite: -inf would turn 0 * log 0 into NaN in the KL terms. The fill is applied after
 # the cast to float32, so it is safe whatever the logits' dtype.
@@ -73,7 +74,11 @@ def _paired(
 
 
 def ner_re_alignment(
-    ner_logits: torch.Tensor, re_logits: torch.Tensor, pairs: torch.Tensor, vocab_mask: torch.Tensor
+    ner_logits: torch.Tensor,
+    re_logits: torch.Tensor,
+    pairs: torch.Tensor,
+    vocab_mask: torch.Tensor,
+    ner_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean KL(p_NER || p_RE) over the paired positions; 0 without pairs.
 
@@ -82,7 +87,14 @@ def ner_re_alignment(
     task, and the term exists to carry that knowledge into the RE decoders; with gradient through
     both sides the KL could also be lowered by dragging the NER decoder towards the noisier RE
     decoders, which would cost NER accuracy for nothing.
+
+    With ``ner_labels`` [B,T] (the NER target), only the pairs whose teacher puts its highest
+    probability on the gold id are kept: a teacher that is wrong there has nothing to teach.
     """
+    if ner_labels is not None and pairs.numel():
+        b, t, _ = pairs.long().unbind(-1)
+        teacher_top = ner_logits[b, t].float().masked_fill(~vocab_mask[b], _MASKED).argmax(-1)
+        pairs = pairs[teacher_top == ner_labels[b, t]]
     if pairs.numel() == 0:
         return _zero(re_logits)
     log_p, log_q, valid = _paired(ner_logits.detach(), re_logits, pairs, vocab_mask)
@@ -121,68 +133,84 @@ def negative_suppression(
     return per_step[steps].sum() / steps.sum().clamp(min=1)
 
 
-@dataclass(frozen=True)
-class LossWeights:
-    """Weights and switches of the loss terms.
+CE_TERMS = ("ce_ner", "ce_fwd", "ce_rev")
+ALIGN_TERMS = ("kl_ner_re", "kl_fwd_rev", "suppress")
+LOSS_KEYS = (*CE_TERMS, *ALIGN_TERMS, "loss")
 
-    A switched-off term, or one with weight 0, is not computed and is reported as 0; the paper's
-    ablations and the progressive activation of the alignment terms are therefore config values.
+
+def term_weights(cfg: LossConfig, align: bool, ramp: float = 1.0) -> dict[str, float]:
+    """The weight of every active term of a phase; a term that is not a key is off (not computed).
+
+    The one place that decides whether a term is on: cross-entropy always; an alignment term when
+    the phase aligns (``align``), ``cfg.alignment`` and its own switch are on and its weight is
+    positive, scaled by ``ramp`` (see :func:`ramp_factor`).
     """
-
-    alpha: float  # NER-RE alignment
-    beta: float  # forward-reverse alignment
-    gamma: float  # negative suppression
-    ner_re: bool = True
-    fwd_rev: bool = True
-    suppress: bool = True
-    ce: bool = True  # the three cross-entropies (off only for diagnostics)
-
-    def __post_init__(self) -> None:
-        for name in ("alpha", "beta", "gamma"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+    weights = dict.fromkeys(CE_TERMS, 1.0)
+    if align and cfg.alignment:
+        for key, on, weight in (
+            ("kl_ner_re", cfg.ner_re, cfg.alpha),
+            ("kl_fwd_rev", cfg.fwd_rev, cfg.beta),
+            ("suppress", cfg.suppress, cfg.gamma),
+        ):
+            if on and weight > 0:
+                weights[key] = weight * ramp
+    return weights
 
 
-LOSS_KEYS = ("ce_ner", "ce_fwd", "ce_rev", "kl_ner_re", "kl_fwd_rev", "suppress", "loss")
+def ramp_factor(steps_since_switch: int, ramp_steps: int) -> float:
+    """Share of their weight the alignment terms have at the ``steps_since_switch``-th update after
+    they were switched on (0-based): (n + 1) / ramp_steps, at most 1; always 1 without a ramp.
+
+    Arriving at full strength in one step hits an optimizer whose moment estimates were fitted to
+    the cross-entropy gradients alone; growing the terms in lets those estimates follow.
+    """
+    if ramp_steps <= 0:
+        return 1.0
+    return min(1.0, (max(0, steps_since_switch) + 1) / ramp_steps)
 
 
-def weighted_total(terms: Mapping[str, torch.Tensor], weights: LossWeights) -> torch.Tensor:
-    """The training objective from the unweighted terms: the three cross-entropies plus
-    alpha, beta and gamma times the NER-RE, forward-reverse and suppression terms."""
-    return (
-        terms["ce_ner"]
-        + terms["ce_fwd"]
-        + terms["ce_rev"]
-        + weights.alpha * terms["kl_ner_re"]
-        + weights.beta * terms["kl_fwd_rev"]
-        + weights.gamma * terms["suppress"]
-    )
+def weighted_total(terms: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
+    """The training objective: the sum of ``weights[k] * terms[k]`` over the active terms."""
+    total = _zero(next(iter(terms.values())))
+    for key, weight in weights.items():
+        total = total + weight * terms[key]
+    return total
 
 
 def loss_terms(
-    outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor], weights: LossWeights
+    outputs: Mapping[str, torch.Tensor],
+    batch: Mapping[str, torch.Tensor],
+    weights: Mapping[str, float],
+    teacher_logits: torch.Tensor | None = None,
+    teacher_gate: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Every term (unweighted) and the weighted total ``loss``, as float32 scalar tensors.
+    """Every term (unweighted; 0 for the inactive ones) and the weighted total ``loss``, as float32
+    scalar tensors.
 
     outputs: ``ner_logits``, ``fwd_logits``, ``rev_logits`` [B,T,V]; batch: ``vocab_mask``,
     ``neg_mask``, ``{ner,fwd,rev}_labels`` and ``ner_fwd_pairs``, ``ner_rev_pairs``,
-    ``fwd_rev_pairs`` as built by the collator. The NER-RE and suppression terms average the
-    forward and reverse decoders.
+    ``fwd_rev_pairs`` as built by the collator; ``weights`` from :func:`term_weights`.
+    ``teacher_logits``: the NER decoder's logits to align the RE decoders to (default: the NER
+    logits of ``outputs``; the trainer passes a pass without dropout); with ``teacher_gate`` only
+    the positions where the teacher's top id is the gold NER id are aligned. The NER-RE and
+    suppression terms average the forward and reverse decoders.
     """
     ner, fwd, rev = outputs["ner_logits"], outputs["fwd_logits"], outputs["rev_logits"]
     vocab_mask = batch["vocab_mask"]
     terms = {key: _zero(ner) for key in LOSS_KEYS}
-    if weights.ce:
-        for name, logits in (("ner", ner), ("fwd", fwd), ("rev", rev)):
+    for name, logits in (("ner", ner), ("fwd", fwd), ("rev", rev)):
+        if f"ce_{name}" in weights:
             terms[f"ce_{name}"] = cross_entropy(logits, batch[f"{name}_labels"], vocab_mask)
-    if weights.ner_re and weights.alpha > 0:
+    if "kl_ner_re" in weights:
+        teacher = ner if teacher_logits is None else teacher_logits
+        gold = batch["ner_labels"] if teacher_gate else None
         terms["kl_ner_re"] = 0.5 * (
-            ner_re_alignment(ner, fwd, batch["ner_fwd_pairs"], vocab_mask)
-            + ner_re_alignment(ner, rev, batch["ner_rev_pairs"], vocab_mask)
+            ner_re_alignment(teacher, fwd, batch["ner_fwd_pairs"], vocab_mask, gold)
+            + ner_re_alignment(teacher, rev, batch["ner_rev_pairs"], vocab_mask, gold)
         )
-    if weights.fwd_rev and weights.beta > 0:
+    if "kl_fwd_rev" in weights:
         terms["kl_fwd_rev"] = fwd_rev_alignment(fwd, rev, batch["fwd_rev_pairs"], vocab_mask)
-    if weights.suppress and weights.gamma > 0:
+    if "suppress" in weights:
         neg_mask = batch["neg_mask"]
         terms["suppress"] = 0.5 * (
             negative_suppression(fwd, batch["fwd_labels"], neg_mask, vocab_mask)

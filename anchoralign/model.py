@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,7 @@ from anchoralign.backbones import (
 from anchoralign.batching import Collator
 from anchoralign.errors import UserError
 from anchoralign.linearize import LabelSet, Paradigm, as_paradigm
+from anchoralign.schema import DatasetMeta
 
 FORMAT_VERSION = 1
 N_MASK_TOKENS = 64
@@ -112,7 +113,9 @@ class EncoderState:
 class AnchorAlignModel(nn.Module):
     """Shared encoder + NER / forward RE / reverse RE decoders over a restricted vocabulary."""
 
-    def __init__(self, backbone: Backbone, tokenizer: Any, meta: Any, paradigm: int | Paradigm, name: str):
+    def __init__(
+        self, backbone: Backbone, tokenizer: Any, meta: DatasetMeta, paradigm: int | Paradigm, name: str
+    ):
         super().__init__()
         self.backbone = backbone
         self.tokenizer = tokenizer
@@ -128,7 +131,7 @@ class AnchorAlignModel(nn.Module):
     def from_backbone(
         cls,
         backbone: str,
-        meta: Any,
+        meta: DatasetMeta,
         paradigm: int | Paradigm = Paradigm.GROUPED_ALL,
         decoder_attention: str = "prefix",
         label_init: str = "name",
@@ -163,11 +166,16 @@ class AnchorAlignModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def collator(self, max_length: int | None = None) -> Collator:
+    def collator(self, max_length: int | None = None, align_positions: str = "decision") -> Collator:
         """Collator with this model's tokenizer and labels; ``max_length`` defaults to the encoder's limit."""
         limit = self.backbone.max_positions
         return Collator(
-            self.tokenizer, self.labels, self.paradigm, max_length or limit, max_target_length=limit
+            self.tokenizer,
+            self.labels,
+            self.paradigm,
+            max_length or limit,
+            max_target_length=limit,
+            align_positions=align_positions,
         )
 
     def encode(self, batch: Mapping[str, torch.Tensor]) -> EncoderState:
@@ -202,10 +210,14 @@ class AnchorAlignModel(nn.Module):
         hidden = self.backbone.decode(name, tokens, state.memory, state.mask, cache)
         return self.pointer_logits(hidden, state)
 
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(
+        self, batch: Mapping[str, torch.Tensor], decoders: Sequence[str] = DECODERS
+    ) -> dict[str, torch.Tensor]:
+        """Teacher-forced logits of ``decoders`` (all three by default; the NER teacher of the
+        alignment term asks for ``("ner",)`` only). Through ``forward`` so that ZeRO-3 gathers."""
         state = self.encode(batch)
         return {
-            f"{name}_logits": self.decoder_logits(name, batch[f"{name}_input"], state) for name in DECODERS
+            f"{name}_logits": self.decoder_logits(name, batch[f"{name}_input"], state) for name in decoders
         }
 
     # ------------------------------------------------------------------ bookkeeping
@@ -292,7 +304,7 @@ class AnchorAlignModel(nn.Module):
 # ---------------------------------------------------------------------- label tokens
 
 
-def add_label_tokens(tokenizer: Any, meta: Any) -> list[str]:
+def add_label_tokens(tokenizer: Any, meta: DatasetMeta) -> list[str]:
     """Add the label, ``<sep>`` and mask tokens (as special, never-split tokens); return the new ones."""
     wanted = [entity_token(t) for t in meta.entity_types]
     wanted += [relation_token(r) for r in meta.relation_types]
@@ -313,7 +325,7 @@ def label_name(description: str) -> str:
     return re.split(r"[,，]", description, maxsplit=1)[0].strip() or description
 
 
-def token_descriptions(tokenizer: Any, meta: Any, label_init: str = "name") -> dict[str, str]:
+def token_descriptions(tokenizer: Any, meta: DatasetMeta, label_init: str = "name") -> dict[str, str]:
     """The text whose sub-word embeddings initialise each added token."""
     if label_init not in LABEL_INITS:
         raise UserError(f"label_init must be one of {', '.join(LABEL_INITS)}; got {label_init!r}")
@@ -328,7 +340,7 @@ def token_descriptions(tokenizer: Any, meta: Any, label_init: str = "name") -> d
 
 @torch.no_grad()
 def init_label_embeddings(
-    embedding: nn.Embedding, tokenizer: Any, tokens: list[str], meta: Any, label_init: str = "name"
+    embedding: nn.Embedding, tokenizer: Any, tokens: list[str], meta: DatasetMeta, label_init: str = "name"
 ) -> None:
     """Each token in ``tokens`` starts as the mean embedding of its text's sub-words (``token_descriptions``)."""
     texts = token_descriptions(tokenizer, meta, label_init)
@@ -345,7 +357,7 @@ def init_label_embeddings(
 # ---------------------------------------------------------------------- files
 
 
-def meta_to_json(meta: Any, paradigm: Paradigm) -> dict[str, Any]:
+def meta_to_json(meta: DatasetMeta, paradigm: Paradigm) -> dict[str, Any]:
     data = dataclasses.asdict(meta) if dataclasses.is_dataclass(meta) else dict(vars(meta))
     data["symmetric_relations"] = sorted(data.get("symmetric_relations", ()))
     data["splits"] = list(data.get("splits", ()))
@@ -353,9 +365,7 @@ def meta_to_json(meta: Any, paradigm: Paradigm) -> dict[str, Any]:
     return data
 
 
-def meta_from_json(data: dict[str, Any]) -> Any:
-    from anchoralign.datasets import DatasetMeta
-
+def meta_from_json(data: dict[str, Any]) -> DatasetMeta:
     fields = {f.name for f in dataclasses.fields(DatasetMeta)}
     kwargs = {k: v for k, v in data.items() if k in fields}
     kwargs["symmetric_relations"] = frozenset(kwargs.get("symmetric_relations", ()))

@@ -1,5 +1,5 @@
 """Pure pieces of a training stage: the learning-rate schedule, the phase plan of progressive
-activation, the per-epoch data order and its split over ranks, and the loss weights of a phase.
+activation, and the per-epoch data order (length-bucketed on request) and its split over ranks.
 
 Every function here is deterministic and has tests against hand-computed values.
 """
@@ -11,11 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-
-from anchoralign.config import (
-    TrainConfig,
-)
-from anchoralign.losses import LossWeights
 
 
 def lr_at(
@@ -118,16 +113,3 @@ def rank_micro_batches(
     start = step * g
     flat = [order[(start + i) % n] for i in range(g)]
     return [flat[(j * world + rank) * micro : (j * world + rank + 1) * micro] for j in range(accum)]
-
-
-def weights_for(cfg: TrainConfig, align: bool) -> LossWeights:
-    """Loss weights of a phase: the configured terms when ``align``, cross-entropy only otherwise."""
-    on = align and cfg.use_alignment
-    return LossWeights(
-        alpha=cfg.alpha,
-        beta=cfg.beta,
-        gamma=cfg.gamma,
-        ner_re=on and cfg.use_ner_re,
-        fwd_rev=on and cfg.use_fwd_rev,
-        suppress=on and cfg.use_suppress,
-    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,26 @@ class Sample(BaseModel):
     def to_record(self) -> dict[str, Any]:
         """The jsonl dict; ``source_id``/``origin`` only when set."""
         return self.model_dump(exclude_none=True)
+
+
+@dataclass(frozen=True)
+class DatasetMeta:
+    """What a dataset is: its labels with readable descriptions and how it is scored.
+
+    Built by ``anchoralign.datasets`` from the metadata files; saved in every checkpoint
+    (``labels.json``)."""
+
+    name: str
+    language: str  # "en" or "zh" (zh: tokens are characters)
+    entity_types: dict[str, str]  # label -> readable description (used to init label tokens)
+    relation_types: dict[str, str]  # label -> readable description
+    symmetric_relations: frozenset[str]
+    boundary_only: bool  # NYT, WebNLG: no meaningful entity types, scored on relation boundary F1
+    splits: tuple[str, ...]  # e.g. ("train", "dev", "test")
+    folds: int = 0  # ADE: 10 (cross-validation), else 0
+    notes: str = ""  # e.g. how NYT entity types are derived
+    full_split: str = ""  # cross-validated datasets: the split holding the whole corpus ("full")
+    self_relations: bool = False  # a relation may link a mention to itself (WebNLG); else forbidden
 
 
 def _field_of(err: ValidationError) -> str:

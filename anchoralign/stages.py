@@ -1,30 +1,52 @@
 """Running a stage end to end, shared by ``pretrain/run.py`` and ``sft/run.py``: parse the
-config, plan the phases, load the data and the model, train with :class:`anchoralign.engine.Trainer`,
-and turn a user's mistake into one clear line and exit status 2.
+command line into the stage config, plan the phases, load the data and the model, train with
+:class:`anchoralign.trainer.Trainer`, and turn a user's mistake into one clear line and exit
+status 2.
 """
 
 from __future__ import annotations
 
+import argparse
+import inspect
 import random
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 import torch
 from rich.console import Console
 from rich.markup import escape
 from torch import nn
 
-from anchoralign import distributed
-from anchoralign.config import (
-    TrainConfig,
-)
-from anchoralign.engine import Trainer
+from anchoralign import config_tree, distributed
+from anchoralign.config import TrainConfig
 from anchoralign.errors import UserError
-from anchoralign.evaluation import Evaluator
 from anchoralign.runlog import RunLog
-from anchoralign.schedule import Phase, weights_for
-from anchoralign.schema import Sample
+from anchoralign.schedule import Phase
+from anchoralign.schema import DatasetMeta, Sample
+
+C = TypeVar("C", bound=TrainConfig)
+
+
+def parse_args(cls: type[C], argv: Sequence[str] | None, prog: str) -> C:
+    """``--config FILE`` plus one flag per config key (``--loss.alpha=0.3``) -> a validated config.
+
+    ``--local_rank`` (added by the ``deepspeed`` launcher; the rank is read from the environment)
+    is accepted and ignored; ``-h``/``--help`` lists every key with its type, default and meaning.
+    """
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        usage="%(prog)s --config FILE [--key=VALUE | --section.key=VALUE ...]",
+        description=inspect.cleandoc(cls.__doc__ or ""),
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="FILE", help="YAML or JSON config (flags override its keys)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    config_tree.add_flags(parser, cls)
+    args = config_tree.parse_known_or_fail(parser, sys.argv[1:] if argv is None else argv, cls)
+    return config_tree.load(cls, args.config, config_tree.given_overrides(args))
 
 
 def take(samples: Sequence[Sample], limit: int | None, what: str, log: RunLog) -> list[Sample]:
@@ -35,18 +57,19 @@ def take(samples: Sequence[Sample], limit: int | None, what: str, log: RunLog) -
     return list(samples[:limit])
 
 
-def load_model(cfg: TrainConfig, meta: Any) -> nn.Module:
-    """The model to train: ``init_from``'s checkpoint, or a fresh one on ``backbone``."""
+def load_model(cfg: TrainConfig, meta: DatasetMeta) -> nn.Module:
+    """The model to train: ``init_from``'s checkpoint, or a fresh one on ``model.backbone``."""
     from anchoralign.linearize import LabelSet
     from anchoralign.model import AnchorAlignModel
 
+    m = cfg.model
     if cfg.init_from is None:
         return AnchorAlignModel.from_backbone(
-            cfg.backbone,
+            m.backbone,
             meta,
-            paradigm=cfg.paradigm,
-            decoder_attention=cfg.decoder_attention,
-            label_init=cfg.label_init,
+            paradigm=m.paradigm,
+            decoder_attention=m.decoder_attention,
+            label_init=m.label_init,
         )
     path = Path(cfg.init_from)
     if not (path / "config.json").is_file():
@@ -56,16 +79,16 @@ def load_model(cfg: TrainConfig, meta: Any) -> nn.Module:
     want = LabelSet.from_meta(meta)
     if (model.labels.entity_types, model.labels.relation_types) != (want.entity_types, want.relation_types):
         raise UserError(f"init_from: {path} was trained with other labels than dataset '{meta.name}'")
-    if int(model.paradigm) != cfg.paradigm:
+    if int(model.paradigm) != m.paradigm:
         raise UserError(
-            f"init_from: {path} uses paradigm {int(model.paradigm)} but the config has paradigm={cfg.paradigm}"
+            f"init_from: {path} uses paradigm {int(model.paradigm)} but the config has model.paradigm={m.paradigm}"
         )
     return model
 
 
 def run_stage(
     cfg: TrainConfig,
-    meta: Any,
+    meta: DatasetMeta,
     phases: Sequence[Phase],
     train_sets: Mapping[str, Sequence[Sample]],
     log: RunLog,
@@ -76,59 +99,50 @@ def run_stage(
     are set up, so such errors come at once.
     """
     from anchoralign.datasets import load_split
-    from anchoralign.decode import DecodeConfig
+    from anchoralign.evaluation import Evaluator
     from anchoralign.losses import loss_terms
+    from anchoralign.trainer import Trainer
 
-    for split in (cfg.eval_split, *cfg.loss_splits):
+    for split in (cfg.eval.split, *cfg.eval.loss_splits):
         if split not in meta.splits:
             raise UserError(
                 f"config: split '{split}' is not one of dataset {meta.name}'s splits {list(meta.splits)}"
             )
     splits = {
-        s: load_split(cfg.dataset, s, cfg.data_dir, fold=cfg.fold) for s in {cfg.eval_split, *cfg.loss_splits}
+        s: load_split(cfg.dataset, s, cfg.data_dir, fold=cfg.fold)
+        for s in {cfg.eval.split, *cfg.eval.loss_splits}
     }
-    splits = {s: take(v, cfg.limit_eval, s, log) for s, v in splits.items()}
+    splits = {s: take(v, cfg.data.limit_eval, s, log) for s, v in splits.items()}
 
     distributed.setup()
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
     model = load_model(cfg, meta)
-    collate = model.collator(max_length=cfg.max_length)
-    decode_cfg = DecodeConfig(
-        beam_size=cfg.beam_size,
-        max_len=cfg.decode_max_len,
-        batch_size=cfg.eval_batch_size,
-        aggregate=cfg.aggregate,
-        anchor=cfg.anchor,
-        constrained=cfg.constrained,
-    )
+    collate = model.collator(max_length=cfg.model.max_length, align_positions=cfg.loss.align_positions)
     evaluator = Evaluator(
-        gold=splits[cfg.eval_split],
-        loss_sets={s: splits[s] for s in cfg.loss_splits},
+        gold=splits[cfg.eval.split],
+        loss_sets={s: splits[s] for s in cfg.eval.loss_splits},
         collate=collate,
         loss_fn=loss_terms,
-        # The loss curves show every configured term, also before the terms are switched on.
-        weights=weights_for(cfg, align=True),
-        decode_cfg=decode_cfg,
-        symmetric=frozenset(meta.symmetric_relations),
-        boundary_only=bool(meta.boundary_only),
-        batch_size=cfg.eval_batch_size,
+        loss_cfg=cfg.loss,
+        decode_cfg=cfg.decode,
+        meta=meta,
     )
-    reload = type(model).from_pretrained
-    trainer = Trainer(cfg, model, phases, train_sets, collate, loss_terms, evaluator, log, reload)
+    trainer = Trainer(
+        cfg, model, phases, train_sets, collate, loss_terms, evaluator, log, type(model).from_pretrained
+    )
     return trainer.fit()
 
 
 def stage_main(
     config_cls: type[TrainConfig],
-    plan: Callable[[Any, Any, RunLog], tuple[list[Phase], dict[str, list[Sample]]]],
+    plan: Callable[[TrainConfig, DatasetMeta, RunLog], tuple[list[Phase], dict[str, list[Sample]]]],
     argv: Sequence[str] | None,
     prog: str,
 ) -> int:
     """The whole entry point of a stage: parse the config, plan its phases, train, report errors."""
 
     def run() -> None:
-        from anchoralign.config import parse_args
         from anchoralign.datasets import get_meta
 
         cfg = parse_args(config_cls, argv, prog=prog)

@@ -1,13 +1,13 @@
 """Stage 1, pretraining on the augmented corpus of ``augment run``.
 
-Three phases (``epochs: [ETU, POA-CE, POA-align]``):
+Three phases (``phases.epochs: [ETU, POA-CE, POA-align]``):
 
 1. ``etu`` - Entity Type Understanding on ``masked.jsonl``: mentions are ``<mask_i>`` tokens, so
    the entity types must be read from the context alone (cross-entropy only);
 2. ``poa-ce`` - Progressive Objective Activation on ``unmasked.jsonl`` with the three
    cross-entropies;
 3. ``poa-align`` - the same data with the alignment and suppression terms switched on, after the
-   configured epochs or, with ``switch_on: valid_rate``, as soon as the dev outputs are valid.
+   configured epochs (or earlier, see ``phases.switch``).
 
 Launch: ``python pretrain/run.py --config pretrain/configs/conll04.yaml [--key=value ...]`` (one
 process), or under ``deepspeed`` / ``torchrun`` for several. Run it again with the same command
@@ -21,11 +21,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from anchoralign.config import PretrainConfig
-from anchoralign.datasets import DatasetMeta
 from anchoralign.errors import RecordError, UserError
 from anchoralign.runlog import RunLog
 from anchoralign.schedule import Phase
-from anchoralign.schema import Sample, read_jsonl
+from anchoralign.schema import DatasetMeta, Sample, read_jsonl
 from anchoralign.stages import stage_main, take
 
 MASKED = "masked.jsonl"
@@ -39,7 +38,7 @@ def read_corpus(cfg: PretrainConfig, name: str, meta: DatasetMeta) -> list[Sampl
         raise UserError(
             f"{path}: corpus file not found; build the corpus with "
             f"`augment run --dataset {cfg.dataset} --out {cfg.corpus_path}` "
-            f"(or point --corpus_dir at a folder holding {MASKED} and {UNMASKED})"
+            f"(or point --data.corpus-dir at a folder holding {MASKED} and {UNMASKED})"
         )
     samples = read_jsonl(path)
     check_labels(samples, meta, path)
@@ -62,12 +61,14 @@ def check_labels(samples: Sequence[Sample], meta: DatasetMeta, path: Path) -> No
 
 
 def plan(cfg: PretrainConfig, meta: DatasetMeta, log: RunLog) -> tuple[list[Phase], dict[str, list[Sample]]]:
-    etu, poa_ce, poa_align = cfg.epochs
+    etu, poa_ce, poa_align = cfg.phases.epochs
     sets: dict[str, list[Sample]] = {}
     if etu:
-        sets["masked"] = take(read_corpus(cfg, MASKED, meta), cfg.limit_train, "masked-corpus", log)
+        sets["masked"] = take(read_corpus(cfg, MASKED, meta), cfg.data.limit_train, "masked-corpus", log)
     if poa_ce or poa_align:
-        sets["unmasked"] = take(read_corpus(cfg, UNMASKED, meta), cfg.limit_train, "unmasked-corpus", log)
+        sets["unmasked"] = take(
+            read_corpus(cfg, UNMASKED, meta), cfg.data.limit_train, "unmasked-corpus", log
+        )
     phases = [
         Phase("etu", "masked", etu, align=False),
         Phase("poa-ce", "unmasked", poa_ce, align=False),

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 
 import torch
 
-from anchoralign.backbones import BART_LARGE_SHAPE, DECODERS
+from anchoralign.backbones import BART_LARGE_SHAPE
 from anchoralign.datasets import get_meta, load_split
 from anchoralign.decode import DecodeConfig, predict
-from anchoralign.linearize import linearize
+from anchoralign.linearize import DECODERS, linearize
 from anchoralign.model import AnchorAlignModel
 from anchoralign.schema import Sample
 

@@ -124,7 +124,7 @@ def _build(name: str, meta: Any) -> Any:
 
 def plain_loop(model: Any, lr: float, total: int, clip: float) -> Step:
     """One optimizer step of a hand-written loop, doing what the engine does."""
-    from anchoralign.losses import LossWeights, loss_terms
+    from anchoralign.losses import ALIGN_TERMS, CE_TERMS, loss_terms
     from anchoralign.schedule import lr_at, warmup_steps_for
 
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -135,7 +135,7 @@ def plain_loop(model: Any, lr: float, total: int, clip: float) -> Step:
     warm = warmup_steps_for(total, 0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_at(k, total, warm, 1.0))
     collate = model.collator(max_length=256)
-    weights = LossWeights(1.0, 1.0, 1.0)
+    weights = dict.fromkeys((*CE_TERMS, *ALIGN_TERMS), 1.0)
 
     def step(samples: list[Any]) -> None:
         model.train()
@@ -153,26 +153,26 @@ def plain_loop(model: Any, lr: float, total: int, clip: float) -> Step:
 def engine_trainer(model: Any, args: argparse.Namespace, batches: Sequence[list[Any]], out: Path) -> Any:
     """A Trainer whose single phase is one epoch of exactly these batches (same schedule length)."""
     from anchoralign.config import PretrainConfig, load_config
-    from anchoralign.engine import Trainer
     from anchoralign.losses import loss_terms
     from anchoralign.schedule import Phase
+    from anchoralign.trainer import Trainer
 
     overrides = [
         "--dataset=conll04",
         f"--output_dir={out}",
-        "--epochs=[0,0,1]",
-        "--lr=1e-4",
-        "--warmup_ratio=0.1",
-        f"--micro_batch_size={args.micro_batch}",
-        f"--zero_stage={args.zero_stage}",
-        f"--precision={args.precision}",
-        "--progress=false",
+        "--phases.epochs=[0,0,1]",
+        "--optim.lr=1e-4",
+        "--optim.warmup_ratio=0.1",
+        f"--optim.micro_batch_size={args.micro_batch}",
+        f"--trainer.zero_stage={args.zero_stage}",
+        f"--trainer.precision={args.precision}",
+        "--trainer.progress=false",
     ]
     if args.keep_zero:
         # A DeepSpeed JSON of one's own keeps the ZeRO stage on a single rank (effective_zero_stage).
         ds_json = out / "ds.json"
         ds_json.write_text('{"zero_optimization": {"stage": "auto"}}', encoding="utf-8")
-        overrides.append(f"--deepspeed_config={ds_json}")
+        overrides.append(f"--trainer.deepspeed_config={ds_json}")
     cfg = load_config(PretrainConfig, None, overrides)
     train = [s for batch in batches for s in batch]
     phases = [Phase("bench", "train", 1, align=True)]

@@ -2,7 +2,7 @@
 
 Starts from a pretrained model (``init_from: <pretrain output_dir>/final``) or, with
 ``init_from: null``, from the bare backbone (the "without pretraining" ablation). Three phases
-(``epochs: [curriculum, full-CE, full-align]``):
+(``phases.epochs: [curriculum, full-CE, full-align]``):
 
 1. ``curriculum`` - warm-up on the training samples with at most ``curriculum_max_relations``
    relations (cross-entropy only);
@@ -20,11 +20,11 @@ import sys
 from collections.abc import Sequence
 
 from anchoralign.config import SFTConfig
-from anchoralign.datasets import DatasetMeta, load_split
+from anchoralign.datasets import load_split
 from anchoralign.errors import UserError
 from anchoralign.runlog import RunLog
 from anchoralign.schedule import Phase
-from anchoralign.schema import Sample
+from anchoralign.schema import DatasetMeta, Sample
 from anchoralign.stages import stage_main, take
 
 
@@ -34,20 +34,21 @@ def curriculum_subset(samples: Sequence[Sample], max_relations: int) -> list[Sam
 
 
 def plan(cfg: SFTConfig, meta: DatasetMeta, log: RunLog) -> tuple[list[Phase], dict[str, list[Sample]]]:
-    warmup, full_ce, full_align = cfg.epochs
+    warmup, full_ce, full_align = cfg.phases.epochs
+    data = cfg.data
     train = take(
-        load_split(cfg.dataset, cfg.train_split, cfg.data_dir, fold=cfg.fold), cfg.limit_train, "train", log
+        load_split(cfg.dataset, data.train_split, cfg.data_dir, fold=cfg.fold), data.limit_train, "train", log
     )
-    simple = curriculum_subset(train, cfg.curriculum_max_relations)
+    simple = curriculum_subset(train, data.curriculum_max_relations)
     if warmup:
         log.info(
             f"curriculum warm-up set: {len(simple)} of {len(train)} training samples have at most "
-            f"K={cfg.curriculum_max_relations} relation(s)"
+            f"K={data.curriculum_max_relations} relation(s)"
         )
         if not simple:
             raise UserError(
-                f"curriculum_max_relations={cfg.curriculum_max_relations}: no training sample qualifies; "
-                "raise it or set the first epochs entry to 0"
+                f"data.curriculum_max_relations={data.curriculum_max_relations}: no training sample qualifies; "
+                "raise it or set the first phases.epochs entry to 0"
             )
     phases = [
         Phase("curriculum", "simple", warmup, align=False),

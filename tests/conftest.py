@@ -21,3 +21,20 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"benchmark data not found at {SHARED_DATA} (set ANCHORALIGN_TEST_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture()
+def gloo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A one-process group on loopback for the trainer; the variables are removed after the test."""
+    from anchoralign import distributed
+
+    env = {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(distributed.free_port()),
+        "DS_ACCELERATOR": "cpu",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)

@@ -72,9 +72,9 @@ def train(
     model, samples, steps: int, lr: float = 3e-3, batch_size: int = 15, stop_below: float | None = None
 ):
     """A plain AdamW loop on the three cross-entropies; stops early once a whole epoch is below ``stop_below``."""
-    from anchoralign.losses import LossWeights, loss_terms
+    from anchoralign.losses import CE_TERMS, loss_terms
 
-    weights = LossWeights(alpha=0.0, beta=0.0, gamma=0.0, ner_re=False, fwd_rev=False, suppress=False)
+    weights = dict.fromkeys(CE_TERMS, 1.0)
     collate = model.collator()
     batches = [collate(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)

@@ -12,9 +12,9 @@ from model_fixtures import (
 from transformers import AutoTokenizer
 
 from anchoralign.backbones import minilm_dir
-from anchoralign.batching import IGNORE, Collator
+from anchoralign.batching import Collator
 from anchoralign.errors import UserError
-from anchoralign.linearize import LabelSet, Paradigm, decoder_pairs, linearize
+from anchoralign.linearize import IGNORE, LabelSet, Paradigm, decoder_pairs, linearize
 from anchoralign.model import add_label_tokens
 from anchoralign.schema import Sample
 

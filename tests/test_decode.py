@@ -38,11 +38,12 @@ def allowed(grammar: Grammar, prefix: list[int], n_words: int, labels: LabelSet 
     """Ids the grammar allows after ``prefix`` in a sentence of ``n_words`` words."""
     state = torch.tensor([START])
     last = torch.tensor([-1])
+    anchor = torch.tensor([-1])
     for token in prefix:
-        state, last = grammar.step(state, torch.tensor([token]))
+        state, last, anchor = grammar.step(state, torch.tensor([token]), anchor)
     vocab = torch.ones(1, labels.n_fixed + n_words, dtype=torch.bool)
     vocab[0, 0] = False
-    return set(torch.nonzero(grammar.mask(state, last, vocab)[0]).flatten().tolist())
+    return set(torch.nonzero(grammar.mask(state, last, vocab, anchor)[0]).flatten().tolist())
 
 
 ENTITIES, RELATIONS = {3, 4, 5}, {6, 7}
@@ -62,7 +63,7 @@ def test_ner_grammar_allows_mentions_then_types():
 
 
 def test_grouped_grammar_writes_blocks_closed_by_sep():
-    g = Grammar.for_decoder("fwd", LABELS, Paradigm.GROUPED_ALL, CPU)
+    g = Grammar.for_decoder("fwd", LABELS, Paradigm.GROUPED_ALL, CPU, self_relations=True)
     anchor = [W + 0, W + 1, 3]
     assert allowed(g, anchor, 5) == words(5)  # an anchor needs a partner
     assert allowed(g, [*anchor, W + 4, 4], 5) == RELATIONS
@@ -71,10 +72,25 @@ def test_grouped_grammar_writes_blocks_closed_by_sep():
 
 
 def test_flat_grammar_writes_triples_without_sep():
-    g = Grammar.for_decoder("rev", LABELS, Paradigm.FLAT_ALL, CPU)
+    g = Grammar.for_decoder("rev", LABELS, Paradigm.FLAT_ALL, CPU, self_relations=True)
     triple = [W + 0, 3, W + 2, 4]
     assert allowed(g, triple, 3) == RELATIONS
     assert allowed(g, [*triple, 6], 3) == {EOS} | words(3)
+
+
+@pytest.mark.parametrize("paradigm", [Paradigm.GROUPED_ALL, Paradigm.FLAT_ALL])
+def test_a_partner_cannot_start_where_its_anchor_starts(paradigm):
+    g = Grammar.for_decoder("fwd", LABELS, paradigm, CPU)
+    anchor = [W + 1, W + 2, 3]  # the anchor (or first mention) spans words 1-2
+    assert allowed(g, anchor, 5) == words(5) - {W + 1}
+    if paradigm.grouped:
+        # The next partner of the same block neither; a new block forgets the old anchor.
+        assert allowed(g, [*anchor, W + 4, 4, 6], 5) == {2} | words(5) - {W + 1}
+        assert allowed(g, [*anchor, W + 4, 4, 6, 2, W + 3, 5], 5) == words(5) - {W + 3}
+    else:
+        assert allowed(g, [*anchor, W + 4, 4, 6, W + 3, 5], 5) == words(5) - {W + 3}
+    # NER mentions are not affected.
+    assert allowed(Grammar.for_decoder("ner", LABELS, paradigm, CPU), [W + 1, 3], 5) == {EOS} | words(5)
 
 
 def assert_grammar_accepts(samples: list[Sample], labels: LabelSet, paradigm: Paradigm) -> None:
@@ -102,19 +118,19 @@ def test_every_conll04_target_is_allowed_by_the_grammar(paradigm, shared_data):
 
 def random_output(grammar: Grammar, n_words: int, rng: random.Random, wind_down_after: int = 12) -> list[int]:
     """A random output the grammar allows; past ``wind_down_after`` ids it heads for <eos>."""
-    state, last = torch.tensor([START]), torch.tensor([-1])
+    state, last, anchor = torch.tensor([START]), torch.tensor([-1]), torch.tensor([-1])
     vocab = torch.ones(1, W + n_words, dtype=torch.bool)
     vocab[0, 0] = False
     ids: list[int] = []
     while not ids or ids[-1] != EOS:
-        legal = torch.nonzero(grammar.mask(state, last, vocab)[0]).flatten().tolist()
+        legal = torch.nonzero(grammar.mask(state, last, vocab, anchor)[0]).flatten().tolist()
         if len(ids) < wind_down_after:
             choices = [i for i in legal if i != EOS] or legal
         else:  # prefer ending: <eos>, then <sep>, then closing labels, then words
             choices = next(c for c in ([EOS], [2], list(range(3, W)), legal) if set(c) & set(legal))
             choices = [i for i in choices if i in legal]
         ids.append(rng.choice(choices))
-        state, last = grammar.step(state, torch.tensor(ids[-1:]))
+        state, last, anchor = grammar.step(state, torch.tensor(ids[-1:]), anchor)
     return ids
 
 
@@ -123,7 +139,9 @@ def test_random_grammatical_outputs_always_parse_with_nothing_dropped(paradigm):
     rng = random.Random(int(paradigm))
     grammars = {name: Grammar.for_decoder(name, LABELS, paradigm, CPU) for name in ("ner", "fwd", "rev")}
     for _ in range(100):
-        n_words = rng.randint(1, 7)
+        # Two words at least: in a one-word sentence an anchor has no partner but itself, which
+        # the grammar forbids (generate then ends the output, which is reported as not valid).
+        n_words = rng.randint(2, 7)
         outputs = {name: random_output(g, n_words, rng) for name, g in grammars.items()}
         _, report = parse_with_report(
             outputs["ner"], outputs["fwd"], outputs["rev"], ["w"] * n_words, LABELS, paradigm
@@ -142,12 +160,12 @@ def reference_greedy(model, batch, name: str, steps: int) -> list[list[int]]:
     g = Grammar.for_decoder(name, model.labels, model.paradigm, CPU)
     n = batch["input_ids"].shape[0]
     ids = torch.zeros(n, 1, dtype=torch.long)
-    gstate, last = torch.full((n,), START), torch.full((n,), -1)
+    gstate, last, anchor = torch.full((n,), START), torch.full((n,), -1), torch.full((n,), -1)
     for _ in range(steps):
         logits = model.decoder_logits(name, ids, state)[:, -1]
-        legal = g.mask(gstate, last, state.vocab_mask)
+        legal = g.mask(gstate, last, state.vocab_mask, anchor)
         nxt = logits.masked_fill(~legal, float("-inf")).argmax(-1)
-        gstate, last = g.step(gstate, nxt)
+        gstate, last, anchor = g.step(gstate, nxt, anchor)
         ids = torch.cat([ids, nxt[:, None]], 1)
     return [row[1:] for row in ids.tolist()]
 
@@ -171,11 +189,11 @@ def sequence_log_prob(model, batch, row: int, name: str, ids: list[int]) -> floa
     g = Grammar.for_decoder(name, model.labels, model.paradigm, CPU)
     inputs = torch.tensor([[0, *ids[:-1]]])
     logits = model.decoder_logits(name, inputs, state)[0]
-    total, gstate, last = 0.0, torch.tensor([START]), torch.tensor([-1])
+    total, gstate, last, anchor = 0.0, torch.tensor([START]), torch.tensor([-1]), torch.tensor([-1])
     for t, token in enumerate(ids):
-        legal = g.mask(gstate, last, state.vocab_mask)[0]
+        legal = g.mask(gstate, last, state.vocab_mask, anchor)[0]
         total += torch.log_softmax(logits[t].masked_fill(~legal, float("-inf")), -1)[token].item()
-        gstate, last = g.step(gstate, torch.tensor([token]))
+        gstate, last, anchor = g.step(gstate, torch.tensor([token]), anchor)
     return total
 
 
@@ -183,7 +201,7 @@ def sequence_log_prob(model, batch, row: int, name: str, ids: list[int]) -> floa
 def test_beam_search_finds_outputs_at_least_as_likely_as_greedy(model):
     batch = model.collator().inputs(toy_samples())
     greedy = generate(model, batch, DecodeConfig(max_len=10))
-    beam = generate(model, batch, DecodeConfig(max_len=10, beam_size=4))
+    beam = generate(model, batch, DecodeConfig(max_len=10, beam=4))
     compared = 0
     for name in ("ner", "fwd", "rev"):
         for row in range(3):
@@ -231,7 +249,7 @@ def test_predict_keeps_input_order_ids_and_tokens_whatever_the_batching(model):
 def test_predict_restores_training_mode_and_reads_only_tokens(model):
     model.train()
     try:
-        preds = predict(model, toy_samples()[:1], DecodeConfig(max_len=4, beam_size=2))
+        preds = predict(model, toy_samples()[:1], DecodeConfig(max_len=4, beam=2))
         assert model.training
     finally:
         model.eval()
@@ -245,7 +263,7 @@ def test_unconstrained_decoding_reports_validity(model):
 
 
 def test_aggregation_and_anchor_constraint_switch_independently():
-    fake = SimpleNamespace(labels=LABELS, paradigm=Paradigm.GROUPED_ALL)
+    fake = SimpleNamespace(labels=LABELS, paradigm=Paradigm.GROUPED_ALL, meta=TOY_META)
     sample = Sample(id="s1", tokens=toy_samples()[0].tokens)
     ids = {
         "ner": [W + 0, W + 1, 3, W + 4, 4, EOS],  # Ann Lee/Peop, Acme/Org (not Oslo)

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from anchoralign import distributed, engine
+from anchoralign import distributed, trainer
 from sft.run import main
 
-fit = engine.Trainer.fit
+fit = trainer.Trainer.fit
 
 
 def fit_and_dump(self):
@@ -40,7 +40,7 @@ def fit_and_dump(self):
     return final
 
 
-engine.Trainer.fit = fit_and_dump
+trainer.Trainer.fit = fit_and_dump
 sys.exit(main())
 """
 
@@ -69,9 +69,9 @@ def test_two_ranks_zero2_end_with_the_same_weights(tmp_path: Path, shared_data: 
     command = [
         "deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(wrapper),
         "--config", "sft/configs/conll04.yaml", f"--data_dir={shared_data}", f"--output_dir={out}",
-        "--backbone=tiny", "--init_from=null", "--precision=fp32", "--zero_stage=2", "--epochs=[1,1,1]",
-        "--micro_batch_size=2", "--grad_accum=2", "--limit_train=16", "--limit_eval=2",
-        "--loss_splits=[dev]", "--decode_max_len=16", "--lr=1e-3", "--switch_on=epochs", "--progress=false",
+        "--model.backbone=tiny", "--init_from=null", "--trainer.precision=fp32", "--trainer.zero_stage=2", "--phases.epochs=[1,1,1]",
+        "--optim.micro_batch_size=2", "--optim.grad_accum=2", "--data.limit_train=16", "--data.limit_eval=2",
+        "--eval.loss_splits=[dev]", "--decode.max_len=16", "--optim.lr=1e-3", "--phases.switch=epochs", "--trainer.progress=false",
     ]  # fmt: skip
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]

@@ -21,8 +21,10 @@ from anchoralign.linearize import (
     DecoderReport,
     LabelSet,
     Paradigm,
+    accepted,
     align_pairs,
     decoder_pairs,
+    grammar_of,
     is_entity_key,
     linearize,
     parse,
@@ -247,9 +249,19 @@ def test_special_cases_round_trip(case, paradigm):
     entities, triples = SPECIAL_CASES[case]
     sample = make_sample(["w0", "w1", "w2", "w3"], entities, triples)
     t = linearize(sample, LABELS, paradigm)
-    back, report = parse_with_report(t.ner, t.fwd, t.rev, sample.tokens, LABELS, paradigm, sample_id="s")
+    back, report = parse_with_report(
+        t.ner, t.fwd, t.rev, sample.tokens, LABELS, paradigm, sample_id="s", self_relations=True
+    )
     assert structure(back) == structure(sample)
     assert report.valid
+
+
+def test_self_relations_are_dropped_unless_the_dataset_has_them():
+    entities, triples = SPECIAL_CASES["self relation"]
+    sample = make_sample(["w0", "w1", "w2", "w3"], entities, triples)
+    t = linearize(sample, LABELS)
+    back = parse(t.ner, t.fwd, t.rev, sample.tokens, LABELS, sample_id="s")
+    assert [(r.head, r.tail, r.type) for r in back.relations] == [(0, 1, "Work_For")]
 
 
 def test_duplicate_relations_collapse():
@@ -396,6 +408,20 @@ def test_anchor_also_checks_the_type():
     ner = [12, 13, 6, 15, 4, 1]  # Ann Lee typed Other, not Peop
     fwd = [12, 13, 5, 15, 4, 7, 2, 1]
     assert structure(parse(ner, fwd, [1], TOKENS, LABELS)) == ({(0, 2, "Other"), ACME}, set())
+    assert structure(parse(ner, fwd, [1], TOKENS, LABELS, anchor="typed")) == ({(0, 2, "Other"), ACME}, set())
+
+
+def test_span_anchor_checks_the_mentions_and_keeps_the_relation_types():
+    ner = [12, 13, 6, 15, 4, 1]  # Ann Lee typed Other by NER, Peop by the forward decoder
+    fwd = [12, 13, 5, 15, 4, 7, 17, 3, 10, 2, 1]  # Work_For(Ann Lee, Acme), Live_In(Ann Lee, Oslo)
+    # Work_For survives with the forward decoder's types (so Ann Lee is an entity of two types);
+    # Live_In does not: NER found no mention at Oslo's span.
+    assert structure(parse(ner, fwd, [1], TOKENS, LABELS, anchor="span")) == (
+        {(0, 2, "Other"), ANN, ACME},
+        {WORKS},
+    )
+    with pytest.raises(ValueError, match="anchor"):
+        parse(ner, fwd, [1], TOKENS, LABELS, anchor="loose")
 
 
 @pytest.mark.parametrize("paradigm", [Paradigm.FLAT_NONREL, Paradigm.GROUPED_NONREL])
@@ -435,8 +461,38 @@ def test_align_pairs_matches_repeated_keys_in_order():
     assert align_pairs([None], [None]) == []
 
 
-def test_decoder_pairs_of_the_grouped_example():
-    pairs = decoder_pairs(linearize(EXAMPLE, LABELS, Paradigm.GROUPED_ALL))
+def test_decision_pairs_of_the_grouped_example():
+    """Only positions where both decoders make the same decision: later tokens and the type of a
+    mention (k >= 1) and relation labels; forward and reverse paired by (triple, role)."""
+    t = linearize(EXAMPLE, LABELS, Paradigm.GROUPED_ALL)
+    pairs = decoder_pairs(t)
+    # NER: Ann Lee <Peop> 0-2, Acme <Org> 3-4, Oslo <Loc> 5-6. Lee and the three types pair with
+    # every RE occurrence; Ann, Acme and Oslo (first tokens, k = 0) with none.
+    assert pairs["ner_fwd"] == [(1, 1), (2, 2), (4, 4), (4, 11), (6, 7), (6, 13)]
+    assert pairs["ner_rev"] == [(1, 3), (1, 10), (2, 4), (2, 11), (4, 1), (4, 14), (6, 8)]
+    # fwd: Ann Lee <Peop> (anchor of Work_For and Live_In) Acme <Org> <Work_For> Oslo <Loc> <Live_In>
+    # <sep> | Acme <Org> (anchor of OrgBased_In) Oslo <Loc> <OrgBased_In> <sep>.
+    # rev: Acme <Org> Ann Lee <Peop> <Work_For> <sep> | Oslo <Loc> (anchor of Live_In and
+    # OrgBased_In) Ann Lee <Peop> <Live_In> Acme <Org> <OrgBased_In> <sep>.
+    assert pairs["fwd_rev"] == [
+        (1, 3),  # Lee, head of Work_For
+        (1, 10),  # Lee, head of Live_In
+        (2, 4),
+        (2, 11),
+        (4, 1),  # Acme's type, tail of Work_For
+        (5, 5),  # <Work_For>
+        (7, 8),  # Oslo's type, tail of Live_In
+        (8, 12),  # <Live_In>
+        (11, 14),  # Acme's type, head of OrgBased_In
+        (13, 8),  # Oslo's type, tail of OrgBased_In
+        (14, 15),  # <OrgBased_In>
+    ]
+    for i, j in pairs["fwd_rev"]:
+        assert t.fwd[i] == t.rev[j]
+
+
+def test_all_pairs_of_the_grouped_example():
+    pairs = decoder_pairs(linearize(EXAMPLE, LABELS, Paradigm.GROUPED_ALL), "all")
     # NER: Ann 0-2, Acme 3-4, Oslo 5-6. fwd: Ann 0-2, Acme 3-4 and 10-11, Oslo 6-7 and 12-13.
     ner_fwd = [(0, 0), (1, 1), (2, 2), (3, 3), (3, 10), (4, 4), (4, 11), (5, 6), (5, 12), (6, 7), (6, 13)]
     assert pairs["ner_fwd"] == ner_fwd
@@ -488,12 +544,16 @@ def test_no_ner_re_pairs_when_ner_omits_relational_entities(paradigm):
 def test_fwd_rev_pairs_skip_triples_only_one_side_writes():
     t = linearize(EXAMPLE, LABELS, Paradigm.FLAT_ALL)
     only_works = linearize(make_sample(TOKENS, [ANN, ACME], [WORKS]), LABELS, Paradigm.FLAT_ALL)
-    t.rev, t.rev_keys = only_works.rev, only_works.rev_keys
-    pairs = decoder_pairs(t)["fwd_rev"]
+    t.rev, t.rev_keys, t.rev_roles = only_works.rev, only_works.rev_keys, only_works.rev_roles
+    pairs = decoder_pairs(t, "all")["fwd_rev"]
     # Only Work_For is shared: Ann Lee and Acme tokens (also where fwd writes them for other
     # triples) and the Work_For label; nothing of Oslo.
     assert {t.fwd_keys[i] for i, _ in pairs} == set(keys_of(ANN, ACME, WORKS))
     assert all(t.fwd_keys[i] == t.rev_keys[j] for i, j in pairs)
+    # By (triple, role): only where fwd writes Work_For's head and tail, past their first token.
+    decision = decoder_pairs(t)["fwd_rev"]
+    assert decision and all(any(r[0][2] == "Work_For" for r in t.fwd_roles[i]) for i, _ in decision)
+    assert all(t.fwd[i] == t.rev[j] for i, j in decision)
 
 
 # --------------------------------------------------------------------------- properties
@@ -528,10 +588,15 @@ def test_random_samples_round_trip(paradigm):
     for _ in range(1500):
         sample = _random_sample(rng, LABELS)
         t = linearize(sample, LABELS, paradigm)
-        back, report = parse_with_report(t.ner, t.fwd, t.rev, sample.tokens, LABELS, paradigm)
+        back, report = parse_with_report(
+            t.ner, t.fwd, t.rev, sample.tokens, LABELS, paradigm, self_relations=True
+        )
         assert structure(back) == structure(sample), sample
         assert report.valid
         assert len(t.ner_keys) == len(t.ner) and len(t.fwd_keys) == len(t.fwd)
+        # The grammar the decoder is constrained by accepts every target the writers produce.
+        for name in ("ner", "fwd", "rev"):
+            assert accepted(getattr(t, name), grammar_of(name, paradigm), LABELS), (name, sample)
 
 
 @pytest.mark.parametrize("paradigm", list(Paradigm))
@@ -656,8 +721,14 @@ def _round_trip_all(samples, labels):
     for paradigm in Paradigm:
         for sample in samples:
             t = linearize(sample, labels, paradigm)
-            back, report = parse_with_report(t.ner, t.fwd, t.rev, sample.tokens, labels, paradigm)
-            if structure(back) != structure(sample) or not report.valid:
+            back, report = parse_with_report(
+                t.ner, t.fwd, t.rev, sample.tokens, labels, paradigm, self_relations=True
+            )
+            grammatical = all(
+                accepted(ids, grammar_of(name, paradigm), labels)
+                for name, ids in (("ner", t.ner), ("fwd", t.fwd), ("rev", t.rev))
+            )
+            if structure(back) != structure(sample) or not report.valid or not grammatical:
                 failures.append((sample.id, paradigm.name))
     return failures
 

@@ -3,15 +3,17 @@ import math
 import pytest
 import torch
 
+from anchoralign.config import LossConfig
 from anchoralign.losses import (
     LOSS_KEYS,
     SUPPRESS_EPS,
-    LossWeights,
     cross_entropy,
     fwd_rev_alignment,
     loss_terms,
     negative_suppression,
     ner_re_alignment,
+    ramp_factor,
+    term_weights,
 )
 
 ln = math.log
@@ -24,6 +26,14 @@ def logits_of(*rows, masked_value=0.0):
 
 def no_pairs():
     return torch.zeros((0, 3), dtype=torch.long)
+
+
+def weights(align=True, ramp=1.0, **loss):
+    """The term weights of an alignment phase under ``LossConfig(**loss)``."""
+    return term_weights(LossConfig(**{"alpha": 1.0, "beta": 1.0, "gamma": 1.0, **loss}), align, ramp)
+
+
+ALIGN_ONLY = {"kl_ner_re": 1.0, "kl_fwd_rev": 1.0, "suppress": 1.0}
 
 
 # ---------------------------------------------------------------- cross-entropy
@@ -181,8 +191,8 @@ def test_half_precision_inputs_give_finite_float32_results(dtype):
         k: v.masked_fill(~batch["vocab_mask"][:, None, :], torch.finfo(dtype).min).to(dtype)
         for k, v in outputs.items()
     }
-    terms = loss_terms(half, batch, LossWeights(alpha=1.0, beta=1.0, gamma=1.0))
-    ref = loss_terms(outputs, batch, LossWeights(alpha=1.0, beta=1.0, gamma=1.0))
+    terms = loss_terms(half, batch, weights())
+    ref = loss_terms(outputs, batch, weights())
     for key in LOSS_KEYS:
         assert terms[key].dtype == torch.float32
         assert torch.isfinite(terms[key]), key
@@ -221,8 +231,7 @@ def random_batch(seed=0, b=2, t=5, v=7):
 
 def test_loss_terms_total_is_the_weighted_sum():
     batch, outputs = random_batch()
-    w = LossWeights(alpha=0.5, beta=2.0, gamma=0.25)
-    terms = loss_terms(outputs, batch, w)
+    terms = loss_terms(outputs, batch, weights(alpha=0.5, beta=2.0, gamma=0.25))
     assert set(terms) == set(LOSS_KEYS)
     mask = batch["vocab_mask"]
     ce = {n: cross_entropy(outputs[f"{n}_logits"], batch[f"{n}_labels"], mask) for n in ("ner", "fwd", "rev")}
@@ -252,28 +261,76 @@ def test_loss_terms_total_is_the_weighted_sum():
 
 
 @pytest.mark.parametrize(
-    ("weights", "off"),
+    ("loss", "off"),
     [
-        (LossWeights(1.0, 1.0, 1.0, ner_re=False), "kl_ner_re"),
-        (LossWeights(0.0, 1.0, 1.0), "kl_ner_re"),
-        (LossWeights(1.0, 1.0, 1.0, fwd_rev=False), "kl_fwd_rev"),
-        (LossWeights(1.0, 0.0, 1.0), "kl_fwd_rev"),
-        (LossWeights(1.0, 1.0, 1.0, suppress=False), "suppress"),
-        (LossWeights(1.0, 1.0, 0.0), "suppress"),
+        ({"ner_re": False}, "kl_ner_re"),
+        ({"alpha": 0.0}, "kl_ner_re"),
+        ({"fwd_rev": False}, "kl_fwd_rev"),
+        ({"beta": 0.0}, "kl_fwd_rev"),
+        ({"suppress": False}, "suppress"),
+        ({"gamma": 0.0}, "suppress"),
     ],
 )
-def test_switched_off_or_zero_weight_terms_are_zero(weights, off):
+def test_switched_off_or_zero_weight_terms_are_zero(loss, off):
     batch, outputs = random_batch()
-    terms = loss_terms(outputs, batch, weights)
-    full = loss_terms(outputs, batch, LossWeights(1.0, 1.0, 1.0))
+    w = weights(**loss)
+    assert off not in w
+    terms = loss_terms(outputs, batch, w)
+    full = loss_terms(outputs, batch, weights())
     assert terms[off].item() == 0.0 and full[off].item() > 0
     assert terms["loss"].item() == pytest.approx(full["loss"].item() - full[off].item(), rel=1e-6)
 
 
-def test_cross_entropy_can_be_switched_off():
+def test_term_weights_decide_once_which_terms_are_on():
+    ce = {"ce_ner": 1.0, "ce_fwd": 1.0, "ce_rev": 1.0}
+    cfg = LossConfig(alpha=0.5, beta=2.0, gamma=0.1)
+    assert term_weights(cfg, align=False) == ce  # a cross-entropy phase
+    assert term_weights(cfg, align=True) == {**ce, "kl_ner_re": 0.5, "kl_fwd_rev": 2.0, "suppress": 0.1}
+    assert term_weights(cfg.model_copy(update={"alignment": False}), align=True) == ce
+    # Ramped: every alignment weight scaled, cross-entropy untouched.
+    assert term_weights(cfg, align=True, ramp=0.5) == {
+        **ce,
+        "kl_ner_re": 0.25,
+        "kl_fwd_rev": 1.0,
+        "suppress": 0.05,
+    }
+
+
+def test_ramp_factor_hand_computed():
+    assert [ramp_factor(n, 4) for n in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert ramp_factor(0, 0) == ramp_factor(7, 0) == 1.0  # no ramp
+    assert ramp_factor(-3, 4) == 0.25  # never below the first step's share
+
+
+def test_terms_outside_the_weights_are_not_computed():
     batch, outputs = random_batch()
-    terms = loss_terms(outputs, batch, LossWeights(1.0, 1.0, 1.0, ce=False))
+    terms = loss_terms(outputs, batch, ALIGN_ONLY)
     assert terms["ce_ner"].item() == terms["ce_fwd"].item() == terms["ce_rev"].item() == 0.0
+
+
+def test_teacher_logits_replace_the_ner_decoders_own():
+    batch, outputs = random_batch()
+    own = loss_terms(outputs, batch, ALIGN_ONLY)["kl_ner_re"]
+    # Another teacher (a pass without dropout, in training) changes the NER-RE term; the
+    # decoder's own logits passed explicitly give the default back.
+    teacher = torch.randn_like(outputs["ner_logits"])
+    other = loss_terms(outputs, batch, ALIGN_ONLY, teacher_logits=teacher)["kl_ner_re"]
+    assert other.item() != pytest.approx(own.item())
+    again = loss_terms(outputs, batch, ALIGN_ONLY, teacher_logits=outputs["ner_logits"])["kl_ner_re"]
+    assert again.item() == pytest.approx(own.item())
+
+
+def test_teacher_gate_keeps_only_pairs_the_teacher_gets_right():
+    # NER position 0: the teacher's top id is 1. Position 1: its top id is 0.
+    ner = logits_of([1, 5, None], [5, 1, None])
+    re = logits_of([1, 1, None], [1, 3, None])
+    pairs = torch.tensor([[0, 0, 1], [0, 1, 0]])
+    gold = torch.tensor([[1, 1]])  # right at position 0, wrong at position 1
+    gated = ner_re_alignment(ner, re, pairs, MASK3, ner_labels=gold)
+    only_first = ner_re_alignment(ner, re, pairs[:1], MASK3)
+    assert gated.item() == pytest.approx(only_first.item())
+    nothing_right = ner_re_alignment(ner, re, pairs, MASK3, ner_labels=torch.tensor([[0, 1]]))
+    assert nothing_right.item() == 0.0
 
 
 @pytest.mark.parametrize(
@@ -286,7 +343,7 @@ def test_cross_entropy_can_be_switched_off():
 )
 def test_every_term_responds_to_its_inputs_only(changed, affected):
     batch, outputs = random_batch()
-    w = LossWeights(1.0, 1.0, 1.0)
+    w = weights()
     before = loss_terms(outputs, batch, w)
     # Perturb only the positions that some term reads: every valid id at every position.
     after = loss_terms({**outputs, changed: outputs[changed] + torch.randn_like(outputs[changed])}, batch, w)
@@ -298,7 +355,7 @@ def test_every_term_responds_to_its_inputs_only(changed, affected):
 
 def test_every_term_responds_to_its_batch_fields():
     batch, outputs = random_batch()
-    w = LossWeights(1.0, 1.0, 1.0)
+    w = weights()
     before = loss_terms(outputs, batch, w)
     changes = {
         "ner_labels": ("ce_ner", torch.roll(batch["ner_labels"], 1, dims=1)),
@@ -316,7 +373,7 @@ def test_gradients_reach_the_right_decoders():
     batch, outputs = random_batch()
     outputs = {k: v.requires_grad_() for k, v in outputs.items()}
     # Alignment and suppression only: the NER decoder is a teacher and gets no gradient.
-    loss_terms(outputs, batch, LossWeights(1.0, 1.0, 1.0, ce=False))["loss"].backward()
+    loss_terms(outputs, batch, ALIGN_ONLY)["loss"].backward()
     assert outputs["ner_logits"].grad is None
     assert outputs["fwd_logits"].grad.abs().sum() > 0 and outputs["rev_logits"].grad.abs().sum() > 0
     # Invalid ids never receive gradient.
@@ -328,7 +385,7 @@ def test_batch_without_pairs_is_finite():
     batch, outputs = random_batch()
     batch = {**batch, "ner_fwd_pairs": no_pairs(), "ner_rev_pairs": no_pairs(), "fwd_rev_pairs": no_pairs()}
     outputs = {k: v.requires_grad_() for k, v in outputs.items()}
-    terms = loss_terms(outputs, batch, LossWeights(1.0, 1.0, 1.0))
+    terms = loss_terms(outputs, batch, weights())
     assert terms["kl_ner_re"].item() == 0.0 and terms["kl_fwd_rev"].item() == 0.0
     terms["loss"].backward()
     assert all(torch.isfinite(v.grad).all() for v in outputs.values())
@@ -336,4 +393,4 @@ def test_batch_without_pairs_is_finite():
 
 def test_negative_weights_are_rejected():
     with pytest.raises(ValueError, match="gamma"):
-        LossWeights(1.0, 1.0, -0.1)
+        LossConfig(gamma=-0.1)

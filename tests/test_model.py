@@ -17,9 +17,10 @@ from model_fixtures import (
 )
 from safetensors.torch import load_file
 
-from anchoralign.backbones import DECODERS, BartBackbone, EncoderOnlyBackbone
+from anchoralign.backbones import BartBackbone, EncoderOnlyBackbone
 from anchoralign.errors import UserError
-from anchoralign.losses import LossWeights, loss_terms
+from anchoralign.linearize import DECODERS
+from anchoralign.losses import CE_TERMS, loss_terms
 from anchoralign.model import AnchorAlignModel, entity_token, label_name, mask_token, relation_token
 
 
@@ -115,7 +116,11 @@ def test_label_name_is_the_description_before_its_first_comma():
 def test_gradients_reach_the_shared_encoder_all_three_decoders_and_label_tokens():
     model = tiny_model().train()
     batch = model.collator()(toy_samples())
-    terms = loss_terms(model(batch), batch, LossWeights(alpha=1.0, beta=1.0, gamma=1.0))
+    terms = loss_terms(
+        model(batch),
+        batch,
+        {**dict.fromkeys(CE_TERMS, 1.0), "kl_ner_re": 1.0, "kl_fwd_rev": 1.0, "suppress": 1.0},
+    )
     terms["loss"].backward()
     bb = model.backbone
     for name, module in [("encoder", bb.encoder.layers), *[(d, bb.decoders[d].layers) for d in DECODERS]]:
@@ -130,9 +135,7 @@ def test_each_decoder_only_gets_gradients_from_its_own_loss():
     model = tiny_model().train()
     batch = model.collator()(toy_samples())
     out = model(batch)
-    ce_ner = loss_terms(out, batch, LossWeights(0.0, 0.0, 0.0, ner_re=False, fwd_rev=False, suppress=False))[
-        "ce_ner"
-    ]
+    ce_ner = loss_terms(out, batch, dict.fromkeys(CE_TERMS, 1.0))["ce_ner"]
     ce_ner.backward()
     assert all(p.grad is None for p in model.backbone.decoders["fwd"].layers.parameters())
     assert any(
@@ -229,7 +232,7 @@ def test_encoder_only_backbone_gets_prefix_decoders_without_random_weights(tmp_p
                 torch.testing.assert_close(value, reference[key], msg=key)
         assert decoder.embeddings.word_embeddings is model.backbone.embed_tokens
     batch = model.collator()(toy_samples())
-    terms = loss_terms(model(batch), batch, LossWeights(0.0, 0.0, 0.0))
+    terms = loss_terms(model(batch), batch, dict.fromkeys(CE_TERMS, 1.0))
     terms["loss"].backward()
     for name in DECODERS:
         key = model.backbone.decoders[name].layers[0].attention.self.key.weight
@@ -273,7 +276,7 @@ def test_encoder_only_backbone_with_cross_attention_gets_decoders_copied_from_it
         torch.testing.assert_close(layer.output.dense.weight, reference.encoder.layer[1].output.dense.weight)
         assert hasattr(layer, "crossattention")
     batch = model.collator()(toy_samples())
-    terms = loss_terms(model(batch), batch, LossWeights(0.0, 0.0, 0.0))
+    terms = loss_terms(model(batch), batch, dict.fromkeys(CE_TERMS, 1.0))
     terms["loss"].backward()
     for name in DECODERS:
         cross = model.backbone.decoders[name].encoder.layer[0].crossattention.self.key.weight

@@ -36,7 +36,7 @@ def test_training_converges(trained):
 def test_decoding_the_training_sentences_reaches_relation_strict_f1_90(trained, beam):
     model, meta, samples, _ = trained
     inputs = [Sample(id=s.id, tokens=s.tokens) for s in samples]  # nothing of the answer goes in
-    preds = predict(model, inputs, DecodeConfig(beam_size=beam))
+    preds = predict(model, inputs, DecodeConfig(beam=beam))
     metrics = score(samples, [p.sample for p in preds], symmetric=meta.symmetric_relations)
     assert metrics["rel_strict_f1"] >= 90, metrics
     assert metrics["ner_f1"] >= 90, metrics

@@ -32,9 +32,9 @@ def _command(shared_data: Path, output_dir: Path) -> list[str]:
     return [
         sys.executable, "sft/run.py", "--config", "sft/configs/conll04.yaml",
         f"--data_dir={shared_data}", f"--output_dir={output_dir}",
-        "--backbone=tiny", "--init_from=null", "--precision=fp32", "--epochs=[1,1,1]",
-        "--micro_batch_size=4", "--limit_train=24", "--limit_eval=2", "--loss_splits=[dev]",
-        "--decode_max_len=16", "--lr=1e-3", "--save_every=2", "--switch_on=epochs", "--progress=false",
+        "--model.backbone=tiny", "--init_from=null", "--trainer.precision=fp32", "--phases.epochs=[1,1,1]",
+        "--optim.micro_batch_size=4", "--data.limit_train=24", "--data.limit_eval=2", "--eval.loss_splits=[dev]",
+        "--decode.max_len=16", "--optim.lr=1e-3", "--checkpoint.save_every=2", "--phases.switch=epochs", "--trainer.progress=false",
     ]  # fmt: skip
 
 

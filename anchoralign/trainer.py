@@ -1,0 +1,556 @@
+"""The training loop shared by both stages: ``train_step``, ``evaluate`` and ``fit`` around a
+DeepSpeed engine. Checkpoints live in ``anchoralign.checkpoint``, pure schedule pieces in
+``anchoralign.schedule``, the loss terms in ``anchoralign.losses``.
+
+A stage is a list of :class:`Phase` (name, training set, epochs, alignment on or off). Epochs run in
+order; the phase in effect only moves forward. The cross-entropy phase that precedes an alignment
+phase on the same data is the *gate*: it ends after its configured epochs, or earlier with
+``phases.switch`` = ``valid_rate`` (the share of dev outputs the model writes as valid structures
+reached the threshold) or ``plateau`` (the dev score has not improved for ``patience``
+evaluations); its remaining epochs then run with alignment on, so the number of steps is fixed in
+advance. The alignment terms grow in over ``loss.ramp_steps`` steps.
+
+The learning rate of a step is the phase's (``optim.lr``, one value or one per phase) times the
+warm-up/decay factor of the stage times the parameter's multiplier (``optim.new_lr_mult`` for the
+parameters the backbone did not provide); it is set on the optimizer before every update, so it
+follows from the step and the phase alone and a resumed run needs no scheduler state.
+
+Data order is a seeded permutation per epoch (length-bucketed with ``data.bucket_batches``), so a
+resumed run replays it exactly. Logging, metrics and exports happen on rank 0.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from torch import nn
+
+from anchoralign import distributed
+from anchoralign.checkpoint import Checkpointer, TrainState
+from anchoralign.config import TrainConfig
+from anchoralign.deepspeed_config import deepspeed_config, effective_zero_stage
+from anchoralign.errors import UserError
+from anchoralign.evaluation import Collate, EvalResult, Evaluate, LossFn, to_device
+from anchoralign.losses import ALIGN_TERMS, LOSS_KEYS, ramp_factor, term_weights
+from anchoralign.runlog import RunLog
+from anchoralign.schedule import (
+    Phase,
+    epoch_order,
+    epoch_plan,
+    gate_phase,
+    lr_at,
+    rank_micro_batches,
+    steps_per_epoch,
+    warmup_steps_for,
+)
+from anchoralign.schema import Sample
+
+__all__ = ["Phase", "TrainState", "Trainer", "autocast", "parameter_groups"]
+
+
+class Trainer:
+    """Runs one stage: ``fit()`` trains every phase, evaluates, checkpoints and exports.
+
+    ``model(batch)`` returns the logits dict of the model and ``model.save_pretrained(dir)`` writes
+    the checkpoint directory format; ``collate`` turns samples into a batch; ``loss_fn`` is
+    :func:`anchoralign.losses.loss_terms` (or anything with its signature).
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: nn.Module,
+        phases: Sequence[Phase],
+        train_sets: Mapping[str, Sequence[Sample]],
+        collate: Collate,
+        loss_fn: LossFn,
+        evaluator: Evaluate | None = None,
+        log: RunLog | None = None,
+        reload: Callable[[Path], nn.Module] | None = None,
+    ):
+        for p in phases:
+            if p.epochs and not train_sets.get(p.data):
+                raise UserError(f"phase {p.name}: its training set '{p.data}' is empty")
+        self.cfg, self.model, self.phases = cfg, model, list(phases)
+        self.train_sets, self.collate, self.loss_fn, self.evaluator = train_sets, collate, loss_fn, evaluator
+        self.plan = epoch_plan(self.phases)
+        self.gate = gate_phase(self.phases) if cfg.phases.switch != "epochs" else None
+        self.out = Path(cfg.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log = log or RunLog(self.out)
+        distributed.setup()
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        self.state = TrainState(stage=cfg.stage, world_size=self.world)
+        optim = cfg.optim
+        self.global_batch = optim.micro_batch_size * optim.grad_accum * self.world
+        # Sentence lengths for length bucketing, by training set.
+        self.lengths = {name: [len(s.tokens) for s in data] for name, data in train_sets.items()}
+        self.epoch_steps = [
+            steps_per_epoch(len(train_sets[self.phases[p].data]), self.global_batch) for p in self.plan
+        ]
+        planned = sum(self.epoch_steps)
+        self.total_steps = min(planned, cfg.trainer.max_steps) if cfg.trainer.max_steps else planned
+        self.warmup = warmup_steps_for(self.total_steps, optim.warmup_ratio)
+        self.engine = self._deepspeed_engine()
+        self.checkpoints = Checkpointer(cfg, self.engine, self.out, reload)
+
+    def _deepspeed_engine(self):
+        import deepspeed
+
+        optimizer = torch.optim.AdamW(parameter_groups(self.model, self.cfg), lr=self.cfg.optim.phase_lr(0))
+        engine, _, _, _ = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, config=deepspeed_config(self.cfg, self.world)
+        )
+        if self.world == 1 and engine.zero_optimization_stage() == 0:
+            # Alone, the all-reduce of the gradients only copies every gradient into a flat
+            # buffer and back (a tenth of a MiniLM step on CPU).
+            engine.enable_backward_allreduce = False
+        return engine
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    # -- the objective of the current step ------------------------------------------------------
+
+    def phase_weights(self) -> dict[str, float]:
+        """Weights of the active loss terms now (alignment ramped in from ``align_since``)."""
+        st = self.state
+        align = self.phases[st.phase].align
+        since = st.global_step - (st.align_since if st.align_since is not None else st.global_step)
+        return term_weights(self.cfg.loss, align, ramp_factor(since, self.cfg.loss.ramp_steps))
+
+    def lr(self, step: int | None = None) -> float:
+        """Learning rate (before the per-parameter multiplier) of optimizer update ``step``."""
+        step = self.state.global_step if step is None else step
+        o = self.cfg.optim
+        peak = o.phase_lr(self.state.phase)
+        return lr_at(step, self.total_steps, self.warmup, peak, o.schedule, o.min_lr_ratio)
+
+    # -- one step -------------------------------------------------------------------------------
+
+    def train_step(self, micro_batches: Sequence[Sequence[Sample]]) -> dict[str, torch.Tensor]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss terms (and,
+        every ``trainer.grad_norm_every`` steps, each active term's gradient norm)."""
+        self.engine.train()
+        weights = self.phase_weights()
+        lr = self.lr()
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+        every = self.cfg.trainer.grad_norm_every
+        measure = every > 0 and self.state.global_step % every == 0
+        sums = {k: torch.zeros((), device=self.device) for k in LOSS_KEYS}
+        for samples in micro_batches:
+            batch = to_device(self.collate(list(samples)), self.device)
+            teacher = self._teacher(batch) if "kl_ner_re" in weights else None
+            with autocast(self.cfg.trainer.precision, self.device):
+                outputs = self.engine(batch)
+            # The losses take float32 softmaxes of the (bf16) logits themselves.
+            terms = self.loss_fn(outputs, batch, weights, teacher, self.cfg.loss.teacher_gate)
+            if measure:
+                for key, norm in self._grad_norms(batch, weights, teacher).items():
+                    sums[key] = sums.get(key, 0) + norm
+            # DeepSpeed scales the loss by 1/grad_accum and steps the optimizer only at the last
+            # micro-batch of the step.
+            self.engine.backward(terms["loss"])
+            self.engine.step()
+            for k in LOSS_KEYS:
+                sums[k] += terms[k].detach().float()
+        return {k: v / len(micro_batches) for k, v in sums.items()}
+
+    def _teacher(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """The NER decoder's logits from a pass without dropout and without gradient, as the
+        teacher of the NER-RE term; None to use the training pass (``loss.teacher_dropout``)."""
+        if self.cfg.loss.teacher_dropout:
+            return None
+        module = self.engine.module
+        module.eval()
+        try:
+            with torch.no_grad(), autocast(self.cfg.trainer.precision, self.device):
+                return module(batch, decoders=("ner",))["ner_logits"]
+        finally:
+            module.train()
+
+    def _grad_norms(
+        self, batch: Mapping[str, torch.Tensor], weights: Mapping[str, float], teacher: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """Norm of the gradient of each weighted active term over all trainable parameters.
+
+        A pass of its own through the bare module: DeepSpeed refuses gradients taken outside
+        ``engine.backward`` on the engine's outputs. Under ZeRO-3 the parameters are shards and
+        the norms would mean nothing, so none are measured.
+        """
+        if self.engine.zero_optimization_stage() == 3:
+            return {}
+        module = self.engine.module
+        params = [p for p in module.parameters() if p.requires_grad]
+        with autocast(self.cfg.trainer.precision, self.device):
+            outputs = module(batch)
+        terms = self.loss_fn(outputs, batch, weights, teacher, self.cfg.loss.teacher_gate)
+        norms = {}
+        for key, weight in weights.items():
+            grads = torch.autograd.grad(weight * terms[key], params, retain_graph=True, allow_unused=True)
+            squares = [g.float().pow(2).sum() for g in grads if g is not None]
+            norms[f"gradnorm_{key}"] = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+        return norms
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    def evaluate(self) -> EvalResult | None:
+        """Score the eval split, log it, keep the best model and maybe end the gate phase."""
+        st, cfg = self.state, self.cfg
+        if self.evaluator is None or st.last_eval_step == st.global_step:
+            return None
+        self.engine.eval()
+        try:
+            # The free-running validity matters only until the gate phase has ended.
+            validity = cfg.phases.switch == "valid_rate" and self.gate is not None and st.phase <= self.gate
+            with self.checkpoints.eval_model() as model:
+                result = self.evaluator(model, self.device, validity)
+        finally:
+            self.engine.train()
+        st.last_eval_step = st.global_step
+        scores = result.scores
+        primary = cfg.eval.best_metric or str(scores.get("primary", "rel_strict_f1"))
+        if primary not in scores:
+            numeric = sorted(k for k, v in scores.items() if isinstance(v, float))
+            raise UserError(
+                f"eval.best_metric '{primary}' is not a score; choose one of {', '.join(numeric)}"
+            )
+        base = {"step": st.global_step, "epoch": st.epoch, "phase": self.phases[st.phase].name}
+        self.log.metrics({"kind": "eval", **base, "split": cfg.eval.split, **scores})
+        for split, terms in result.losses.items():
+            self.log.metrics({"kind": "eval_loss", **base, "split": split, **terms})
+        free = scores.get("free_valid_rate")
+        st.last_valid_rate = None if free is None else float(free)
+        self.log.info(
+            f"eval step {st.global_step}: {cfg.eval.split} {primary} {scores[primary]:.2f}, "
+            f"ner_f1 {scores.get('ner_f1', float('nan')):.2f}, "
+            f"complete outputs {100 * scores['complete_rate']:.1f}%"
+            + ("" if free is None else f", valid free-running outputs {100 * free:.1f}%")
+        )
+        value = float(scores[primary])
+        if st.best_score is None or value > st.best_score:
+            st.best_score, st.best_step, st.stale_evals = value, st.global_step, 0
+            self.checkpoints.export(self.out / "best", extra={"step": st.global_step, "scores": scores})
+            self.log.info(
+                f"new best {primary} {value:.2f} at step {st.global_step}: exported to {self.out / 'best'}"
+            )
+        else:
+            st.stale_evals += 1
+        self._maybe_end_gate()
+        return result
+
+    def _maybe_end_gate(self) -> None:
+        st, ph = self.state, self.cfg.phases
+        if self.gate is None or st.phase != self.gate:
+            return
+        if ph.switch == "valid_rate":
+            passed = st.last_valid_rate is not None and st.last_valid_rate >= ph.valid_rate_threshold
+            reason = (
+                f"dev valid free-running outputs {100 * (st.last_valid_rate or 0):.1f}% reached the threshold "
+                f"{100 * ph.valid_rate_threshold:.1f}%"
+            )
+        else:
+            passed = st.stale_evals >= ph.patience
+            reason = f"dev score plateaued: no improvement in {st.stale_evals} evaluations (patience {ph.patience})"
+        # Rank 0 decides, so that all ranks change phase at the same step even if their
+        # evaluations were to differ in the last bit on some accelerator.
+        if distributed.broadcast_object(passed):
+            self._switch(self.gate + 1, reason)
+
+    def _switch(self, to: int, reason: str) -> None:
+        st = self.state
+        old = self.phases[st.phase].name
+        st.phase = to
+        new = self.phases[to]
+        if new.align:
+            st.align_since = st.global_step
+            if st.switched_at is None:
+                st.switched_at, st.switch_reason = st.global_step, reason
+        self.log.info(
+            f"phase {old} -> {new.name} at step {st.global_step} (epoch {st.epoch}): {reason}; "
+            f"loss terms on: {describe_terms(self.phase_weights())}"
+            + (
+                f", ramped in over {self.cfg.loss.ramp_steps} steps"
+                if new.align and self.cfg.loss.ramp_steps
+                else ""
+            )
+        )
+        self.log.metrics(
+            {
+                "kind": "switch",
+                "step": st.global_step,
+                "epoch": st.epoch,
+                "from": old,
+                "to": new.name,
+                "reason": reason,
+            }
+        )
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def fit(self) -> Path:
+        """Train the stage to the end (or ``trainer.max_steps``); returns the exported ``final`` directory."""
+        resumed = self.checkpoints.resume(self.world)
+        if resumed is not None:
+            self.state = resumed
+            self.log.info(
+                f"resuming from {self.out / 'checkpoints'}: phase {self.phases[resumed.phase].name}, "
+                f"epoch {resumed.epoch}, step {resumed.global_step} of {self.total_steps}"
+            )
+        st = self.state
+        final = self.out / "final"
+        if st.done:
+            # Killed between the last checkpoint and the export: export now.
+            if not distributed.broadcast_object(final.is_dir()):
+                self.checkpoints.export(final)
+            self.log.info(f"{self.cfg.stage}: this run already finished; the model is in {final}")
+            return final
+        self.log.keep_metrics(st.metrics_rows if resumed else 0)
+        if resumed is None:
+            # Dropout differs by rank, as their batches do; a resumed run restores these states.
+            random.seed(self.cfg.seed + self.rank)
+            torch.manual_seed(self.cfg.seed + self.rank)
+            st.phase = self.plan[0]  # phases without epochs are skipped
+            if self.phases[st.phase].align:
+                st.align_since = 0
+            self._describe_plan()
+        self.log.info(f"{self.cfg.stage}: phase {self.phases[st.phase].name} (step {st.global_step})")
+        with self._progress() as progress:
+            bar = progress.add_task(
+                self.phases[st.phase].name, total=self.total_steps, completed=st.global_step
+            )
+            window = _Window(self.device)
+            while st.epoch < len(self.plan) and not self._at_max_steps():
+                self._enter_epoch()
+                self._train_epoch(
+                    window, lambda: progress.update(bar, advance=1, description=self.phases[st.phase].name)
+                )
+        if window.steps:
+            self._log_train(window)
+        if self._at_max_steps() and st.epoch < len(self.plan):
+            self.log.info(
+                f"stopping at max_steps={self.cfg.trainer.max_steps} (epoch {st.epoch} of {len(self.plan)})"
+            )
+        self.evaluate()
+        st.done = True
+        self.save_checkpoint()
+        self.checkpoints.export(final)
+        best = (
+            f"; best {self.cfg.eval.split} score {st.best_score:.2f} at step {st.best_step}"
+            if st.best_step
+            else ""
+        )
+        self.log.info(f"{self.cfg.stage} finished at step {st.global_step}: model in {final}{best}")
+        return final
+
+    def save_checkpoint(self) -> None:
+        self.state.metrics_rows = self.log.rows
+        self.checkpoints.save(self.state)
+
+    def _train_epoch(self, window: _Window, tick: Callable[[], None]) -> None:
+        """The rest of the current epoch (all of it unless resumed mid-epoch)."""
+        st, cfg = self.state, self.cfg
+        name = self.phases[self.plan[st.epoch]].data
+        data = self.train_sets[name]
+        bucket = cfg.data.bucket_batches * self.global_batch
+        order = epoch_order(cfg.seed, st.epoch, len(data), self.lengths[name], bucket, self.global_batch)
+        n_steps = self.epoch_steps[st.epoch]
+        while st.step_in_epoch < n_steps and not self._at_max_steps():
+            idx = rank_micro_batches(
+                order,
+                st.step_in_epoch,
+                cfg.optim.micro_batch_size,
+                cfg.optim.grad_accum,
+                self.world,
+                self.rank,
+            )
+            window.add(self.train_step([[data[i] for i in mb] for mb in idx]), self.global_batch)
+            st.step_in_epoch += 1
+            st.global_step += 1
+            st.samples_seen += self.global_batch
+            tick()
+            if st.global_step % cfg.trainer.log_every == 0:
+                self._log_train(window)
+            with window.paused():
+                if st.step_in_epoch == n_steps:
+                    st.epoch, st.step_in_epoch = st.epoch + 1, 0
+                    self.evaluate()
+                    self.save_checkpoint()
+                    return
+                if cfg.eval.every and st.global_step % cfg.eval.every == 0:
+                    self.evaluate()
+                if cfg.checkpoint.save_every and st.global_step % cfg.checkpoint.save_every == 0:
+                    self.save_checkpoint()
+
+    def _at_max_steps(self) -> bool:
+        return self.cfg.trainer.max_steps is not None and self.state.global_step >= self.cfg.trainer.max_steps
+
+    def _enter_epoch(self) -> None:
+        st = self.state
+        planned = self.plan[st.epoch]
+        if planned <= st.phase:
+            return
+        prev = self.phases[st.phase]
+        if st.phase == self.gate:
+            reason = f"the {self.cfg.phases.switch} condition did not fire in the {prev.epochs} configured epochs of {prev.name}"
+        else:
+            reason = f"after the {prev.epochs} configured epoch(s) of {prev.name}"
+        self._switch(planned, reason)
+
+    def _describe_plan(self) -> None:
+        cfg, o = self.cfg, self.cfg.optim
+        lrs = ", ".join(f"{o.phase_lr(i):g}" for i in range(len(self.phases)))
+        self.log.info(
+            f"{cfg.stage}: {self.world} rank(s), global batch {self.global_batch} "
+            f"(micro {o.micro_batch_size} x accumulation {o.grad_accum} x {self.world}), {self._zero_text()}, "
+            f"{cfg.trainer.precision}, {self.total_steps} steps, warm-up {self.warmup}, {o.schedule} schedule, "
+            f"lr {lrs} by phase" + (f" (x{o.new_lr_mult:g} for new parameters)" if o.new_lr_mult != 1 else "")
+        )
+        for i, p in enumerate(self.phases):
+            n = len(self.train_sets[p.data]) if p.data in self.train_sets else 0
+            steps = steps_per_epoch(n, self.global_batch) if n else 0
+            gate = ""
+            if i == self.gate:
+                ph = cfg.phases
+                gate = (
+                    f"; ends early once dev valid outputs reach {100 * ph.valid_rate_threshold:.0f}%"
+                    if ph.switch == "valid_rate"
+                    else f"; ends early once the dev score has not improved for {ph.patience} evaluations"
+                )
+            self.log.info(
+                f"  phase {i + 1} {p.name}: {p.epochs} epoch(s) on {p.data} ({n} samples, {steps} steps/epoch), "
+                f"loss terms: {describe_terms(term_weights(cfg.loss, p.align))}{gate}"
+            )
+            self.log.metrics(
+                {
+                    "kind": "phase",
+                    "index": i,
+                    "name": p.name,
+                    "data": p.data,
+                    "samples": n,
+                    "epochs": p.epochs,
+                }
+            )
+
+    def _zero_text(self) -> str:
+        stage = self.engine.zero_optimization_stage()
+        configured = self.cfg.trainer.zero_stage
+        if stage == configured or effective_zero_stage(self.cfg, self.world) != 0:
+            return f"ZeRO {stage}"
+        return f"ZeRO {stage} (zero_stage={configured} has nothing to partition on one rank)"
+
+    def _log_train(self, window: _Window) -> None:
+        st = self.state
+        terms = distributed.mean_over_ranks(window.means(), self.device)
+        row = {
+            "kind": "train",
+            "step": st.global_step,
+            "epoch": st.epoch,
+            "phase": self.phases[st.phase].name,
+            "lr": self.lr(st.global_step - 1),
+            "samples_per_s": window.samples_per_s(),
+            **terms,
+        }
+        self.log.metrics(row)
+        window.reset()
+
+    def _progress(self) -> Progress:
+        return Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.log.console,
+            disable=not (self.log.active and self.cfg.trainer.progress),
+            transient=False,
+        )
+
+
+class _Window:
+    """Loss terms and throughput since the last metrics row (tensors summed on the device)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.steps = 0
+        self.samples = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, terms: Mapping[str, torch.Tensor], samples: int) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
+        self.steps += 1
+        self.samples += samples
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside (evaluation, checkpoints) does not count against throughput."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.t0 += time.perf_counter() - start
+
+    def means(self) -> dict[str, float]:
+        # Gradient norms are measured on some steps only: each is averaged over its own count.
+        return {k: float(v) / self.counts[k] for k, v in self.sums.items()}
+
+    def samples_per_s(self) -> float:
+        return self.samples / max(1e-9, time.perf_counter() - self.t0)
+
+
+def describe_terms(weights: Mapping[str, float]) -> str:
+    """``ce, kl_ner_re x1, suppress x0.1``: the active terms of a phase and their weights."""
+    terms = ["ce"] + [f"{k} x{w:g}" for k, w in weights.items() if k in ALIGN_TERMS]
+    return ", ".join(terms)
+
+
+def autocast(precision: str, device: torch.device) -> AbstractContextManager[Any]:
+    """Mixed precision of the forward pass: bfloat16 autocast for ``bf16``, nothing for ``fp32``."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices only (shrinking biases and norm scales only hurts),
+    and the multiplier ``optim.new_lr_mult`` (kept in the group as ``lr_mult``) for the parameters
+    the backbone checkpoint did not provide, such as random cross-attention, which have everything
+    to learn while the pretrained rest needs gentle steps."""
+    backbone = getattr(model, "backbone", None)
+    new = {f"backbone.{n}" for n in (backbone.new_parameter_names() if backbone is not None else [])}
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((p.ndim >= 2, name in new), []).append(p)
+    o = cfg.optim
+    return [
+        {
+            "params": params,
+            "weight_decay": o.weight_decay if decay else 0.0,
+            "lr_mult": o.new_lr_mult if is_new else 1.0,
+        }
+        for (decay, is_new), params in sorted(groups.items())
+    ]
