@@ -141,7 +141,7 @@ def test_predict_splits_or_refuses_long_lines(toy_checkpoint, tmp_path, capsys):
     assert code == 0, err
     records = read_jsonl(tmp_path / "o.jsonl")
     assert len(records[1].tokens) == 36
-    assert "1 long sentences were split" in out
+    assert "1 long sentence was split into word windows" in out
 
 
 @pytest.mark.parametrize(
