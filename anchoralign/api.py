@@ -131,13 +131,9 @@ class Extractor:
 
         ``device``: a torch device or its name; None takes cuda when available, else cpu.
         """
-        from transformers.utils import logging as hf_logging
-
         from anchoralign.model import AnchorAlignModel
 
-        hf_logging.set_verbosity_error()
-        target = resolve_device(device)
-        return cls(AnchorAlignModel.from_pretrained(path, map_location=target), decode)
+        return cls(AnchorAlignModel.from_pretrained(path, map_location=resolve_device(device)), decode)
 
     @property
     def language(self) -> str:
@@ -191,7 +187,8 @@ class Extractor:
 
         ``ids`` name the records (default: the texts' indices), ``long="refuse"`` stops at the
         first text longer than the encoder with a UserError naming its ``places`` entry (e.g.
-        ``file:line``), and ``progress(n)`` is called as texts finish (see ``decode.predict_long``).
+        ``file:line``; default ``text <index>``), and ``progress(n)`` is called as texts finish
+        (see ``decode.predict_long``).
         """
         from anchoralign.decode import predict_long
         from anchoralign.tokenize import tokenize_with_offsets
@@ -211,7 +208,7 @@ class Extractor:
             return results, []
         samples = [Sample(id=names[i], tokens=tokenized[i][0]) for i in todo]
         position = {names[i]: i for i in todo}
-        where = None if places is None else (lambda s: places[position[s.id]])
+        where = (lambda s: f"text {position[s.id]}") if places is None else (lambda s: places[position[s.id]])
         preds, split_ids = predict_long(self.model, samples, decode or self.decode, long, where, progress)
         split = sorted(position[s] for s in split_ids)
         was_split = set(split)
