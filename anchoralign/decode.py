@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
 
@@ -201,9 +202,16 @@ class _Rows:
 
 @torch.no_grad()
 def generate(
-    model: AnchorAlignModel, batch: dict[str, torch.Tensor], cfg: DecodeConfig
+    model: AnchorAlignModel,
+    batch: dict[str, torch.Tensor],
+    cfg: DecodeConfig,
+    finished: Callable[[list[int]], None] | None = None,
 ) -> dict[str, tuple[list[list[int]], list[bool]]]:
-    """Per decoder: the best output ids of every sample (up to and with ``<eos>``) and whether it was cut."""
+    """Per decoder: the best output ids of every sample (up to and with ``<eos>``) and whether it was cut.
+
+    ``finished(indices)`` is called with the samples of the batch whose three decoders have just
+    all finished (every beam), so a progress bar can move per sentence rather than per batch.
+    """
     k = cfg.beam
     if k < 1:
         raise ValueError(f"beam must be >= 1, got {k}")
@@ -238,12 +246,15 @@ def generate(
         )
     eos_only = torch.zeros_like(vocab_mask)
     eos_only[:, EOS] = True
+    reported = torch.zeros(n_samples, dtype=torch.bool, device=device)
     for step in range(int(bound.max()) + 1):
         active = [name for name in DECODERS if not bool(rows[name].done.all())]
         if not active:
             break
         for name in active:
             _advance(model, name, rows[name], grammars[name], state, cfg, k, eos_only, bound, step)
+        if finished is not None:
+            reported = _report_finished(rows, k, reported, finished)
     out: dict[str, tuple[list[list[int]], list[bool]]] = {}
     best = torch.arange(n_samples, device=device) * k  # beams are kept sorted: beam 0 is the best
     limits = bound[best].tolist()
@@ -295,6 +306,17 @@ def _advance(
     r.done |= hit
 
 
+def _report_finished(
+    rows: dict[str, _Rows], k: int, reported: torch.Tensor, finished: Callable[[list[int]], None]
+) -> torch.Tensor:
+    """Call ``finished`` with the samples whose rows are now done in every decoder; the new ``reported``."""
+    done = torch.stack([r.done.view(-1, k).all(1) for r in rows.values()]).all(0)
+    new = (done & ~reported).nonzero().flatten().tolist()
+    if new:
+        finished(new)
+    return done | reported
+
+
 def _until_eos(ids: list[int]) -> list[int]:
     return ids[: ids.index(EOS) + 1] if EOS in ids else ids
 
@@ -310,9 +332,19 @@ def predict(
 ) -> list[Prediction]:
     """Predicted entities and relations of every sample, in input order.
 
-    Only ``id`` and ``tokens`` of the samples are read. ``progress(n)`` is called after each batch
-    with the number of samples it held.
+    Only ``id`` and ``tokens`` of the samples are read. ``progress(n)`` is called as decoding goes
+    with the number of samples whose three decoders have just finished.
     """
+    return _predict(model, samples, cfg, None if progress is None else lambda done: progress(len(done)))
+
+
+def _predict(
+    model: AnchorAlignModel,
+    samples: Sequence[Sample],
+    cfg: DecodeConfig | None,
+    finished: Callable[[list[int]], None] | None,
+) -> list[Prediction]:
+    """``predict``, calling ``finished(indices)`` with the indices into ``samples`` that just finished."""
     cfg = cfg or DecodeConfig()
     if cfg.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
@@ -327,11 +359,10 @@ def predict(
             chunk = order[begin : begin + cfg.batch_size]
             inputs = [Sample(id=samples[i].id, tokens=samples[i].tokens) for i in chunk]
             batch = {key: t.to(device) for key, t in collate.inputs(inputs).items()}
-            outputs = generate(model, batch, cfg)
+            done = None if finished is None else (lambda js, chunk=chunk: finished([chunk[j] for j in js]))
+            outputs = generate(model, batch, cfg, done)
             for j, i in enumerate(chunk):
                 results[i] = to_prediction(model, inputs[j], {n: outputs[n][0][j] for n in DECODERS}, cfg)
-            if progress is not None:
-                progress(len(chunk))
     finally:
         model.train(was_training)
     return [p for p in results if p is not None]
@@ -401,7 +432,7 @@ def predict_long(
     cfg: DecodeConfig | None = None,
     long: str = "split",
     where: Callable[[Sample], str] | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int | Fraction], None] | None = None,
 ) -> tuple[list[Prediction], list[str]]:
     """``predict`` for inputs of any length, and the ids of the samples that had to be split.
 
@@ -409,6 +440,9 @@ def predict_long(
     predicted window by window and merged back with its offsets (``long="split"``; relations
     across two windows cannot be found), or refused with a UserError naming it (``long="refuse"``;
     ``where(sample)`` says where it came from, e.g. ``file:line``).
+
+    ``progress(n)`` counts input samples as ``predict``'s does; a sample decoded in ``w`` windows
+    counts ``Fraction(1, w)`` as each window finishes (exact, so whole samples add up to integers).
     """
     if long not in ("split", "refuse"):
         raise ValueError(f"long must be 'split' or 'refuse', got {long!r}")
@@ -434,7 +468,15 @@ def predict_long(
         split_ids.append(s.id)
         plan.append([(a, Sample(id=f"{s.id}#{a}", tokens=s.tokens[a:b])) for a, b in windows])
     flat = [part for parts in plan for _, part in parts]
-    preds = iter(predict(model, flat, cfg, progress))
+    share = [Fraction(1, len(parts)) for parts in plan for _ in parts]
+    finished = None
+    if progress is not None:
+
+        def finished(done: list[int]) -> None:
+            n = sum((share[i] for i in done), Fraction(0))
+            progress(n.numerator if n.denominator == 1 else n)
+
+    preds = iter(_predict(model, flat, cfg, finished))
     results = []
     for s, parts in zip(samples, plan, strict=True):
         got = [(offset, next(preds)) for offset, _ in parts]

@@ -268,7 +268,9 @@ class AnchorAlignModel(nn.Module):
             raise UserError(f"checkpoint directory not found: {root}")
         for needed in (CONFIG_FILE, LABELS_FILE, WEIGHTS_FILE, TOKENIZER_DIR):
             if not (root / needed).exists():
-                raise UserError(f"{root}: not a checkpoint directory (missing {needed})")
+                raise UserError(
+                    f"{root}: not a checkpoint directory (missing {needed}); {_checkpoint_hint(root)}"
+                )
         config = _read_json(root / CONFIG_FILE)
         labels = _read_json(root / LABELS_FILE)
         if config.get("format_version") != FORMAT_VERSION:
@@ -299,6 +301,14 @@ class AnchorAlignModel(nn.Module):
                 f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
             )
         return model.to(map_location).eval()
+
+
+def _checkpoint_hint(root: Path) -> str:
+    """What to give instead: a training run folder holds its exported models in best/ and final/."""
+    exported = [root / name for name in ("best", "final") if (root / name / CONFIG_FILE).is_file()]
+    if exported:
+        return "this is a training run folder: give its " + " or ".join(str(p) for p in exported)
+    return "give a folder written by save_pretrained, such as a training run's best/ or final/"
 
 
 # ---------------------------------------------------------------------- label tokens

@@ -5,6 +5,10 @@ benchmark datasets were tokenised with: a run of letters/digits, possibly joined
 hyphens, is one token, as are abbreviations (U.S., Sen., Inc.), initials, numbers (3,000.50) and
 the PTB quotes and dashes; clitics like ``'s`` are split off; every other non-space character is
 its own token. Chinese (``language="zh"``): every non-space character is a token.
+
+``tokenize_with_offsets`` gives the same tokens with their character spans in the text (the Python
+API maps predicted entities back to the caller's string with them); ``tokenize`` is defined
+through it, so the two can never disagree on the word list.
 """
 
 from __future__ import annotations
@@ -37,9 +41,16 @@ _WORD = re.compile(
 
 
 def tokenize(text: str, language: str = "en") -> list[str]:
+    return tokenize_with_offsets(text, language)[0]
+
+
+def tokenize_with_offsets(text: str, language: str = "en") -> tuple[list[str], list[tuple[int, int]]]:
+    """Tokens and their ``(start, end)`` character spans: ``text[start:end] == token`` for each."""
     if language == "zh":
-        return [ch for ch in text if not ch.isspace()]
-    return _WORD.findall(text)
+        spans = [(i, i + 1) for i, ch in enumerate(text) if not ch.isspace()]
+    else:
+        spans = [m.span() for m in _WORD.finditer(text)]
+    return [text[a:b] for a, b in spans], spans
 
 
 def detokenize(tokens: list[str], language: str = "en") -> str:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,7 @@ from model_fixtures import (
     write_user_dataset,
 )
 
+from anchoralign.commands.predict import plural
 from anchoralign.schema import Sample, read_jsonl, write_jsonl
 
 
@@ -43,7 +47,7 @@ def test_evaluate_json_is_reproduced_by_score_on_its_outputs(toy_checkpoint, toy
     )
     assert code == 0, err
     metrics = json.loads(out)
-    assert metrics["n_samples"] == 3 and 0 <= metrics["valid_rate"] <= 1 and metrics["n_split"] == 0
+    assert metrics["n_samples"] == 3 and 0 <= metrics["complete_rate"] <= 1 and metrics["n_split"] == 0
     assert [s.id for s in read_jsonl(pred)] == [s.id for s in read_jsonl(gold)]
     code, out, err = cli(["score", "--gold", gold, "--pred", pred, "--json"], capsys)
     assert code == 0, err
@@ -68,7 +72,7 @@ def test_evaluate_prints_a_table_by_default(toy_checkpoint, toy_dataset, capsys)
         capsys,
     )
     assert code == 0, err
-    assert "Relation strict" in out and "valid outputs" in out
+    assert "Relation strict" in out and "complete outputs" in out
 
 
 def test_evaluate_refuses_data_with_labels_the_checkpoint_lacks(toy_checkpoint, tmp_path, capsys):
@@ -83,6 +87,76 @@ def test_evaluate_refuses_data_with_labels_the_checkpoint_lacks(toy_checkpoint, 
 def test_evaluate_names_a_missing_checkpoint(toy_dataset, tmp_path, capsys):
     code, _, err = cli(["evaluate", "--checkpoint", tmp_path / "nope", "--dataset", toy_dataset], capsys)
     assert code == 2 and "checkpoint directory not found" in err
+
+
+def test_evaluate_refuses_a_split_of_a_single_record_file(toy_checkpoint, toy_dataset, capsys):
+    single = toy_dataset / "test.jsonl"
+    base = ["evaluate", "--checkpoint", toy_checkpoint, "--dataset", single, "--max-len", "4"]
+    code, _, err = cli([*base, "--split", "train"], capsys)
+    assert code == 2 and "is a single file, evaluated whole; leave --split out" in err
+    code, out, err = cli(base, capsys)
+    assert code == 0, err
+    assert f"on {single}" in " ".join(out.split()) and " test" not in out.split("\n")[0]
+
+
+def test_evaluate_on_a_run_folder_suggests_its_checkpoints(toy_checkpoint, toy_dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(toy_checkpoint, run / "best")
+    code, _, err = cli(["evaluate", "--checkpoint", run, "--dataset", toy_dataset], capsys)
+    assert code == 2 and "not a checkpoint directory" in err and "give its" in err
+    assert str(run / "best") in " ".join(err.split())
+
+
+def test_evaluate_moves_its_progress_bar_per_sentence(toy_checkpoint, toy_dataset, capsys, monkeypatch):
+    from anchoralign.commands import predict as predict_command
+
+    calls = []
+
+    @contextmanager
+    def recording_bar(total, what):
+        calls.append(("total", total))
+        yield lambda n: calls.append(n)
+
+    monkeypatch.setattr(predict_command, "progress_bar", recording_bar)
+    # One batch of three sentences of 8, 6 and 3 words: the seeded untrained model's outputs do not
+    # all end at the same step, so the bar moves within the batch (it used to move once, at its end).
+    code, _, err = cli(
+        ["evaluate", "--checkpoint", toy_checkpoint, "--dataset", toy_dataset, "--json"], capsys
+    )
+    assert code == 0, err
+    assert calls[0] == ("total", 3) and sum(calls[1:]) == 3 and len(calls[1:]) >= 2
+
+
+def test_counts_are_written_in_the_singular_for_one():
+    assert plural(1, "sentence") == "1 sentence" and plural(0, "relation") == "0 relations"
+    assert plural(1, "entity", "entities") == "1 entity" and plural(2, "entity", "entities") == "2 entities"
+
+
+def test_predict_says_one_sentence_in_the_singular(toy_checkpoint, tmp_path, capsys):
+    (tmp_path / "in.txt").write_text("Ann Lee works for Acme.\n", encoding="utf-8")
+    argv = ["predict", "--checkpoint", toy_checkpoint, "--input", tmp_path / "in.txt"]
+    code, out, err = cli([*argv, "--output", tmp_path / "o.jsonl", "--max-len", "3", "--quiet"], capsys)
+    assert code == 0, err
+    summary = " ".join(out.split())
+    assert re.search(r"^1 sentence, \d+ (entity|entities), \d+ relations? written to", summary), summary
+    assert "1 output was cut at the length bound" in summary  # 3 tokens cannot hold a finished output
+    assert "1 outputs" not in summary and "1 sentences" not in summary
+
+
+def test_predict_txt_is_the_python_api_on_each_line(toy_checkpoint, tmp_path, capsys):
+    from anchoralign import Extractor
+
+    lines = ["Ann Lee (IBM) works for Acme, in Oslo.", "Bob Pusterla lives in Paris."]
+    (tmp_path / "in.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    argv = ["predict", "--checkpoint", toy_checkpoint, "--input", tmp_path / "in.txt"]
+    code, _, err = cli([*argv, "--output", tmp_path / "o.jsonl", "--max-len", "10"], capsys)
+    assert code == 0, err
+    found = Extractor.from_pretrained(toy_checkpoint).extract(lines, max_len=10)
+    records = read_jsonl(tmp_path / "o.jsonl")
+    assert [(r.tokens, r.entities, r.relations) for r in records] == [
+        (x.record.tokens, x.record.entities, x.record.relations) for x in found
+    ]
 
 
 def test_predict_txt_tokenizes_lines_and_writes_records(toy_checkpoint, tmp_path, capsys):
@@ -141,7 +215,7 @@ def test_predict_splits_or_refuses_long_lines(toy_checkpoint, tmp_path, capsys):
     assert code == 0, err
     records = read_jsonl(tmp_path / "o.jsonl")
     assert len(records[1].tokens) == 36
-    assert "1 long sentences were split" in out
+    assert "1 long sentence was split into word windows" in out
 
 
 @pytest.mark.parametrize(
@@ -203,7 +277,7 @@ def test_evaluate_on_the_training_sentences_agrees_with_score(overfit, tmp_path,
     code, out, err = cli(["evaluate", *args, "--output", pred, "--gold-output", gold], capsys)
     assert code == 0, err
     metrics = json.loads(out)
-    assert metrics["rel_strict_f1"] >= 90 and metrics["valid_rate"] == 1.0
+    assert metrics["rel_strict_f1"] >= 90 and metrics["complete_rate"] == 1.0
     code, out, err = cli(["score", "--gold", gold, "--pred", pred, "--json"], capsys)
     assert code == 0, err
     assert {k: metrics[k] for k in json.loads(out)} == json.loads(out)

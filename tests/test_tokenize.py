@@ -1,4 +1,15 @@
-from anchoralign.tokenize import detokenize, tokenize
+import pytest
+
+from anchoralign.tokenize import _WORD, detokenize, tokenize, tokenize_with_offsets
+
+TEXTS = [
+    "Smith, of U.S. Steel's well-known plant, earned $3,000.50 (2.5%).",
+    "Apple,Inc. (IBM)\tand  \u201cAcme\u201d\u2014in Oslo\u2026\n",
+    "  Sen. John F. Kennedy -- and/or e.g., 10:30 ... '' ",
+    "x\u200by \u00a0 caf\u00e9's na\u00efve",
+    "",
+    "   ",
+]
 
 
 def test_english_words_and_punctuation():
@@ -58,3 +69,32 @@ def test_ptb_abbreviations_initials_and_quotes():
     ]
     # a sentence-final period after an ordinary word is split off
     assert tokenize("He left Paris.") == ["He", "left", "Paris", "."]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_offsets_slice_the_text_to_each_token(text):
+    tokens, spans = tokenize_with_offsets(text)
+    assert tokens == [text[a:b] for a, b in spans]
+    bounds = [0, *(i for span in spans for i in span), len(text)]
+    assert bounds == sorted(bounds) and all(a < b for a, b in spans)  # in order, never overlapping
+    gaps = [text[bounds[i] : bounds[i + 1]] for i in range(0, len(bounds), 2)]
+    assert "".join(gaps).strip() == ""  # nothing but whitespace is left out
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_offset_tokens_are_the_word_list_the_models_were_trained_on(text):
+    assert tokenize_with_offsets(text)[0] == _WORD.findall(text) == tokenize(text)
+
+
+def test_attached_punctuation_is_split_with_its_offsets():
+    text = "Apple, (IBM) and Acme."
+    tokens, spans = tokenize_with_offsets(text)
+    assert tokens == ["Apple", ",", "(", "IBM", ")", "and", "Acme", "."]
+    assert spans[:5] == [(0, 5), (5, 6), (7, 8), (8, 11), (11, 12)]
+
+
+def test_chinese_offsets_skip_spaces():
+    assert tokenize_with_offsets("肺炎 患者", "zh") == (
+        ["肺", "炎", "患", "者"],
+        [(0, 1), (1, 2), (3, 4), (4, 5)],
+    )

@@ -4,20 +4,25 @@ The split is loaded with ``anchoralign.datasets`` (a built-in dataset or the pat
 data), decoded with only its ids and tokens, and scored with ``anchoralign.metrics.score`` using
 the dataset's symmetric relations and headline figure. ``--output`` writes the predictions and
 ``--gold-output`` the gold split, both as records, so that ``anchoralign score --gold GOLD --pred
-PRED`` reproduces the printed figures. The metrics JSON adds ``valid_rate`` (share of outputs that
+PRED`` reproduces the printed figures. Decoding and scoring are ``anchoralign.evaluation.evaluate_split``,
+the path the trainers' dev checks take too. The metrics JSON adds ``complete_rate`` (share of outputs that
 ended and parsed cleanly), ``n_split`` (inputs decoded in word windows) and ``samples_per_second``.
+
+A single record file has no splits (``datasets`` gives every split name the whole file), so with one
+``--split`` is refused rather than printed as a label it did not change; the table names the file.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 
-from anchoralign.commands.predict import add_decoding_arguments, load_checkpoint, run_prediction
+from anchoralign.commands import predict as shared
+from anchoralign.commands.predict import add_decoding_arguments, decode_config, load_checkpoint, plural
 from anchoralign.commands.score import print_table, rounded
 from anchoralign.errors import UserError
 from anchoralign.schema import Sample, write_jsonl
@@ -38,7 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dataset", required=True, metavar="NAME", help="built-in dataset name or path of your data"
     )
-    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    p.add_argument(
+        "--split",
+        help="split to evaluate (default: test); not with a single .jsonl file, which is read whole",
+    )
     p.add_argument(
         "--data-dir", metavar="DIR", help="data directory (default: $ANCHORALIGN_DATA, else ./data)"
     )
@@ -63,27 +71,40 @@ def check_labels(gold: list[Sample], model_labels, checkpoint: str, dataset: str
         )
 
 
+def single_file(dataset: str) -> bool:
+    """Whether ``--dataset`` names one record file (every split of which is the whole file)."""
+    from anchoralign.datasets import known_datasets
+
+    return dataset not in known_datasets() and Path(dataset).is_file()
+
+
 def run(args: argparse.Namespace) -> int:
     from anchoralign.datasets import get_meta, load_split
-    from anchoralign.metrics import score
+    from anchoralign.evaluation import evaluate_split
 
+    single = single_file(args.dataset)
+    if single and args.split is not None:
+        raise UserError(f"--split: {args.dataset} is a single file, evaluated whole; leave --split out")
+    split = args.split or "test"  # a single file gives every split the same records
     meta = get_meta(args.dataset, args.data_dir)
-    gold = load_split(args.dataset, args.split, args.data_dir, fold=args.fold)
+    gold = load_split(args.dataset, split, args.data_dir, fold=args.fold)
+    what = args.dataset if single else f"{meta.name} {split}"
     if not gold:
-        raise UserError(f"dataset {meta.name} split {args.split} is empty")
+        raise UserError(f"dataset {what} is empty")
     model = load_checkpoint(args.checkpoint, args.device)
     check_labels(gold, model.labels, args.checkpoint, meta.name)
-    inputs = [Sample(id=s.id, tokens=s.tokens) for s in gold]
-    start = time.perf_counter()
-    preds, split_ids = run_prediction(
-        model, inputs, args, lambda s: f"{meta.name} {args.split} sample {s.id!r}"
-    )
-    seconds = time.perf_counter() - start
-    predicted = [p.sample for p in preds]
-    metrics = score(gold, predicted, symmetric=meta.symmetric_relations, boundary_only=meta.boundary_only)
-    metrics["valid_rate"] = round(sum(p.valid for p in preds) / len(preds), 4)
-    metrics["n_split"] = len(split_ids)
-    metrics["samples_per_second"] = round(len(preds) / seconds, 2)
+    with shared.progress_bar(len(gold), "decoding") as advance:
+        result = evaluate_split(
+            model,
+            gold,
+            decode_config(args),
+            meta,
+            long=args.long,
+            where=lambda s: f"{what} sample {s.id!r}",
+            progress=advance,
+        )
+    metrics = result.scores
+    predicted = [p.sample for p in result.predictions]
     if args.output:
         write_jsonl(args.output, predicted)
     if args.gold_output:
@@ -93,12 +114,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     console = Console()
     fold = "" if args.fold is None else f" fold {args.fold}"
-    print_table(
-        metrics, title=escape(f"{args.checkpoint} on {meta.name} {args.split}{fold}"), console=console
-    )
+    print_table(metrics, title=escape(f"{args.checkpoint} on {what}{fold}"), console=console)
+    n_split = metrics["n_split"]
     console.print(
-        f"valid outputs {100 * metrics['valid_rate']:.1f}%, {metrics['samples_per_second']} sentences/s"
-        + (f", {len(split_ids)} long sentences decoded in windows" if split_ids else ""),
+        f"complete outputs {100 * metrics['complete_rate']:.1f}%, {metrics['samples_per_second']:.2f} sentences/s"
+        + (f", {plural(n_split, 'long sentence')} decoded in windows" if n_split else ""),
         highlight=False,
     )
     return 0

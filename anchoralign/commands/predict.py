@@ -1,10 +1,16 @@
 """`anchoralign predict`: entities and relations of new sentences with a trained checkpoint.
 
-Input is a ``.txt`` file (one sentence a line, tokenised with ``anchoralign.tokenize`` in the
-checkpoint's language, exactly as augmented sentences are) or a ``.jsonl`` file of records (their
-``tokens`` used as given). Output is a record file; the predictions are also shown per sentence.
-A sentence longer than the encoder takes is split into word windows (``--long split``, default)
-or refused with its line (``--long refuse``); it is never truncated.
+Input is a ``.txt`` file (one text a line, raw: decoded through the Python API, ``anchoralign.api``,
+which tokenises it with ``anchoralign.tokenize`` in the checkpoint's language, exactly as the
+training data is) or a ``.jsonl`` file of records (their ``tokens`` used as given). Output is a
+record file; the predictions are also shown per sentence. A sentence longer than the encoder takes
+is split into word windows (``--long split``, default) or refused with its line (``--long
+refuse``); it is never truncated.
+
+The records carry token offsets only, also for ``.txt`` input: the record format is strict (the
+scorer and the dataset loaders refuse unknown fields), and a record's ``tokens`` are exactly
+``tokenize_with_offsets(line)``'s, which gives their character spans. For character offsets use
+``Extractor.extract`` (``Extraction.to_dict()``).
 
 The decoding options and the checkpoint loading here are shared with ``anchoralign evaluate``.
 """
@@ -14,12 +20,14 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from fractions import Fraction
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from anchoralign import config_tree
 from anchoralign.errors import RecordError, UserError
 from anchoralign.schema import Sample, iter_jsonl, parse_record, write_jsonl
 
@@ -46,20 +54,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared by predict and evaluate."""
-    g = p.add_argument_group("decoding")
-    g.add_argument("--beam", type=_positive, default=1, metavar="K", help="beam size per decoder (1: greedy)")
-    g.add_argument("--batch-size", type=_positive, default=40, metavar="N", help="sentences per batch")
-    g.add_argument(
-        "--max-len", type=_positive, metavar="N", help="tokens per decoder (default: 3 * words + 16)"
-    )
-    g.add_argument("--no-aggregate", action="store_true", help="relations of the forward decoder only")
-    g.add_argument(
-        "--no-anchor", action="store_true", help="keep relations whose mentions NER did not produce"
-    )
-    g.add_argument(
-        "--no-constraints", action="store_true", help="decode without the output grammar (ablation)"
-    )
+    """Options shared by predict and evaluate: one flag per ``DecodeConfig`` field (the config
+    generator), plus how long inputs are handled and the device."""
+    from anchoralign.config import DecodeConfig
+
+    g = p.add_argument_group("decoding (anchoralign.config.DecodeConfig)")
+    config_tree.add_flags(g, DecodeConfig)
     g.add_argument(
         "--long",
         choices=("split", "refuse"),
@@ -71,51 +71,27 @@ def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def decode_config(args: argparse.Namespace):
-    from anchoralign.decode import DecodeConfig
+    """The decoding config of the flags given (the rest at their defaults), validated."""
+    from anchoralign.config import DecodeConfig
 
-    return DecodeConfig(
-        beam_size=args.beam,
-        max_len=args.max_len,
-        batch_size=args.batch_size,
-        aggregate=not args.no_aggregate,
-        anchor=not args.no_anchor,
-        constrained=not args.no_constraints,
-    )
+    return config_tree.load(DecodeConfig, None, config_tree.given_overrides(args))
 
 
 def load_checkpoint(directory: str, device: str):
     """The model of a checkpoint directory on ``device`` ("auto": cuda when available)."""
-    import torch
     from transformers.utils import logging as hf_logging
 
+    from anchoralign.api import resolve_device
     from anchoralign.model import AnchorAlignModel
 
     hf_logging.set_verbosity_error()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        target = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device: not a torch device: {device!r}") from None
-    if target.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device: CUDA was asked for but is not available")
-    return AnchorAlignModel.from_pretrained(directory, map_location=target)
+    return AnchorAlignModel.from_pretrained(directory, map_location=resolve_device(device, "--device"))
 
 
 @contextmanager
 def progress_bar(total: int, what: str):
-    """A transient progress bar on stderr; yields ``advance(n)``."""
+    """A transient progress bar on stderr; yields ``advance(n)`` (``n`` may be a Fraction of a sentence)."""
     with Progress(
         TextColumn(what),
         BarColumn(),
@@ -125,44 +101,52 @@ def progress_bar(total: int, what: str):
         transient=True,
     ) as progress:
         task = progress.add_task(what, total=total)
-        yield lambda n: progress.advance(task, n)
+        done = Fraction(0)
+
+        def advance(n: int | Fraction) -> None:
+            # Summed exactly: windows of a split sentence (thirds, say) make whole sentences again.
+            nonlocal done
+            done += n
+            progress.update(task, completed=float(done))
+
+        yield advance
 
 
-def read_inputs(path: Path, language: str) -> tuple[list[Sample], dict[str, str]]:
-    """Samples of a .txt or .jsonl file, and where each came from (``file:line`` by id)."""
-    from anchoralign.tokenize import tokenize
+def plural(n: int, noun: str, plural_form: str | None = None) -> str:
+    """``1 sentence``, ``2 sentences``."""
+    return f"{n} {noun if n == 1 else plural_form or noun + 's'}"
 
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
+
+def read_texts(path: Path) -> tuple[list[str], list[str], list[str]]:
+    """The non-blank lines of a .txt file, their ids (``<stem>-<line>``) and places (``file:line``)."""
+    texts, ids, places = [], [], []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                texts.append(line.rstrip("\r\n"))
+                ids.append(f"{path.stem}-{lineno}")
+                places.append(f"{path}:{lineno}")
+    return texts, ids, places
+
+
+def read_records(path: Path) -> tuple[list[Sample], dict[str, str]]:
+    """Samples (id and tokens) of a .jsonl record file, and where each came from (``file:line`` by id)."""
     samples, where = [], {}
-    if path.suffix == ".txt":
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                tokens = tokenize(line.strip(), language)
-                if tokens:
-                    samples.append(Sample(id=f"{path.stem}-{lineno}", tokens=tokens))
-                    where[samples[-1].id] = f"{path}:{lineno}"
-    elif path.suffix == ".jsonl":
-        for lineno, obj in iter_jsonl(path):
-            if isinstance(obj, dict) and "id" not in obj:
-                obj = {"id": f"{path.stem}-{lineno}", **obj}
-            sample = parse_record(obj, path, lineno)
-            if sample.id in where:
-                raise RecordError(
-                    str(path), lineno, f"id {sample.id!r} already used at {where[sample.id]}", "id"
-                )
-            samples.append(Sample(id=sample.id, tokens=sample.tokens))
-            where[sample.id] = f"{path}:{lineno}"
-    else:
-        raise UserError(f"{path}: expected a .txt file (one sentence a line) or a .jsonl file of records")
-    if not samples:
-        raise UserError(f"{path}: no sentences in the file")
+    for lineno, obj in iter_jsonl(path):
+        if isinstance(obj, dict) and "id" not in obj:
+            obj = {"id": f"{path.stem}-{lineno}", **obj}
+        sample = parse_record(obj, path, lineno)
+        if sample.id in where:
+            raise RecordError(str(path), lineno, f"id {sample.id!r} already used at {where[sample.id]}", "id")
+        samples.append(Sample(id=sample.id, tokens=sample.tokens))
+        where[sample.id] = f"{path}:{lineno}"
     return samples, where
 
 
 def run_prediction(
     model, samples: Sequence[Sample], args: argparse.Namespace, where: Callable[[Sample], str]
 ):
+    """Predictions of token-level samples (records, evaluation splits) and the ids of those split."""
     from anchoralign.decode import predict_long
 
     with progress_bar(len(samples), "decoding") as advance:
@@ -171,27 +155,51 @@ def run_prediction(
         )
 
 
+def predict_file(model, source: Path, args: argparse.Namespace) -> tuple[list[Sample], list[bool], int]:
+    """Predicted records of an input file, whether each output was valid, and how many were split."""
+    if not source.is_file():
+        raise UserError(f"{source}: file not found")
+    if source.suffix == ".txt":
+        from anchoralign.api import Extractor
+
+        texts, ids, places = read_texts(source)
+        if not texts:
+            raise UserError(f"{source}: no sentences in the file")
+        with progress_bar(len(texts), "decoding") as advance:
+            found, split = Extractor(model, decode_config(args)).predict(
+                texts, ids=ids, long=args.long, places=places, progress=advance
+            )
+        return [x.record for x in found], [x.valid for x in found], len(split)
+    if source.suffix == ".jsonl":
+        samples, where = read_records(source)
+        if not samples:
+            raise UserError(f"{source}: no sentences in the file")
+        preds, split_ids = run_prediction(model, samples, args, lambda s: where[s.id])
+        return [p.sample for p in preds], [p.valid for p in preds], len(split_ids)
+    raise UserError(f"{source}: expected a .txt file (one sentence a line) or a .jsonl file of records")
+
+
 def run(args: argparse.Namespace) -> int:
     model = load_checkpoint(args.checkpoint, args.device)
-    source = Path(args.input)
-    samples, where = read_inputs(source, model.meta.language)
-    preds, split_ids = run_prediction(model, samples, args, lambda s: where[s.id])
-    n = write_jsonl(args.output, [p.sample for p in preds])
+    records, valid, n_split = predict_file(model, Path(args.input), args)
+    n = write_jsonl(args.output, records)
     console = Console()
     if not args.quiet:
-        for p in preds:
-            show(p.sample, console, valid=p.valid)
-    n_ent = sum(len(p.sample.entities) for p in preds)
-    n_rel = sum(len(p.sample.relations) for p in preds)
-    console.print(
-        f"{n} sentences, {n_ent} entities, {n_rel} relations written to {escape(str(args.output))}",
-        highlight=False,
-    )
-    if split_ids:
-        console.print(f"[yellow]{len(split_ids)} long sentences were split into word windows[/]")
-    invalid = sum(not p.valid for p in preds)
+        for record, ok in zip(records, valid, strict=True):
+            show(record, console, valid=ok)
+    n_ent = sum(len(r.entities) for r in records)
+    n_rel = sum(len(r.relations) for r in records)
+    counts = f"{plural(n, 'sentence')}, {plural(n_ent, 'entity', 'entities')}, {plural(n_rel, 'relation')}"
+    console.print(f"{counts} written to {escape(str(args.output))}", highlight=False)
+    if n_split:
+        was = "was" if n_split == 1 else "were"
+        console.print(f"[yellow]{plural(n_split, 'long sentence')} {was} split into word windows[/]")
+    invalid = valid.count(False)
     if invalid:
-        console.print(f"[yellow]{invalid} outputs were cut at the length bound or not well formed[/]")
+        was = "was" if invalid == 1 else "were"
+        console.print(
+            f"[yellow]{plural(invalid, 'output')} {was} cut at the length bound or not well formed[/]"
+        )
     return 0
 
 

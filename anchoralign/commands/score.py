@@ -99,7 +99,12 @@ def print_table(metrics: Metrics, title: str, console: Console | None = None) ->
         style = "bold" if family == primary_family else None
         table.add_row(_ROW_NAMES[family], *figures, *counts, style=style)
     console.print(table)
-    console.print(f"{metrics['n_samples']} gold sentences; headline figure: {metrics['primary']} (bold row)")
+    # Say which row it is in words: styling is not shown when the output is piped.
+    row = _ROW_NAMES[primary_family]
+    shown = " (bold)" if console.is_terminal else ""
+    console.print(
+        f"{metrics['n_samples']} gold sentences; headline figure: {metrics['primary']}, the '{row}' row{shown}"
+    )
     if metrics["n_missing_pred"]:
         console.print(
             f"[yellow]{metrics['n_missing_pred']} gold sentences have no prediction and were scored as empty[/]"
