@@ -1,0 +1,243 @@
+"""The quality protocol on CoNLL04 with the MiniLM backbone (issue: alignment and the span-based peer).
+
+Per seed:
+
+1. ``ce``: fine-tune from the bare backbone with the three cross-entropies only (curriculum
+   warm-up, then the full training set) until dev stops improving; ``best/`` (full dev set) is the
+   shared, cross-entropy-converged checkpoint of the seed;
+2. one alignment phase per setting, each from that same checkpoint, so that only the alignment
+   phase differs: ``full`` (alignment and suppression), ``no_alignment`` (the same epochs with
+   cross-entropy only), ``no_ner_re``, ``no_fwd_rev``, ``no_suppress``; ``best/`` by dev again;
+3. ``anchoralign evaluate`` of each ``best/`` on test, written as
+   ``benchmarks/quality/conll04/<setting>/seed<k>/predictions.jsonl`` and ``metrics.json``, and the
+   decoding ablations on the ``full`` checkpoints (``no_constraint``: no anchor-guided filter;
+   ``no_aggregation``: forward relations only; ``no_both``; ``span_anchor``: the constraint on
+   mention spans only) and on the ``ce`` checkpoints (``ce_only``: the shared starting point).
+
+Every step is a command of the product (printed before it runs) and is skipped when its output
+exists, so the protocol can be stopped and started again; training steps resume from their
+checkpoints. ``--summary`` prints the table of means and standard deviations from the committed
+metrics, re-scored from the committed predictions against the gold test file read directly.
+
+    python scripts/quality_protocol.py --data-dir ../shared/data --seeds 1,2,3
+    python scripts/quality_protocol.py --data-dir ../shared/data --seeds 1 --settings full --steps ce,align,eval
+    python scripts/quality_protocol.py --data-dir ../shared/data --summary
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SFT_CONFIG = "sft/configs/conll04.yaml"
+
+# What both kinds of training run share: the packaged MiniLM encoder with prefix decoders, mixed
+# precision on the CPU, batches of 16 bucketed by length, the full dev set scored after every epoch.
+COMMON = [
+    "--model.backbone=minilm",
+    "--optim.micro_batch_size=16",
+    "--optim.schedule=linear",
+    "--trainer.precision=bf16",
+    "--trainer.zero_stage=0",
+    "--data.bucket_batches=8",
+    "--eval.loss_splits=[]",
+    "--trainer.progress=false",
+]
+# 1. Cross-entropy until convergence: 2 curriculum epochs, then 28 on the whole training set.
+CE = ["--init-from=null", "--phases.epochs=[2,28,0]", "--optim.lr=1e-4", "--optim.warmup_ratio=0.06"]
+# 2. The alignment phase from the converged checkpoint: 6 epochs at a lower learning rate, the
+# alignment terms ramped in over the first epoch (58 steps). Weights chosen on dev (BENCHMARKS.md).
+ALIGN = [
+    "--phases.epochs=[0,0,6]",
+    "--optim.lr=3e-5",
+    "--optim.warmup_ratio=0.1",
+    "--loss.ramp_steps=58",
+    "--loss.alpha=1.0",
+    "--loss.beta=1.0",
+    "--loss.gamma=0.1",
+]
+SETTINGS = {
+    "full": ["--trainer.grad_norm_every=58"],
+    "no_alignment": ["--loss.alignment=false"],
+    "no_ner_re": ["--loss.ner_re=false"],
+    "no_fwd_rev": ["--loss.fwd_rev=false"],
+    "no_suppress": ["--loss.suppress=false"],
+}
+# Weight choices tried on dev (seed 1): alpha = beta = w, gamma = w / 10.
+SWEEP = {
+    f"weights_{w}": [f"--loss.alpha={w}", f"--loss.beta={w}", f"--loss.gamma={float(w) / 10:g}"]
+    for w in ("0.1", "0.3", "3")
+}
+# Decoding ablations: evaluate flags on the checkpoints of a training setting.
+DECODING = {
+    "no_constraint": ("full", ["--anchor", "off"]),
+    "no_aggregation": ("full", ["--aggregate", "false"]),
+    "no_both": ("full", ["--anchor", "off", "--aggregate", "false"]),
+    "span_anchor": ("full", ["--anchor", "span"]),
+    "ce_only": ("ce", []),
+}
+
+
+def run(cmd: list[str], dry: bool, stdout: Path | None = None) -> None:
+    print("+ " + " ".join(cmd), flush=True)
+    if dry:
+        return
+    # The code of this checkout, whatever is installed: the protocol measures the commit it is in.
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPATH": str(REPO)}
+    if stdout is None:
+        subprocess.run(cmd, cwd=REPO, env=env, check=True)
+        return
+    stdout.parent.mkdir(parents=True, exist_ok=True)
+    tmp = stdout.with_name(stdout.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=f)
+    tmp.replace(stdout)
+
+
+def run_dir(args: argparse.Namespace, setting: str, seed: int) -> Path:
+    return args.runs / setting / f"seed{seed}"
+
+
+def train(args: argparse.Namespace, setting: str, seed: int) -> None:
+    out = run_dir(args, setting, seed)
+    if (out / "final").is_dir():
+        return
+    stage = CE if setting == "ce" else [f"--init-from={run_dir(args, 'ce', seed) / 'best'}", *ALIGN]
+    extra = [] if setting == "ce" else {**SETTINGS, **SWEEP}[setting]
+    cmd = [
+        sys.executable,
+        "sft/run.py",
+        "--config",
+        SFT_CONFIG,
+        f"--data-dir={args.data_dir}",
+        *COMMON,
+        *stage,
+    ]
+    run([*cmd, *extra, f"--seed={seed}", f"--output-dir={out}"], args.dry_run)
+
+
+def evaluate(args: argparse.Namespace, name: str, trained: str, seed: int, flags: list[str]) -> None:
+    folder = args.out / name / f"seed{seed}"
+    if (folder / "metrics.json").is_file():
+        return
+    cmd = [
+        sys.executable,
+        "-m",
+        "anchoralign.cli",
+        "evaluate",
+        "--checkpoint",
+        str(run_dir(args, trained, seed) / "best"),
+    ]
+    cmd += ["--dataset", "conll04", "--split", "test", "--data-dir", str(args.data_dir), "--json"]
+    run([*cmd, *flags, "--output", str(folder / "predictions.jsonl")], args.dry_run, folder / "metrics.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary: re-scored from the committed predictions, gold read straight from the data file
+
+
+def gold_test(data_dir: Path) -> dict[str, tuple[set, set]]:
+    """Gold (entities, strict relations) of conll04_test.json, read directly, by ``orig_id``."""
+    sentences = json.loads((data_dir / "conll04" / "conll04_test.json").read_text(encoding="utf-8"))
+    return {str(s["orig_id"]): keys(s["tokens"], s["entities"], s["relations"]) for s in sentences}
+
+
+def keys(tokens: list[str], entities: list[dict], relations: list[dict]) -> tuple[set, set]:
+    def mention(e: dict) -> tuple[str, str]:
+        return " ".join(tokens[e["start"] : e["end"]]), e["type"]
+
+    ents = {mention(e) for e in entities}
+    rels = {(*mention(entities[r["head"]]), *mention(entities[r["tail"]]), r["type"]) for r in relations}
+    return ents, rels
+
+
+def f1(pred: list[set], gold: list[set]) -> float:
+    tp = sum(len(p & g) for p, g in zip(pred, gold, strict=True))
+    n_pred, n_gold = sum(map(len, pred)), sum(map(len, gold))
+    p = tp / n_pred if n_pred else 0.0
+    r = tp / n_gold if n_gold else 0.0
+    return 100 * 2 * p * r / (p + r) if p + r else 0.0
+
+
+def rescore(predictions: Path, gold: dict[str, tuple[set, set]]) -> tuple[float, float]:
+    """NER F1 and relation strict F1 of a predictions file (ids ``conll04-test-<orig_id>``)."""
+    found = {}
+    for line in predictions.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        found[rec["id"].rsplit("-", 1)[1]] = keys(rec["tokens"], rec["entities"], rec["relations"])
+    pred = [found.get(orig, (set(), set())) for orig in gold]
+    gold_sets = list(gold.values())
+    return f1([p[0] for p in pred], [g[0] for g in gold_sets]), f1(
+        [p[1] for p in pred], [g[1] for g in gold_sets]
+    )
+
+
+def summary(args: argparse.Namespace) -> None:
+    gold = gold_test(args.data_dir)
+    print("| setting | seeds | NER F1 | relation strict F1 | relation boundary F1 |")
+    print("|---|---|---|---|---|")
+    for folder in sorted(p for p in args.out.iterdir() if p.is_dir()):
+        rows = []
+        for seed_dir in sorted(folder.glob("seed*")):
+            metrics = json.loads((seed_dir / "metrics.json").read_text(encoding="utf-8"))
+            ner, rel = rescore(seed_dir / "predictions.jsonl", gold)
+            if abs(ner - metrics["ner_f1"]) > 0.01 or abs(rel - metrics["rel_strict_f1"]) > 0.01:
+                raise SystemExit(f"{seed_dir}: re-scored {ner:.2f}/{rel:.2f} differ from metrics.json")
+            rows.append((ner, rel, metrics["rel_boundary_f1"]))
+        if not rows:
+            continue
+
+        def cell(values: list[float]) -> str:
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            return f"{statistics.mean(values):.2f} ± {sd:.2f}"
+
+        cols = list(zip(*rows, strict=True))
+        print(f"| {folder.name} | {len(rows)} | {cell(cols[0])} | {cell(cols[1])} | {cell(cols[2])} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
+    p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds")
+    p.add_argument(
+        "--settings", default=",".join(SETTINGS), help=f"training settings ({', '.join([*SETTINGS, *SWEEP])})"
+    )
+    p.add_argument("--steps", default="ce,align,eval", help="ce, align, eval (comma-separated)")
+    p.add_argument("--runs", type=Path, default=REPO / "runs" / "quality" / "conll04", help="run folders")
+    p.add_argument(
+        "--out", type=Path, default=REPO / "benchmarks" / "quality" / "conll04", help="committed results"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    p.add_argument("--summary", action="store_true", help="print the table of the committed results")
+    args = p.parse_args()
+    args.data_dir = args.data_dir.resolve()
+    if args.summary:
+        summary(args)
+        return
+    seeds = [int(s) for s in args.seeds.split(",")]
+    settings = [s for s in args.settings.split(",") if s]
+    steps = set(args.steps.split(","))
+    for seed in seeds:
+        if "ce" in steps:
+            train(args, "ce", seed)
+        for setting in settings:
+            if "align" in steps:
+                train(args, setting, seed)
+            if "eval" in steps:
+                evaluate(args, setting, setting, seed, [])
+        if "eval" in steps:
+            for name, (trained, flags) in DECODING.items():
+                if trained == "ce" or trained in settings:
+                    evaluate(args, name, trained, seed, flags)
+
+
+if __name__ == "__main__":
+    main()
