@@ -24,6 +24,7 @@ from typing import Any
 
 LOSS_TERMS = ("ce_ner", "ce_fwd", "ce_rev", "kl_ner_re", "kl_fwd_rev", "suppress", "loss")
 ALIGNMENT_TERMS = ("kl_ner_re", "kl_fwd_rev", "suppress")
+RATES = ("complete_rate", "free_valid_rate")  # shares, drawn as percentages
 SCORES = ("ner_f1", "rel_strict_f1", "rel_boundary_f1")
 
 
@@ -137,13 +138,13 @@ def plot(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     else:
         plt.close(fig)
 
-    scored = [k for k in (*SCORES, "valid_rate") if series(rows, "eval", k)[0]]
+    scored = [k for k in (*SCORES, *RATES) if series(rows, "eval", k)[0]]
     if scored:
         fig, ax = plt.subplots(figsize=(8, 3.5))
         for key in scored:
             x, y = series(rows, "eval", key)
-            ax.plot(x, [v * 100 for v in y] if key == "valid_rate" else y, marker="o", markersize=3,
-                    label=f"{key} (%)" if key == "valid_rate" else key)  # fmt: skip
+            ax.plot(x, [v * 100 for v in y] if key in RATES else y, marker="o", markersize=3,
+                    label=f"{key} (%)" if key in RATES else key)  # fmt: skip
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("score")
         _mark_phases(ax, switches)
