@@ -31,6 +31,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BartConfig, PretrainedConfig
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
+from anchoralign.batching import special_ids
 from anchoralign.errors import UserError
 from anchoralign.linearize import DECODERS
 from anchoralign.prefix_decoder import PrefixCache, PrefixDecoder
@@ -282,8 +283,7 @@ def tiny_config(tokenizer, **overrides: Any) -> BartConfig:
     unknown = set(overrides) - set(TINY_CONFIG)
     if unknown:
         raise UserError(f"unknown tiny backbone option(s) {sorted(unknown)}; known: {sorted(TINY_CONFIG)}")
-    start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
-    end = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    start, end, _, _ = special_ids(tokenizer)
     return BartConfig(
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,

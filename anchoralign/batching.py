@@ -14,7 +14,7 @@ tokens) or a target longer than the decoder's positions raises a UserError namin
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -35,15 +35,32 @@ from anchoralign.schema import Sample
 PAIR_KEYS = {"ner_fwd": "ner_fwd_pairs", "ner_rev": "ner_rev_pairs", "fwd_rev": "fwd_rev_pairs"}
 
 
+class SpecialIds(NamedTuple):
+    """The tokenizer's own sequence-start, sequence-end, padding and unknown ids."""
+
+    start: int
+    end: int
+    pad: int
+    unk: int
+
+
+def special_ids(tokenizer: Any) -> SpecialIds:
+    """``[CLS]``/``[SEP]`` for BERT-like tokenizers, ``<s>``/``</s>`` for BART-like ones: the one place
+    that knows which names a tokenizer may use."""
+    return SpecialIds(
+        start=_first_id(tokenizer, "cls_token_id", "bos_token_id"),
+        end=_first_id(tokenizer, "sep_token_id", "eos_token_id"),
+        pad=_first_id(tokenizer, "pad_token_id", "eos_token_id"),
+        unk=_first_id(tokenizer, "unk_token_id", "pad_token_id"),
+    )
+
+
 class WordPieces:
     """Per-word sub-word ids for one tokenizer, with its start/end/pad/unknown ids."""
 
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
-        self.start_id = _first_id(tokenizer, "cls_token_id", "bos_token_id")
-        self.end_id = _first_id(tokenizer, "sep_token_id", "eos_token_id")
-        self.pad_id = _first_id(tokenizer, "pad_token_id", "eos_token_id")
-        self.unk_id = _first_id(tokenizer, "unk_token_id", "pad_token_id")
+        self.start_id, self.end_id, self.pad_id, self.unk_id = special_ids(tokenizer)
         # A tokenizer for which " a" and "a" differ keeps spaces in its pieces (byte-level BPE):
         # words inside a sentence follow a space, so give every word one.
         plain = tokenizer("a", add_special_tokens=False)["input_ids"]

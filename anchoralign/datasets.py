@@ -36,7 +36,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from anchoralign.errors import UserError
+from anchoralign.errors import UserError, first_error
 from anchoralign.formats import LOADERS, FormatOptions, LoadReport
 from anchoralign.schema import DatasetMeta, Entity, Sample
 
@@ -239,9 +239,7 @@ def _parse_spec(text: str, label: str) -> _MetadataFile:
     except json.JSONDecodeError as err:
         raise UserError(f"{label}:{err.lineno}: not valid JSON ({err.msg})") from None
     except ValidationError as err:
-        first = err.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        msg = first["msg"].removeprefix("Value error, ")
+        loc, msg, _ = first_error(err)
         raise UserError(f"{label}: {'field ' + repr(loc) + ': ' if loc else ''}{msg}") from None
 
 

@@ -178,6 +178,15 @@ class LabelSet:
                 f"relation type {relation_type!r} is not in the label set {list(self.relation_types)}"
             ) from None
 
+    def unknown_labels(self, sample: Sample) -> list[tuple[Literal["entity", "relation"], str]]:
+        """("entity" | "relation", label) of every label of ``sample`` outside this set, in order:
+        the one check that data, corpora and checkpoints agree on their labels."""
+        found: list[tuple[Literal["entity", "relation"], str]] = [
+            ("entity", e.type) for e in sample.entities if e.type not in self._entity_ids
+        ]
+        found += [("relation", r.type) for r in sample.relations if r.type not in self._relation_ids]
+        return found
+
     def decode_id(self, token_id: int, n_words: int | None = None) -> tuple[TokenKind, Any]:
         """What an id means: ("word", i), ("entity", type), ("relation", type), ("eos", None), ...
 
@@ -292,20 +301,15 @@ def gold_structure(sample: Sample, labels: LabelSet) -> tuple[list[Span], list[T
     Unknown labels are a UserError naming the sample, since they mean the data and its
     metadata disagree.
     """
+    unknown = labels.unknown_labels(sample)
+    if unknown:
+        kind, label = unknown[0]
+        known = labels.entity_types if kind == "entity" else labels.relation_types
+        raise UserError(f"sample {sample.id!r}: {kind} type {label!r} is not in the label set {list(known)}")
     spans = [(e.start, e.end, e.type) for e in sample.entities]
-    for span in spans:
-        _require_label(sample, "entity", span[2], labels.entity_types)
-    triples = []
-    for r in sample.relations:
-        _require_label(sample, "relation", r.type, labels.relation_types)
-        triples.append((spans[r.head], spans[r.tail], r.type))
+    triples = [(spans[r.head], spans[r.tail], r.type) for r in sample.relations]
     entity_order = _entity_order(labels)
     return sorted(set(spans), key=entity_order), sorted(set(triples), key=_triple_order(labels, False))
-
-
-def _require_label(sample: Sample, kind: str, label: str, known: tuple[str, ...]) -> None:
-    if label not in known:
-        raise UserError(f"sample {sample.id!r}: {kind} type {label!r} is not in the label set {list(known)}")
 
 
 def _entity_order(labels: LabelSet) -> Callable[[Span], tuple[int, int, int]]:

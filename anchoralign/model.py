@@ -56,7 +56,7 @@ from anchoralign.backbones import (
     backbone_from_config_dict,
     load_backbone,
 )
-from anchoralign.batching import Collator
+from anchoralign.batching import Collator, special_ids
 from anchoralign.errors import UserError
 from anchoralign.linearize import LabelSet, Paradigm, as_paradigm
 from anchoralign.schema import DatasetMeta
@@ -152,8 +152,7 @@ class AnchorAlignModel(nn.Module):
     def _fixed_token_ids(self) -> torch.Tensor:
         """Backbone token of each fixed restricted id: <bos>, <eos>, <sep>, entity and relation labels."""
         tok = self.tokenizer
-        start = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
-        end = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+        start, end, _, _ = special_ids(tok)
         names = [SEP_TOKEN]
         names += [entity_token(t) for t in self.labels.entity_types]
         names += [relation_token(r) for r in self.labels.relation_types]

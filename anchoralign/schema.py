@@ -14,7 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from anchoralign.errors import RecordError
+from anchoralign.errors import RecordError, first_error
+from anchoralign.files import atomic_write_text
 
 
 class Entity(BaseModel):
@@ -105,10 +106,8 @@ class DatasetMeta:
 
 
 def _field_of(err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or None
-    msg = first["msg"].removeprefix("Value error, ")
-    return f"field '{loc}': {msg}" if loc else msg
+    where, msg, _ = first_error(err)
+    return f"field '{where}': {msg}" if where else msg
 
 
 def parse_record(obj: Any, path: str | Path = "<record>", line: int | None = None) -> Sample:
@@ -151,17 +150,11 @@ def read_jsonl(path: str | Path) -> list[Sample]:
 
 def write_jsonl(path: str | Path, samples: Iterable[Sample | dict[str, Any]]) -> int:
     """Write records one a line (atomically: a temp file renamed into place). Returns the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    n = 0
-    with tmp.open("w", encoding="utf-8") as f:
-        for s in samples:
-            rec = s.to_record() if isinstance(s, Sample) else s
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            n += 1
-    tmp.replace(path)
-    return n
+    lines = [
+        json.dumps(s.to_record() if isinstance(s, Sample) else s, ensure_ascii=False) + "\n" for s in samples
+    ]
+    atomic_write_text(path, "".join(lines))
+    return len(lines)
 
 
 # Hugging Face datasets: one column per field; nested lists of dicts are stored as Arrow structs.

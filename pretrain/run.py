@@ -22,6 +22,7 @@ from pathlib import Path
 
 from anchoralign.config import PretrainConfig
 from anchoralign.errors import RecordError, UserError
+from anchoralign.linearize import LabelSet
 from anchoralign.runlog import RunLog
 from anchoralign.schedule import Phase
 from anchoralign.schema import DatasetMeta, Sample, read_jsonl
@@ -47,17 +48,11 @@ def read_corpus(cfg: PretrainConfig, name: str, meta: DatasetMeta) -> list[Sampl
 
 def check_labels(samples: Sequence[Sample], meta: DatasetMeta, path: Path) -> None:
     """Every label must be one of the dataset's: the model has label tokens for those only."""
+    labels = LabelSet.from_meta(meta)
     for line, s in enumerate(samples, start=1):
-        for e in s.entities:
-            if e.type not in meta.entity_types:
-                raise RecordError(
-                    str(path), line, f"entity type {e.type!r} is not a {meta.name} label", "entities"
-                )
-        for r in s.relations:
-            if r.type not in meta.relation_types:
-                raise RecordError(
-                    str(path), line, f"relation type {r.type!r} is not a {meta.name} label", "relations"
-                )
+        for kind, label in labels.unknown_labels(s)[:1]:
+            field = "entities" if kind == "entity" else "relations"
+            raise RecordError(str(path), line, f"{kind} type {label!r} is not a {meta.name} label", field)
 
 
 def plan(cfg: PretrainConfig, meta: DatasetMeta, log: RunLog) -> tuple[list[Phase], dict[str, list[Sample]]]:

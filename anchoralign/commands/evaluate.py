@@ -62,10 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def check_labels(gold: list[Sample], model_labels, checkpoint: str, dataset: str) -> None:
     """The model can only predict its own labels: gold labels it lacks mean the wrong checkpoint or data."""
-    ent = {e.type for s in gold for e in s.entities} - set(model_labels.entity_types)
-    rel = {r.type for s in gold for r in s.relations} - set(model_labels.relation_types)
-    if ent or rel:
-        missing = ", ".join(sorted(ent | rel))
+    unknown = {label for s in gold for _, label in model_labels.unknown_labels(s)}
+    if unknown:
+        missing = ", ".join(sorted(unknown))
         raise UserError(
             f"dataset {dataset} uses labels the checkpoint {checkpoint} was not trained with: {missing}"
         )

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from anchoralign.errors import RecordError
+from anchoralign.errors import RecordError, first_error
 from anchoralign.schema import Sample, iter_jsonl
 
 # How many unplaced triples a report keeps verbatim, to show in the warning and in data-stats.
@@ -168,9 +168,8 @@ def validate_sample(obj: Mapping[str, Any], where: Where) -> Sample:
     try:
         return Sample.model_validate(obj)
     except ValidationError as err:
-        first = err.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"]) or None
-        raise where.error(first["msg"].removeprefix("Value error, "), loc) from None
+        loc, msg, _ = first_error(err)
+        raise where.error(msg, loc or None) from None
 
 
 def sample_ids(prefix: str, source_ids: Sequence[Any]) -> list[str]:
