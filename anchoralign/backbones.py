@@ -111,16 +111,27 @@ class Backbone(nn.Module):
     def encoder_module(self) -> nn.Module:
         return self.encoder
 
+    @property
+    def prefix_decoders(self) -> bool:
+        """Whether the decoders read every encoder layer (``PrefixDecoder``) rather than its output."""
+        return isinstance(self.decoders[DECODERS[0]], PrefixDecoder)
+
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The decoders' memory [B,M,S,H]; ``memory[:, -1]`` is the encoder's output.
 
-        Cross-attention decoders read the output only (M = 1).
+        Cross-attention decoders read the output only (M = 1); prefix decoders the input of every
+        layer and the output (M = layers + 1).
         """
-        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, None]
+        out = self.encoder(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=self.prefix_decoders
+        )
+        return (
+            torch.stack(out.hidden_states, dim=1) if self.prefix_decoders else out.last_hidden_state[:, None]
+        )
 
     def new_cache(self) -> EncoderDecoderCache | PrefixCache:
-        """An empty key/value cache for one decoder (self-attention plus cross-attention)."""
-        return EncoderDecoderCache(DynamicCache(), DynamicCache())
+        """An empty key/value cache for one decoder."""
+        return PrefixCache() if self.prefix_decoders else EncoderDecoderCache(DynamicCache(), DynamicCache())
 
     def decode(
         self,
@@ -135,7 +146,10 @@ class Backbone(nn.Module):
         Both families' Hugging Face decoders take the same keyword arguments, so one call serves
         (``cache``, the name transformers 5 reads; ``past_key_values`` is deprecated there).
         """
-        out = self.decoders[name](
+        decoder = self.decoders[name]
+        if isinstance(decoder, PrefixDecoder):
+            return decoder(input_ids, memory, memory_mask, cache)
+        out = decoder(
             input_ids=input_ids,
             encoder_hidden_states=memory[:, -1],
             encoder_attention_mask=memory_mask,
@@ -235,27 +249,6 @@ class EncoderOnlyBackbone(Backbone):
     @property
     def embed_tokens(self) -> nn.Embedding:
         return self.encoder.embeddings.word_embeddings
-
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if self.decoder_attention == "cross":
-            return super().encode(input_ids, attention_mask)
-        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        return torch.stack(out.hidden_states, dim=1)
-
-    def new_cache(self) -> EncoderDecoderCache | PrefixCache:
-        return super().new_cache() if self.decoder_attention == "cross" else PrefixCache()
-
-    def decode(
-        self,
-        name: str,
-        input_ids: torch.Tensor,
-        memory: torch.Tensor,
-        memory_mask: torch.Tensor,
-        cache: EncoderDecoderCache | PrefixCache | None = None,
-    ) -> torch.Tensor:
-        if self.decoder_attention == "cross":
-            return super().decode(name, input_ids, memory, memory_mask, cache)
-        return self.decoders[name](input_ids, memory, memory_mask, cache)
 
     def new_parameter_names(self) -> list[str]:
         """Parameters that the backbone checkpoint did not provide (cross-attention)."""

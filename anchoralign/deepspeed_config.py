@@ -9,12 +9,12 @@ weights on every device.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from anchoralign.config import TrainConfig
 from anchoralign.errors import UserError
+from anchoralign.files import read_json_object
 
 _REFUSED_KEYS = ("optimizer", "scheduler")
 _BATCH_KEYS = {
@@ -119,10 +119,4 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     path = Path(cfg.trainer.deepspeed_config)
     if not path.is_file():
         raise UserError(f"trainer.deepspeed_config: file not found: {path}")
-    try:
-        user = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-    if not isinstance(user, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return merge(cfg, user, world_size, str(path))
+    return merge(cfg, read_json_object(path), world_size, str(path))

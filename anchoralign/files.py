@@ -1,8 +1,12 @@
-"""Writing files safely."""
+"""Reading and writing files safely."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
+
+from anchoralign.errors import UserError
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -13,3 +17,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """A JSON file holding one object; anything else is one UserError line naming the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data

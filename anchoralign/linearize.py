@@ -652,22 +652,9 @@ def parse_relations(
 ANCHOR_MODES = ("typed", "span", "off")
 
 
-def parse(
-    ner: Iterable[int],
-    fwd: Iterable[int],
-    rev: Iterable[int],
-    tokens: Sequence[str],
-    labels: LabelSet,
-    paradigm: int | Paradigm = Paradigm.GROUPED_ALL,
-    aggregate: bool = True,
-    anchor: bool | str = "typed",
-    sample_id: str = "",
-    self_relations: bool = False,
-) -> Sample:
-    """The predicted Sample of the three decoder outputs; see :func:`parse_with_report`."""
-    return parse_with_report(
-        ner, fwd, rev, tokens, labels, paradigm, aggregate, anchor, sample_id, self_relations
-    )[0]
+def parse(*args: Any, **kwargs: Any) -> Sample:
+    """The predicted Sample of the three decoder outputs: :func:`parse_with_report` without its report."""
+    return parse_with_report(*args, **kwargs)[0]
 
 
 def parse_with_report(

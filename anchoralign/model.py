@@ -58,6 +58,7 @@ from anchoralign.backbones import (
 )
 from anchoralign.batching import Collator, special_ids
 from anchoralign.errors import UserError
+from anchoralign.files import read_json_object
 from anchoralign.linearize import LabelSet, Paradigm, as_paradigm
 from anchoralign.schema import DatasetMeta
 
@@ -270,8 +271,8 @@ class AnchorAlignModel(nn.Module):
                 raise UserError(
                     f"{root}: not a checkpoint directory (missing {needed}); {_checkpoint_hint(root)}"
                 )
-        config = _read_json(root / CONFIG_FILE)
-        labels = _read_json(root / LABELS_FILE)
+        config = read_json_object(root / CONFIG_FILE)
+        labels = read_json_object(root / LABELS_FILE)
         if config.get("format_version") != FORMAT_VERSION:
             raise UserError(
                 f"{root / CONFIG_FILE}: checkpoint format {config.get('format_version')!r}, "
@@ -380,16 +381,6 @@ def meta_from_json(data: dict[str, Any]) -> DatasetMeta:
     kwargs["symmetric_relations"] = frozenset(kwargs.get("symmetric_relations", ()))
     kwargs["splits"] = tuple(kwargs.get("splits", ()))
     return DatasetMeta(**kwargs)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return data
 
 
 def _yaml_of(config: Any) -> str:
