@@ -399,22 +399,24 @@ ENTITY_GRAMMAR = (
     GrammarState(ANY_WORD, 2, {CAT_EOS: DONE}),  # 1: between mentions
     GrammarState(NEXT_WORD, 2, {CAT_ENT: 1}),  # 2: inside a mention
 )
-GROUPED_GRAMMAR = (
+# Both relation grammars open with the same five states: a first mention (the anchor, or the
+# first mention of a flat triple) and the mention it relates to. They differ in what follows the
+# relation label: grouped blocks take another partner or close with <sep>, flat triples restart.
+_RELATION_OPENING = (
     GrammarState(NO_WORD, DONE, {CAT_EOS: DONE}),
-    GrammarState(ANY_WORD, 2, {CAT_EOS: DONE}, starts_anchor=True),  # 1: a block may start (or end)
-    GrammarState(NEXT_WORD, 2, {CAT_ENT: 3}),  # 2: inside the anchor mention
-    GrammarState(ANY_WORD, 4, {}, starts_partner=True),  # 3: a partner mention must follow
-    GrammarState(NEXT_WORD, 4, {CAT_ENT: 5}),  # 4: inside a partner mention
+    GrammarState(ANY_WORD, 2, {CAT_EOS: DONE}, starts_anchor=True),  # 1: a block / triple may start (or end)
+    GrammarState(NEXT_WORD, 2, {CAT_ENT: 3}),  # 2: inside the first mention
+    GrammarState(ANY_WORD, 4, {}, starts_partner=True),  # 3: the partner mention must follow
+    GrammarState(NEXT_WORD, 4, {CAT_ENT: 5}),  # 4: inside the partner mention
+)
+GROUPED_GRAMMAR = (
+    *_RELATION_OPENING,
     GrammarState(NO_WORD, DONE, {CAT_REL: 6}),  # 5: its relation label
     GrammarState(ANY_WORD, 4, {CAT_SEP: 1}, starts_partner=True),  # 6: another partner, or close the block
 )
 FLAT_GRAMMAR = (
-    GrammarState(NO_WORD, DONE, {CAT_EOS: DONE}),
-    GrammarState(ANY_WORD, 2, {CAT_EOS: DONE}, starts_anchor=True),  # 1: a triple may start (or end)
-    GrammarState(NEXT_WORD, 2, {CAT_ENT: 3}),  # 2: inside the first mention
-    GrammarState(ANY_WORD, 4, {}, starts_partner=True),  # 3: the second mention must follow
-    GrammarState(NEXT_WORD, 4, {CAT_ENT: 5}),  # 4: inside the second mention
-    GrammarState(NO_WORD, DONE, {CAT_REL: 1}),  # 5: the relation label
+    *_RELATION_OPENING,
+    GrammarState(NO_WORD, DONE, {CAT_REL: 1}),  # 5: the relation label, then the next triple
 )
 
 

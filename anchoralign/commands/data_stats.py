@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from anchoralign.commands.arguments import add_command
 from anchoralign.datasets import DataNotFoundError, LoadReport, get_meta, load_split, load_split_with_report
 from anchoralign.schema import Sample
 
@@ -40,29 +41,30 @@ REPORT_ROWS = {
 }
 
 
+SUMMARY = "sizes and structure of a dataset's splits"
+DESCRIPTION = (
+    "Per split: sentences, entities, relations, relations per sentence, the share of sentences "
+    "with overlapping relations (an entity in two or more relations) and with nested entities "
+    "(overlapping spans), and the relations that loading could not place on the tokens. "
+    "'relations' counts the relations in the loaded samples; 'source relations' counts them as "
+    "the source files list them (relations + unplaced + merged duplicates)."
+)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
+    add_command(
+        subparsers,
         "data-stats",
-        help="sizes and structure of a dataset's splits",
-        description=(
-            "Per split: sentences, entities, relations, relations per sentence, the share of sentences "
-            "with overlapping relations (an entity in two or more relations) and with nested entities "
-            "(overlapping spans), and the relations that loading could not place on the tokens. "
-            "'relations' counts the relations in the loaded samples; 'source relations' counts them as "
-            "the source files list them (relations + unplaced + merged duplicates)."
-        ),
+        run,
+        SUMMARY,
+        DESCRIPTION,
+        {
+            "dataset": {},
+            "data-dir": {},
+            "fold": {"help": "cross-validation fold (ADE); without it: every fold's size"},
+            "json": {"help": "print one JSON object instead of tables"},
+        },
     )
-    p.add_argument(
-        "--dataset", required=True, metavar="NAME", help="a built-in dataset or the path of your data"
-    )
-    p.add_argument(
-        "--data-dir", metavar="DIR", help="data directory (default: $ANCHORALIGN_DATA, else ./data)"
-    )
-    p.add_argument(
-        "--fold", type=int, metavar="K", help="cross-validation fold (ADE); without it: every fold's size"
-    )
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

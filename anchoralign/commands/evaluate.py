@@ -22,42 +22,43 @@ from rich.console import Console
 from rich.markup import escape
 
 from anchoralign.commands import predict as shared
+from anchoralign.commands.arguments import add_command
 from anchoralign.commands.predict import add_decoding_arguments, decode_config, load_checkpoint, plural
 from anchoralign.commands.score import print_table, rounded
 from anchoralign.errors import UserError
 from anchoralign.schema import Sample, write_jsonl
 
+SUMMARY = "decode a dataset split with a checkpoint and print NER / relation P, R, F1"
+DESCRIPTION = (
+    "Decode a split with the three decoders of a checkpoint (forward and reverse relations united, "
+    "kept only when NER produced both mentions, unless switched off) and score it."
+)
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "evaluate",
-        help="decode a dataset split with a checkpoint and print NER / relation P, R, F1",
-        description=(
-            "Decode a split with the three decoders of a checkpoint (forward and reverse relations united, "
-            "kept only when NER produced both mentions, unless switched off) and score it."
-        ),
-    )
-    p.add_argument(
-        "--checkpoint", required=True, metavar="DIR", help="checkpoint directory (save_pretrained)"
-    )
-    p.add_argument(
-        "--dataset", required=True, metavar="NAME", help="built-in dataset name or path of your data"
+        run,
+        SUMMARY,
+        DESCRIPTION,
+        {
+            "checkpoint": {},
+            "dataset": {},
+            "data-dir": {},
+            "fold": {},
+            "json": {"help": "print the metrics as one JSON object"},
+        },
     )
     p.add_argument(
         "--split",
         help="split to evaluate (default: test); not with a single .jsonl file, which is read whole",
     )
-    p.add_argument(
-        "--data-dir", metavar="DIR", help="data directory (default: $ANCHORALIGN_DATA, else ./data)"
-    )
-    p.add_argument("--fold", type=int, metavar="K", help="cross-validation fold (ADE)")
-    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.add_argument("--output", metavar="FILE", help="write the predictions (jsonl records)")
     p.add_argument(
         "--gold-output", metavar="FILE", help="write the gold split (jsonl records) for anchoralign score"
     )
     add_decoding_arguments(p)
-    p.set_defaults(func=run)
 
 
 def check_labels(gold: list[Sample], model_labels, checkpoint: str, dataset: str) -> None:

@@ -28,21 +28,25 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from anchoralign import config_tree
+from anchoralign.commands.arguments import add_command
 from anchoralign.errors import RecordError, UserError
 from anchoralign.schema import Sample, iter_jsonl, parse_record, write_jsonl
 
+SUMMARY = "extract entities and relations from sentences with a trained checkpoint"
+DESCRIPTION = (
+    "Run the three decoders of a checkpoint on a .txt file (one sentence a line) or a .jsonl "
+    "file of records, write the predictions as records and show them."
+)
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "predict",
-        help="extract entities and relations from sentences with a trained checkpoint",
-        description=(
-            "Run the three decoders of a checkpoint on a .txt file (one sentence a line) or a .jsonl "
-            "file of records, write the predictions as records and show them."
-        ),
-    )
-    p.add_argument(
-        "--checkpoint", required=True, metavar="DIR", help="checkpoint directory (save_pretrained)"
+        run,
+        SUMMARY,
+        DESCRIPTION,
+        {"checkpoint": {}},
     )
     p.add_argument(
         "--input", required=True, metavar="FILE", help=".txt (one sentence a line) or .jsonl records"
@@ -50,7 +54,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, metavar="FILE", help="predicted records (jsonl)")
     p.add_argument("--quiet", action="store_true", help="do not show the predictions, only the summary")
     add_decoding_arguments(p)
-    p.set_defaults(func=run)
 
 
 def add_decoding_arguments(p: argparse.ArgumentParser) -> None:

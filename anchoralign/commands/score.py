@@ -8,6 +8,7 @@ import json
 from rich.console import Console
 from rich.table import Table
 
+from anchoralign.commands.arguments import add_command
 from anchoralign.errors import UserError
 from anchoralign.metrics import FAMILIES, FIGURES, Metrics, average_folds, score
 from anchoralign.schema import read_jsonl
@@ -15,15 +16,29 @@ from anchoralign.schema import read_jsonl
 _ROW_NAMES = {"ner": "NER", "rel_strict": "Relation strict", "rel_boundary": "Relation boundary"}
 
 
+SUMMARY = "score predictions against gold records (NER, relation strict and boundary P/R/F1)"
+DESCRIPTION = (
+    "Micro-averaged precision, recall and F1 (percentages) of NER, strict relations (mentions, "
+    "entity types, relation type) and boundary relations (mentions, relation type). Entities are "
+    "compared by mention text and type, one set per sentence; records are matched by id."
+)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
+    p = add_command(
+        subparsers,
         "score",
-        help="score predictions against gold records (NER, relation strict and boundary P/R/F1)",
-        description=(
-            "Micro-averaged precision, recall and F1 (percentages) of NER, strict relations (mentions, "
-            "entity types, relation type) and boundary relations (mentions, relation type). Entities are "
-            "compared by mention text and type, one set per sentence; records are matched by id."
-        ),
+        run,
+        SUMMARY,
+        DESCRIPTION,
+        {
+            "dataset": {
+                "required": False,
+                "help": "take the symmetric relation types and the headline figure from this dataset's metadata",
+            },
+            "data-dir": {"help": "data directory for --dataset (default: $ANCHORALIGN_DATA)"},
+            "json": {},
+        },
     )
     p.add_argument(
         "--gold", required=True, action="append", metavar="FILE", help="gold records (jsonl); repeat per fold"
@@ -36,16 +51,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="predicted records (jsonl), same ids; with several --gold/--pred pairs (e.g. ADE's 10 folds) "
         "each pair is scored and the figures are averaged",
     )
-    p.add_argument(
-        "--dataset",
-        metavar="NAME",
-        help="take the symmetric relation types and the headline figure from this dataset's metadata",
-    )
-    p.add_argument(
-        "--data-dir", metavar="DIR", help="data directory for --dataset (default: $ANCHORALIGN_DATA)"
-    )
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
