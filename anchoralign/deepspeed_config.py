@@ -37,6 +37,13 @@ def effective_zero_stage(cfg: TrainConfig, world_size: int) -> int:
     return cfg.trainer.zero_stage
 
 
+def describe_zero(cfg: TrainConfig, world_size: int, running: int) -> str:
+    """``ZeRO 2``, or why the stage running differs from the configured one (for the log)."""
+    if running == cfg.trainer.zero_stage or effective_zero_stage(cfg, world_size) != 0:
+        return f"ZeRO {running}"
+    return f"ZeRO {running} (zero_stage={cfg.trainer.zero_stage} has nothing to partition on one rank)"
+
+
 def build(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config of a stage config on ``world_size`` ranks (pure)."""
     if world_size < 1:

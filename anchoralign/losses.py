@@ -218,3 +218,9 @@ def loss_terms(
         )
     terms["loss"] = weighted_total(terms, weights)
     return terms
+
+
+def describe_terms(weights: Mapping[str, float]) -> str:
+    """``ce, kl_ner_re x1, suppress x0.1``: the active terms of a phase and their weights."""
+    terms = ["ce"] + [f"{k} x{w:g}" for k, w in weights.items() if k in ALIGN_TERMS]
+    return ", ".join(terms)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from anchoralign.config import PhasesConfig
+
 
 def lr_at(
     step: int,
@@ -66,6 +68,22 @@ def gate_phase(phases: Sequence[Phase]) -> int | None:
         a, b = phases[i], phases[i + 1]
         if not a.align and b.align and a.data == b.data and a.epochs > 0 and b.epochs > 0:
             return i
+    return None
+
+
+def gate_reason(cfg: PhasesConfig, valid_rate: float | None, stale_evals: int) -> str | None:
+    """Why the gate phase ends now under ``cfg.switch``, or None while it goes on.
+
+    ``valid_rate``: the last dev share of valid free-running outputs; ``stale_evals``: evaluations
+    since the dev score last improved. With ``switch: epochs`` the gate never ends early.
+    """
+    if cfg.switch == "valid_rate" and valid_rate is not None and valid_rate >= cfg.valid_rate_threshold:
+        return (
+            f"dev valid free-running outputs {100 * valid_rate:.1f}% reached the threshold "
+            f"{100 * cfg.valid_rate_threshold:.1f}%"
+        )
+    if cfg.switch == "plateau" and stale_evals >= cfg.patience:
+        return f"dev score plateaued: no improvement in {stale_evals} evaluations (patience {cfg.patience})"
     return None
 
 

@@ -22,36 +22,27 @@ resumed run replays it exactly. Logging, metrics and exports happen on rank 0.
 from __future__ import annotations
 
 import random
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from torch import nn
 
 from anchoralign import distributed
 from anchoralign.checkpoint import Checkpointer, TrainState
 from anchoralign.config import TrainConfig
-from anchoralign.deepspeed_config import deepspeed_config, effective_zero_stage
+from anchoralign.deepspeed_config import deepspeed_config, describe_zero
 from anchoralign.errors import UserError
 from anchoralign.evaluation import Collate, EvalResult, Evaluate, LossFn, to_device
-from anchoralign.losses import ALIGN_TERMS, LOSS_KEYS, ramp_factor, term_weights
-from anchoralign.runlog import RunLog
+from anchoralign.losses import LOSS_KEYS, describe_terms, ramp_factor, term_weights
+from anchoralign.optim import autocast, parameter_groups
+from anchoralign.runlog import RunLog, Window
 from anchoralign.schedule import (
     Phase,
     epoch_order,
     epoch_plan,
     gate_phase,
+    gate_reason,
     lr_at,
     rank_micro_batches,
     steps_per_epoch,
@@ -59,7 +50,7 @@ from anchoralign.schedule import (
 )
 from anchoralign.schema import Sample
 
-__all__ = ["Phase", "TrainState", "Trainer", "autocast", "parameter_groups"]
+__all__ = ["Phase", "TrainState", "Trainer"]
 
 
 class Trainer:
@@ -256,22 +247,14 @@ class Trainer:
         return result
 
     def _maybe_end_gate(self) -> None:
-        st, ph = self.state, self.cfg.phases
+        st = self.state
         if self.gate is None or st.phase != self.gate:
             return
-        if ph.switch == "valid_rate":
-            passed = st.last_valid_rate is not None and st.last_valid_rate >= ph.valid_rate_threshold
-            reason = (
-                f"dev valid free-running outputs {100 * (st.last_valid_rate or 0):.1f}% reached the threshold "
-                f"{100 * ph.valid_rate_threshold:.1f}%"
-            )
-        else:
-            passed = st.stale_evals >= ph.patience
-            reason = f"dev score plateaued: no improvement in {st.stale_evals} evaluations (patience {ph.patience})"
+        reason = gate_reason(self.cfg.phases, st.last_valid_rate, st.stale_evals)
         # Rank 0 decides, so that all ranks change phase at the same step even if their
         # evaluations were to differ in the last bit on some accelerator.
-        if distributed.broadcast_object(passed):
-            self._switch(self.gate + 1, reason)
+        if distributed.broadcast_object(reason is not None):
+            self._switch(self.gate + 1, str(reason))
 
     def _switch(self, to: int, reason: str) -> None:
         st = self.state
@@ -331,11 +314,11 @@ class Trainer:
                 st.align_since = 0
             self._describe_plan()
         self.log.info(f"{self.cfg.stage}: phase {self.phases[st.phase].name} (step {st.global_step})")
-        with self._progress() as progress:
+        with self.log.progress(enabled=self.cfg.trainer.progress) as progress:
             bar = progress.add_task(
                 self.phases[st.phase].name, total=self.total_steps, completed=st.global_step
             )
-            window = _Window(self.device)
+            window = Window(self.device)
             while st.epoch < len(self.plan) and not self._at_max_steps():
                 self._enter_epoch()
                 self._train_epoch(
@@ -363,7 +346,7 @@ class Trainer:
         self.state.metrics_rows = self.log.rows
         self.checkpoints.save(self.state)
 
-    def _train_epoch(self, window: _Window, tick: Callable[[], None]) -> None:
+    def _train_epoch(self, window: Window, tick: Callable[[], None]) -> None:
         """The rest of the current epoch (all of it unless resumed mid-epoch)."""
         st, cfg = self.state, self.cfg
         name = self.phases[self.plan[st.epoch]].data
@@ -418,7 +401,7 @@ class Trainer:
         lrs = ", ".join(f"{o.phase_lr(i):g}" for i in range(len(self.phases)))
         self.log.info(
             f"{cfg.stage}: {self.world} rank(s), global batch {self.global_batch} "
-            f"(micro {o.micro_batch_size} x accumulation {o.grad_accum} x {self.world}), {self._zero_text()}, "
+            f"(micro {o.micro_batch_size} x accumulation {o.grad_accum} x {self.world}), {describe_zero(self.cfg, self.world, self.engine.zero_optimization_stage())}, "
             f"{cfg.trainer.precision}, {self.total_steps} steps, warm-up {self.warmup}, {o.schedule} schedule, "
             f"lr {lrs} by phase" + (f" (x{o.new_lr_mult:g} for new parameters)" if o.new_lr_mult != 1 else "")
         )
@@ -448,14 +431,7 @@ class Trainer:
                 }
             )
 
-    def _zero_text(self) -> str:
-        stage = self.engine.zero_optimization_stage()
-        configured = self.cfg.trainer.zero_stage
-        if stage == configured or effective_zero_stage(self.cfg, self.world) != 0:
-            return f"ZeRO {stage}"
-        return f"ZeRO {stage} (zero_stage={configured} has nothing to partition on one rank)"
-
-    def _log_train(self, window: _Window) -> None:
+    def _log_train(self, window: Window) -> None:
         st = self.state
         terms = distributed.mean_over_ranks(window.means(), self.device)
         row = {
@@ -469,88 +445,3 @@ class Trainer:
         }
         self.log.metrics(row)
         window.reset()
-
-    def _progress(self) -> Progress:
-        return Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=self.log.console,
-            disable=not (self.log.active and self.cfg.trainer.progress),
-            transient=False,
-        )
-
-
-class _Window:
-    """Loss terms and throughput since the last metrics row (tensors summed on the device)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.reset()
-
-    def reset(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-        self.steps = 0
-        self.samples = 0
-        self.t0 = time.perf_counter()
-
-    def add(self, terms: Mapping[str, torch.Tensor], samples: int) -> None:
-        for k, v in terms.items():
-            self.sums[k] = self.sums.get(k, 0) + v
-            self.counts[k] = self.counts.get(k, 0) + 1
-        self.steps += 1
-        self.samples += samples
-
-    @contextmanager
-    def paused(self) -> Iterator[None]:
-        """Time spent inside (evaluation, checkpoints) does not count against throughput."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.t0 += time.perf_counter() - start
-
-    def means(self) -> dict[str, float]:
-        # Gradient norms are measured on some steps only: each is averaged over its own count.
-        return {k: float(v) / self.counts[k] for k, v in self.sums.items()}
-
-    def samples_per_s(self) -> float:
-        return self.samples / max(1e-9, time.perf_counter() - self.t0)
-
-
-def describe_terms(weights: Mapping[str, float]) -> str:
-    """``ce, kl_ner_re x1, suppress x0.1``: the active terms of a phase and their weights."""
-    terms = ["ce"] + [f"{k} x{w:g}" for k, w in weights.items() if k in ALIGN_TERMS]
-    return ", ".join(terms)
-
-
-def autocast(precision: str, device: torch.device) -> AbstractContextManager[Any]:
-    """Mixed precision of the forward pass: bfloat16 autocast for ``bf16``, nothing for ``fp32``."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on matrices only (shrinking biases and norm scales only hurts),
-    and the multiplier ``optim.new_lr_mult`` (kept in the group as ``lr_mult``) for the parameters
-    the backbone checkpoint did not provide, such as random cross-attention, which have everything
-    to learn while the pretrained rest needs gentle steps."""
-    backbone = getattr(model, "backbone", None)
-    new = {f"backbone.{n}" for n in (backbone.new_parameter_names() if backbone is not None else [])}
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            groups.setdefault((p.ndim >= 2, name in new), []).append(p)
-    o = cfg.optim
-    return [
-        {
-            "params": params,
-            "weight_decay": o.weight_decay if decay else 0.0,
-            "lr_mult": o.new_lr_mult if is_new else 1.0,
-        }
-        for (decay, is_new), params in sorted(groups.items())
-    ]

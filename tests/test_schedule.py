@@ -7,11 +7,13 @@ import math
 
 import pytest
 
+from anchoralign.config import PhasesConfig
 from anchoralign.schedule import (
     Phase,
     epoch_order,
     epoch_plan,
     gate_phase,
+    gate_reason,
     lr_at,
     rank_micro_batches,
     steps_per_epoch,
@@ -49,6 +51,19 @@ def test_epoch_plan_and_gate() -> None:
     assert gate_phase(phases) == 1
     assert gate_phase([Phase("a", "x", 1, False), Phase("b", "y", 1, True)]) is None  # other data
     assert gate_phase([Phase("a", "x", 1, True), Phase("b", "x", 1, True)]) is None
+
+
+def test_gate_reason_by_switch() -> None:
+    epochs = PhasesConfig(epochs=[1, 2, 3])
+    assert gate_reason(epochs, 1.0, 99) is None  # fixed epochs: never early
+    valid = PhasesConfig(epochs=[1, 2, 3], switch="valid_rate", valid_rate_threshold=0.9)
+    assert gate_reason(valid, 0.89, 99) is None and gate_reason(valid, None, 0) is None
+    assert gate_reason(valid, 0.9, 0) == "dev valid free-running outputs 90.0% reached the threshold 90.0%"
+    plateau = PhasesConfig(epochs=[1, 2, 3], switch="plateau", patience=2)
+    assert gate_reason(plateau, 1.0, 1) is None
+    assert (
+        gate_reason(plateau, None, 2) == "dev score plateaued: no improvement in 2 evaluations (patience 2)"
+    )
 
 
 def test_epoch_order_is_a_seeded_permutation() -> None:
