@@ -237,8 +237,10 @@ def add_flags(
     cls: type[BaseModel],
     prefix: str = "",
     skip: Sequence[str] = (),
+    alias_prefix: str = "",
 ) -> None:
-    """One flag per leaf field of ``cls`` (under ``prefix``), except the dotted paths in ``skip``.
+    """One flag per leaf field of ``cls`` (under ``prefix``), except the dotted paths in ``skip``;
+    with ``alias_prefix`` each flag is also accepted under it (``--beam`` and ``--decode.beam``).
 
     A flag's default is "not given", so only what the user typed overrides the config file. The
     parser should be made with ``allow_abbrev=False``: a shortened key must be an unknown key.
@@ -255,6 +257,8 @@ def add_flags(
         names = [flag_name(full)]
         if "_" in full:
             names.append("--" + full)  # the other spelling
+        if alias_prefix:
+            names.append(flag_name(alias_prefix + full))
         bool_flag = _is_bool(field.annotation)
         target.add_argument(
             *names,

@@ -61,8 +61,10 @@ def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
     generator), plus how long inputs are handled and the device."""
     from anchoralign.config import DecodeConfig
 
-    g = p.add_argument_group("decoding (anchoralign.config.DecodeConfig)")
-    config_tree.add_flags(g, DecodeConfig)
+    g = p.add_argument_group(
+        "decoding (anchoralign.config.DecodeConfig; also spelled --decode.KEY, as in training)"
+    )
+    config_tree.add_flags(g, DecodeConfig, alias_prefix="decode.")
     g.add_argument(
         "--long",
         choices=("split", "refuse"),
