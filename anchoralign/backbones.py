@@ -136,21 +136,22 @@ class Backbone(nn.Module):
     def decode(
         self,
         name: str,
-        input_ids: torch.Tensor,
+        inputs_embeds: torch.Tensor,
         memory: torch.Tensor,
         memory_mask: torch.Tensor,
         cache: EncoderDecoderCache | PrefixCache | None = None,
     ) -> torch.Tensor:
-        """Hidden states of decoder ``name`` [B,T,H]; with ``cache``, only the new positions.
+        """Hidden states of decoder ``name`` [B,T,H] for input embeddings [B,T,H] (the decoder adds
+        its positions); with ``cache``, only the new positions.
 
         Both families' Hugging Face decoders take the same keyword arguments, so one call serves
         (``cache``, the name transformers 5 reads; ``past_key_values`` is deprecated there).
         """
         decoder = self.decoders[name]
         if isinstance(decoder, PrefixDecoder):
-            return decoder(input_ids, memory, memory_mask, cache)
+            return decoder(inputs_embeds, memory, memory_mask, cache)
         out = decoder(
-            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
             encoder_hidden_states=memory[:, -1],
             encoder_attention_mask=memory_mask,
             cache=cache,

@@ -63,6 +63,7 @@ from anchoralign.linearize import LabelSet, Paradigm, as_paradigm
 from anchoralign.schema import DatasetMeta
 
 FORMAT_VERSION = 1
+DECODER_INPUTS = ("token", "pointer")
 N_MASK_TOKENS = 64
 SEP_TOKEN = "<sep>"
 CONFIG_FILE, LABELS_FILE, WEIGHTS_FILE = "config.json", "labels.json", "model.safetensors"
@@ -115,9 +116,20 @@ class AnchorAlignModel(nn.Module):
     """Shared encoder + NER / forward RE / reverse RE decoders over a restricted vocabulary."""
 
     def __init__(
-        self, backbone: Backbone, tokenizer: Any, meta: DatasetMeta, paradigm: int | Paradigm, name: str
+        self,
+        backbone: Backbone,
+        tokenizer: Any,
+        meta: DatasetMeta,
+        paradigm: int | Paradigm,
+        name: str,
+        decoder_input: str = "token",
     ):
         super().__init__()
+        if decoder_input not in DECODER_INPUTS:
+            raise UserError(
+                f"decoder_input must be one of {', '.join(DECODER_INPUTS)}; got {decoder_input!r}"
+            )
+        self.decoder_input = decoder_input
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.meta = meta
@@ -136,6 +148,7 @@ class AnchorAlignModel(nn.Module):
         paradigm: int | Paradigm = Paradigm.GROUPED_ALL,
         decoder_attention: str = "prefix",
         label_init: str = "name",
+        decoder_input: str = "token",
         **tiny_options: Any,
     ) -> AnchorAlignModel:
         """A new model: the backbone's weights, label tokens initialised from their names or
@@ -148,7 +161,7 @@ class AnchorAlignModel(nn.Module):
         old_size = net.embed_tokens.num_embeddings
         net.resize_token_embeddings(max(len(tokenizer), old_size))
         init_label_embeddings(net.embed_tokens, tokenizer, added, meta, label_init)
-        return cls(net, tokenizer, meta, paradigm, backbone)
+        return cls(net, tokenizer, meta, paradigm, backbone, decoder_input)
 
     def _fixed_token_ids(self) -> torch.Tensor:
         """Backbone token of each fixed restricted id: <bos>, <eos>, <sep>, entity and relation labels."""
@@ -204,10 +217,21 @@ class AnchorAlignModel(nn.Module):
         logits = torch.cat([fixed, words], dim=-1)
         return logits.masked_fill(~state.vocab_mask[:, None, :], masked_fill_value(logits.dtype))
 
+    def decoder_inputs(self, ids: torch.Tensor, state: EncoderState) -> torch.Tensor:
+        """Input embeddings [N,T,H] of restricted ids: a fixed id's token embedding; a word's token
+        embedding too (``decoder_input: token``), or the representation the pointer scores it by
+        (``pointer``), which tells the decoder which occurrence in the sentence it wrote."""
+        embeds = self.backbone.embed_tokens(self.to_token_ids(ids, state))
+        if self.decoder_input == "token":
+            return embeds
+        n_fixed = self.labels.n_fixed
+        word = (ids - n_fixed).clamp(min=0, max=state.word_reps.shape[1] - 1)
+        reps = state.word_reps.gather(1, word[..., None].expand(-1, -1, embeds.shape[-1]))
+        return torch.where((ids >= n_fixed)[..., None], reps.to(embeds.dtype), embeds)
+
     def decoder_logits(self, name: str, ids: torch.Tensor, state: EncoderState, cache=None) -> torch.Tensor:
         """Logits of decoder ``name`` for inputs ``ids`` [N,T] (with ``cache``: only the new steps)."""
-        tokens = self.to_token_ids(ids, state)
-        hidden = self.backbone.decode(name, tokens, state.memory, state.mask, cache)
+        hidden = self.backbone.decode(name, self.decoder_inputs(ids, state), state.memory, state.mask, cache)
         return self.pointer_logits(hidden, state)
 
     def forward(
@@ -243,6 +267,7 @@ class AnchorAlignModel(nn.Module):
             "format_version": FORMAT_VERSION,
             "backbone": self.backbone_name,
             "paradigm": int(self.paradigm),
+            "decoder_input": self.decoder_input,
             "fixed_tokens": self.tokenizer.convert_ids_to_tokens(self.fixed_token_ids.tolist()),
             "parameters": self.parameter_counts(),
             **{f"backbone_{k}": v for k, v in backbone_config_dict(self.backbone).items()},
@@ -291,7 +316,10 @@ class AnchorAlignModel(nn.Module):
         except KeyError as err:
             raise UserError(f"{root}: checkpoint config lacks field {err}") from None
         tokenizer = AutoTokenizer.from_pretrained(str(root / TOKENIZER_DIR))
-        model = cls(backbone, tokenizer, meta, paradigm, config["backbone"])
+        # Checkpoints written before decoder_input existed fed token embeddings.
+        model = cls(
+            backbone, tokenizer, meta, paradigm, config["backbone"], config.get("decoder_input", "token")
+        )
         missing, unexpected = load_model(
             model, str(root / WEIGHTS_FILE), strict=False, device=str(map_location)
         )

@@ -65,35 +65,30 @@ class PrefixDecoder(nn.Module):
         b, t, h = x.shape
         return x.view(b, t, self.n_heads, h // self.n_heads).transpose(1, 2)
 
-    def _embed(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
+    def _embed(self, inputs_embeds: torch.Tensor, start: int) -> torch.Tensor:
         emb = self.model.embeddings
-        positions = (
-            torch.arange(start, start + input_ids.shape[1], device=input_ids.device) + self.first_position
-        )
-        types = torch.full_like(input_ids, self.token_type)
-        x = (
-            emb.word_embeddings(input_ids)
-            + emb.token_type_embeddings(types)
-            + emb.position_embeddings(positions)
-        )
+        n, device = inputs_embeds.shape[1], inputs_embeds.device
+        positions = torch.arange(start, start + n, device=device) + self.first_position
+        types = torch.full(inputs_embeds.shape[:2], self.token_type, dtype=torch.long, device=device)
+        x = inputs_embeds + emb.token_type_embeddings(types) + emb.position_embeddings(positions)
         return emb.dropout(emb.LayerNorm(x))
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        inputs_embeds: torch.Tensor,
         memory: torch.Tensor,
         memory_mask: torch.Tensor,
         cache: PrefixCache | None = None,
     ) -> torch.Tensor:
-        """Hidden states [B,T,H] of the target ``input_ids`` [B,T].
+        """Hidden states [B,T,H] of the target tokens, given their embeddings [B,T,H].
 
         memory [B,L+1,S,H]: the encoder's hidden states (embedding output, then each layer's
         output), so ``memory[:, l]`` is the input of encoder layer ``l``; memory_mask [B,S].
-        With ``cache``, ``input_ids`` are the new positions only and the cache is extended.
+        With ``cache``, the embeddings are of the new positions only and the cache is extended.
         """
         start = cache.get_seq_length() if cache is not None else 0
-        x = self._embed(input_ids, start)
-        n_new = input_ids.shape[1]
+        x = self._embed(inputs_embeds, start)
+        n_new = inputs_embeds.shape[1]
         n_all = start + n_new
         causal = torch.ones(n_new, n_all, dtype=torch.bool, device=x.device).tril(start)
         source = memory_mask.bool()[:, None, None, :].expand(-1, 1, n_new, -1)

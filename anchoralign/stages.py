@@ -70,6 +70,7 @@ def load_model(cfg: TrainConfig, meta: DatasetMeta) -> nn.Module:
             paradigm=m.paradigm,
             decoder_attention=m.decoder_attention,
             label_init=m.label_init,
+            decoder_input=m.decoder_input,
         )
     path = Path(cfg.init_from)
     if not (path / "config.json").is_file():

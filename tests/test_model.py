@@ -304,3 +304,28 @@ def test_unusable_backbones_are_user_errors(tmp_path):
         AnchorAlignModel.from_backbone(str(tmp_path / "no" / "such" / "dir"), TOY_META)
     with pytest.raises(UserError, match="unknown tiny backbone option"):
         AnchorAlignModel.from_backbone("tiny", TOY_META, d_modle=64)
+
+
+def test_pointer_decoder_input_reads_the_word_it_pointed_at():
+    model = tiny_model(decoder_input="pointer").eval()
+    batch = model.collator()(toy_samples())
+    with torch.no_grad():
+        state = model.encode(batch)
+        ids = batch["fwd_input"]
+        embeds = model.decoder_inputs(ids, state)
+        n_fixed = model.labels.n_fixed
+        b, t = torch.nonzero(ids >= n_fixed)[0].tolist()
+        torch.testing.assert_close(embeds[b, t], state.word_reps[b, ids[b, t] - n_fixed])
+        b, t = torch.nonzero(ids < n_fixed)[0].tolist()  # <bos>, labels and <sep>: their token rows
+        token = model.to_token_ids(ids, state)[b, t]
+        torch.testing.assert_close(embeds[b, t], model.backbone.embed_tokens.weight[token])
+    token_model = tiny_model().eval()
+    assert token_model.decoder_input == "token"
+
+
+def test_decoder_input_is_saved_with_the_checkpoint(tmp_path):
+    model = tiny_model(decoder_input="pointer")
+    model.save_pretrained(tmp_path / "ck")
+    assert AnchorAlignModel.from_pretrained(tmp_path / "ck").decoder_input == "pointer"
+    with pytest.raises(UserError, match="decoder_input must be one of token, pointer"):
+        tiny_model(decoder_input="embedding")
