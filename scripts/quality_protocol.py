@@ -37,10 +37,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SFT_CONFIG = "sft/configs/conll04.yaml"
 
-# What both kinds of training run share: the packaged MiniLM encoder with prefix decoders, mixed
-# precision on the CPU, batches of 16 bucketed by length, the full dev set scored after every epoch.
+# What both kinds of training run share: the packaged MiniLM encoder with prefix decoders that read
+# the representation of each word they wrote, mixed precision on the CPU, batches of 16 bucketed by
+# length, the full dev set scored after every epoch.
 COMMON = [
     "--model.backbone=minilm",
+    "--model.decoder-input=pointer",
     "--optim.micro_batch_size=16",
     "--optim.schedule=linear",
     "--trainer.precision=bf16",
