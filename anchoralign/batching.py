@@ -9,12 +9,16 @@ unknown token, so no word is ever dropped and word ``i`` is always pointer id ``
 
 Nothing is ever truncated: an input longer than ``max_length`` sub-words (with the two special
 tokens) or a target longer than the decoder's positions raises a UserError naming the sample.
+
+The collator takes samples, or :class:`Encoded` samples whose words' sub-word ids were computed
+once, when the training set was cached (``anchoralign.training_set``), with this same
+:class:`WordPieces`; it tokenises only what comes without them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -33,6 +37,20 @@ from anchoralign.linearize import (
 from anchoralign.schema import Sample
 
 PAIR_KEYS = {"ner_fwd": "ner_fwd_pairs", "ner_rev": "ner_rev_pairs", "fwd_rev": "fwd_rev_pairs"}
+
+
+class Encoded(NamedTuple):
+    """A sample with the sub-word ids of each of its words (``WordPieces(tokenizer)(sample.tokens)``)."""
+
+    sample: Sample
+    pieces: list[list[int]]
+
+
+Item = Sample | Encoded
+
+
+def sample_of(item: Item) -> Sample:
+    return item.sample if isinstance(item, Encoded) else item
 
 
 class WordPieces:
@@ -59,6 +77,14 @@ class WordPieces:
     def input_length(self, words: Sequence[str]) -> int:
         """Encoder length of a sentence: its sub-words plus the start and end tokens."""
         return sum(len(p) for p in self(words)) + 2
+
+
+def too_long(sample: Sample, input_length: int, max_length: int, where: str = "") -> UserError:
+    """The error for an input the encoder cannot take whole (inputs are never truncated)."""
+    return UserError(
+        f"{where}sample {sample.id!r}: {len(sample.tokens)} words make {input_length} sub-word tokens, more "
+        f"than max_length {max_length}; split the sentence or raise max_length (never truncated)"
+    )
 
 
 def _first_id(tokenizer: Any, *names: str) -> int:
@@ -88,9 +114,10 @@ class Collator:
         self.max_length = max_length
         self.max_target_length = max_target_length
 
-    def __call__(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: Sequence[Item]) -> dict[str, torch.Tensor]:
         """Inputs, the three decoders' inputs and labels, alignment pairs and the negative mask."""
-        batch = self.inputs(samples)
+        batch = self.inputs(items)
+        samples = [sample_of(x) for x in items]
         targets = [linearize(s, self.labels, self.paradigm) for s in samples]
         for s, t in zip(samples, targets, strict=True):
             self._check_target_length(s, t)
@@ -107,27 +134,28 @@ class Collator:
         batch["neg_mask"] = self._neg_mask(batch["vocab_mask"], targets)
         return batch
 
-    def inputs(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+    def inputs(self, items: Sequence[Item]) -> dict[str, torch.Tensor]:
         """The encoder side only (what decoding needs): input ids, word starts and the vocab mask."""
-        if not samples:
+        if not items:
             raise ValueError("cannot collate an empty list of samples")
-        flat = [w for s in samples for w in s.tokens]
-        pieces = self.pieces(flat)
+        samples = [sample_of(x) for x in items]
+        # One tokenizer call for all the words that come without their sub-words.
+        flat = self.pieces([w for x in items if not isinstance(x, Encoded) for w in x.tokens])
         rows, starts = [], []
         offset = 0
-        for s in samples:
+        for x, s in zip(items, samples, strict=True):
+            if isinstance(x, Encoded):
+                pieces = x.pieces
+            else:
+                pieces, offset = flat[offset : offset + len(s.tokens)], offset + len(s.tokens)
             ids = [self.pieces.start_id]
             word_starts = []
-            for word_pieces in pieces[offset : offset + len(s.tokens)]:
+            for word_pieces in pieces:
                 word_starts.append(len(ids))
                 ids.extend(word_pieces)
             ids.append(self.pieces.end_id)
-            offset += len(s.tokens)
             if len(ids) > self.max_length:
-                raise UserError(
-                    f"sample {s.id!r}: {len(s.tokens)} words make {len(ids)} sub-word tokens, more than "
-                    f"max_length {self.max_length}; split the sentence or raise max_length (never truncated)"
-                )
+                raise too_long(s, len(ids), self.max_length)
             rows.append(ids)
             starts.append(word_starts)
         input_ids = _pad(rows, self.pieces.pad_id)

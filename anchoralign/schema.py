@@ -121,8 +121,9 @@ def parse_record(obj: Any, path: str | Path = "<record>", line: int | None = Non
         raise RecordError(str(path), line, _field_of(err)) from None
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """Yield (line number, decoded JSON) for every non-blank line; bad JSON names file and line."""
+def iter_jsonl(path: str | Path, skip: int = 0) -> Iterator[tuple[int, Any]]:
+    """Yield (line number, decoded JSON) for every non-blank line; bad JSON names file, line and
+    column. The first ``skip`` non-blank lines are passed over without being decoded."""
     path = Path(path)
     if not path.is_file():
         raise RecordError(str(path), None, "file not found")
@@ -130,23 +131,30 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
+            if skip:
+                skip -= 1
+                continue
+            # Without its line break: a fault at the end of the line (a record cut short) is then
+            # reported at its column, not as column 1 of a next line.
+            line = raw.rstrip("\r\n")
             try:
-                yield lineno, json.loads(raw)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as err:
                 raise RecordError(
                     str(path), lineno, f"not valid JSON ({err.msg} at column {err.colno})"
                 ) from None
 
 
+def sample_of_line(obj: Any, path: str | Path, lineno: int) -> Sample:
+    """The sample of one decoded jsonl line; a record without an ``id`` gets ``<file stem>-<line>``."""
+    if isinstance(obj, dict) and "id" not in obj:
+        obj = {"id": f"{Path(path).stem}-{lineno}", **obj}
+    return parse_record(obj, path, lineno)
+
+
 def read_jsonl(path: str | Path) -> list[Sample]:
     """Read a record file. Lines without an ``id`` get ``<file stem>-<line>``."""
-    path = Path(path)
-    samples = []
-    for lineno, obj in iter_jsonl(path):
-        if isinstance(obj, dict) and "id" not in obj:
-            obj = {"id": f"{path.stem}-{lineno}", **obj}
-        samples.append(parse_record(obj, path, lineno))
-    return samples
+    return [sample_of_line(obj, path, lineno) for lineno, obj in iter_jsonl(path)]
 
 
 def write_jsonl(path: str | Path, samples: Iterable[Sample | dict[str, Any]]) -> int:
@@ -164,38 +172,24 @@ def write_jsonl(path: str | Path, samples: Iterable[Sample | dict[str, Any]]) ->
     return n
 
 
-# Hugging Face datasets: one column per field; nested lists of dicts are stored as Arrow structs.
+# Hugging Face datasets: one column per field (anchoralign.record_tables.RECORD_SCHEMA).
 def to_hf_dataset(samples: Iterable[Sample]):
     import datasets
 
-    rows = [s.model_dump() for s in samples]
-    return datasets.Dataset.from_list(rows, features=_hf_features())
+    from anchoralign.record_tables import RECORD_SCHEMA
+
+    features = datasets.Features.from_arrow_schema(RECORD_SCHEMA)
+    return datasets.Dataset.from_list([s.model_dump() for s in samples], features=features)
 
 
-def from_hf_dataset(ds) -> list[Sample]:
-    out = []
-    for i, row in enumerate(ds):
-        row = {k: v for k, v in row.items() if v is not None}
-        out.append(parse_record(row, "<datasets.Dataset>", i + 1))
-    return out
+def from_hf_dataset(ds, name: str = "<datasets.Dataset>") -> list[Sample]:
+    """The samples of a ``datasets.Dataset`` of records."""
+    return [sample_of_row(row, name, i) for i, row in enumerate(ds)]
 
 
-def _hf_features():
-    import datasets
+def sample_of_row(row: dict[str, Any], name: str | Path, index: int) -> Sample:
+    """The sample of row ``index`` of a table of records; a bad one is named ``<name>: row [i]``.
 
-    span = {
-        "start": datasets.Value("int32"),
-        "end": datasets.Value("int32"),
-        "type": datasets.Value("string"),
-    }
-    rel = {"head": datasets.Value("int32"), "tail": datasets.Value("int32"), "type": datasets.Value("string")}
-    return datasets.Features(
-        {
-            "id": datasets.Value("string"),
-            "tokens": datasets.Sequence(datasets.Value("string")),
-            "entities": [span],
-            "relations": [rel],
-            "source_id": datasets.Value("string"),
-            "origin": datasets.Value("string"),
-        }
-    )
+    Arrow cannot tell a missing field from a null one, so nulls are left out (their defaults apply).
+    """
+    return parse_record({k: v for k, v in row.items() if v is not None}, f"{name}: row [{index}]")
