@@ -2,10 +2,10 @@
 
 A *records source* is anything that holds samples in the record format (``anchoralign.schema``):
 a jsonl file (what ``augment`` writes and ``load_dataset("json", ...)`` reads) or a folder written
-by ``datasets.Dataset.save_to_disk``. :func:`read_records` reads one into ``Sample`` objects (small
-files: predictions, gold files, a user's split); :func:`record_batches` streams one as Arrow record
-batches of :data:`RECORD_SCHEMA` without ever holding more than a batch in Python (corpora of
-millions of samples, see ``anchoralign.training_set``).
+by ``datasets.Dataset.save_to_disk``. ``schema.read_records`` reads one into ``Sample`` objects
+(small files: predictions, gold files, a user's split); :func:`record_batches` streams one as Arrow
+record batches of :data:`RECORD_SCHEMA` without ever holding more than a batch in Python (corpora
+of millions of samples, see ``anchoralign.training_set``).
 
 ``Sample`` (pydantic) is the one definition of a valid record, and its checks cost about 100 us a
 record: a minute or more for a corpus of a million. So :func:`record_batches` reads a source in
@@ -33,8 +33,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from anchoralign.errors import RecordError, UserError
-from anchoralign.schema import DatasetMeta, Sample, iter_jsonl, read_jsonl, sample_of_line, sample_of_row
+from anchoralign.errors import RecordError
+from anchoralign.schema import (
+    DatasetMeta,
+    Sample,
+    iter_jsonl,
+    load_datasets_folder,
+    sample_of_line,
+    sample_of_row,
+)
 
 _SPAN = pa.struct([("start", pa.int32()), ("end", pa.int32()), ("type", pa.string())])
 _RELATION = pa.struct([("head", pa.int32()), ("tail", pa.int32()), ("type", pa.string())])
@@ -57,27 +64,6 @@ _BLOCK_BYTES = 1 << 20
 _BATCH_ROWS = 16384
 
 
-def is_datasets_folder(path: Path) -> bool:
-    """A folder written by ``Dataset.save_to_disk`` (``DatasetDict`` folders hold several)."""
-    return path.is_dir() and (path / "state.json").is_file()
-
-
-def is_records_source(path: Path) -> bool:
-    return path.is_file() or is_datasets_folder(path)
-
-
-def read_records(path: str | Path) -> list[Sample]:
-    """All samples of a records source (jsonl file or saved ``datasets`` folder), validated.
-
-    Bad records name the file and line (jsonl) or the folder and row (``row [i]``, 0-based as in
-    ``dataset[i]``).
-    """
-    path = Path(path)
-    if path.is_dir():
-        return [s for batch in _exact_folder(path, 0, None) for s in batch]
-    return read_jsonl(path)
-
-
 def samples_of(batch: pa.RecordBatch | pa.Table) -> list[Sample]:
     """The samples of a batch of :data:`RECORD_SCHEMA` (already validated)."""
     return [
@@ -97,8 +83,6 @@ def record_batches(path: Path, meta: DatasetMeta | None = None) -> Iterator[pa.R
     folder = path.is_dir()
     if not folder and not path.is_file():
         raise RecordError(str(path), None, "file not found")
-    if folder and not is_datasets_folder(path):
-        raise UserError(f"{path}: not a records source (a .jsonl file or a folder saved by `datasets`)")
     done = 0  # records of the batches the fast path passed
     try:
         for batch in _folder_batches(path) if folder else _jsonl_batches(path):
@@ -130,7 +114,7 @@ def _jsonl_batches(path: Path) -> Iterator[pa.RecordBatch]:
 
 
 def _folder_batches(path: Path) -> Iterator[pa.RecordBatch]:
-    table = _folder_dataset(path).data.table
+    table = load_datasets_folder(path).data.table
     if not {"id", "tokens"} <= set(table.column_names) <= set(RECORD_SCHEMA.names):
         raise pa.ArrowInvalid("not the record columns")  # Sample names what is missing or extra
     for name in RECORD_SCHEMA.names:
@@ -138,15 +122,6 @@ def _folder_batches(path: Path) -> Iterator[pa.RecordBatch]:
             table = table.append_column(name, pa.nulls(table.num_rows, RECORD_SCHEMA.field(name).type))
     table = table.select(RECORD_SCHEMA.names).cast(RECORD_SCHEMA)
     yield from table.to_batches(max_chunksize=_BATCH_ROWS)
-
-
-def _folder_dataset(path: Path):
-    import datasets
-
-    ds = datasets.load_from_disk(str(path))
-    if not isinstance(ds, datasets.Dataset):
-        raise UserError(f"{path}: a DatasetDict folder; give the folder of one split (e.g. {path / 'train'})")
-    return ds
 
 
 def surely_valid(batch: pa.RecordBatch, meta: DatasetMeta | None = None) -> bool:
@@ -245,7 +220,7 @@ def _exact_jsonl(path: Path, skip: int, meta: DatasetMeta | None) -> Iterator[li
 
 def _exact_folder(path: Path, skip: int, meta: DatasetMeta | None) -> Iterator[list[Sample]]:
     """Rows of a saved folder from row ``skip`` on, each validated as a ``Sample``, in lists."""
-    ds = _folder_dataset(path)
+    ds = load_datasets_folder(path)
     for first in range(skip, len(ds), _BATCH_ROWS):
         chunk = []
         rows = ds[first : first + _BATCH_ROWS]

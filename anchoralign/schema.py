@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from anchoralign.errors import RecordError
+from anchoralign.errors import RecordError, UserError
 
 
 class Entity(BaseModel):
@@ -155,6 +155,38 @@ def sample_of_line(obj: Any, path: str | Path, lineno: int) -> Sample:
 def read_jsonl(path: str | Path) -> list[Sample]:
     """Read a record file. Lines without an ``id`` get ``<file stem>-<line>``."""
     return [sample_of_line(obj, path, lineno) for lineno, obj in iter_jsonl(path)]
+
+
+def is_datasets_folder(path: Path) -> bool:
+    """A folder written by ``Dataset.save_to_disk`` (a ``DatasetDict`` folder holds several)."""
+    return path.is_dir() and (path / "state.json").is_file()
+
+
+def is_records_source(path: Path) -> bool:
+    """A records file (jsonl) or a saved ``datasets`` folder: what :func:`read_records` reads."""
+    return path.is_file() or is_datasets_folder(path)
+
+
+def read_records(path: str | Path) -> list[Sample]:
+    """All samples of a jsonl file or of a saved ``datasets`` folder of records.
+
+    A bad record names the file and line, or the folder and row (``row [i]``, as in ``dataset[i]``).
+    """
+    path = Path(path)
+    if path.is_dir():
+        return from_hf_dataset(load_datasets_folder(path), str(path))
+    return read_jsonl(path)
+
+
+def load_datasets_folder(path: Path):
+    """The memory-mapped ``datasets.Dataset`` saved in ``path``."""
+    import datasets
+
+    if (path / "dataset_dict.json").is_file():
+        raise UserError(f"{path}: a DatasetDict folder; give the folder of one split (e.g. {path / 'train'})")
+    if not is_datasets_folder(path):
+        raise RecordError(str(path), None, "not a records file nor a folder saved by `datasets`")
+    return datasets.load_from_disk(str(path))
 
 
 def write_jsonl(path: str | Path, samples: Iterable[Sample | dict[str, Any]]) -> int:

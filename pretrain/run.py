@@ -23,10 +23,9 @@ from typing import Any
 
 from anchoralign.config import PretrainConfig
 from anchoralign.errors import UserError
-from anchoralign.record_tables import is_records_source
 from anchoralign.runlog import RunLog
 from anchoralign.schedule import Phase
-from anchoralign.schema import DatasetMeta
+from anchoralign.schema import DatasetMeta, is_records_source
 from anchoralign.stages import LoadSets, stage_main, take
 from anchoralign.training_set import TrainingSet, open_cached
 

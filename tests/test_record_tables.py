@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from anchoralign.errors import RecordError, UserError
-from anchoralign.record_tables import batch_of, read_records, record_batches, samples_of, surely_valid
-from anchoralign.schema import DatasetMeta, Sample, read_jsonl, to_hf_dataset, write_jsonl
+from anchoralign.record_tables import batch_of, record_batches, samples_of, surely_valid
+from anchoralign.schema import DatasetMeta, Sample, read_jsonl, read_records, to_hf_dataset, write_jsonl
 
 META = DatasetMeta(
     name="toy",
