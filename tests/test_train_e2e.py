@@ -81,7 +81,9 @@ def test_pretrain_then_sft_then_evaluate(tmp_path: Path, shared_data: Path) -> N
         f"--data.corpus_dir={corpus}", f"--output_dir={pre}", "--phases.switch=valid_rate",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
+    assert "built successfully" not in done.stdout + done.stderr  # DeepSpeed's start-up notice
     log = (pre / "train.log").read_text(encoding="utf-8")
+    assert "masked.jsonl: 24 samples tokenised in" in log  # the corpus cache, built here
     for text in (
         "phase 1 etu: 1 epoch(s) on masked (24 samples",
         "phase 2 poa-ce: 1 epoch(s) on unmasked (24 samples",
