@@ -58,6 +58,9 @@ CACHE_SCHEMA = RECORD_SCHEMA.append(pa.field("pieces", pa.list_(pa.list_(pa.int3
     pa.field("length", pa.int32())
 )
 _CHUNK = 16384  # samples converted at a time by in_memory
+# Distinct words whose sub-words a build keeps at a time (about 150 MB at most): a corpus repeats
+# most of its words, but an augmented one keeps bringing new mentions.
+_KNOWN_WORDS = 1 << 20
 
 
 class TrainingSet(Sequence[Encoded]):
@@ -137,6 +140,8 @@ class _PieceTable:
         words = pc.dictionary_encode(pc.list_flatten(tokens))
         distinct = words.dictionary.to_pylist()
         new = [w for w in distinct if w not in self.known]
+        if len(self.known) + len(new) > _KNOWN_WORDS:
+            self.known = {w: self.known[w] for w in distinct if w in self.known}
         self.known.update(zip(new, self.word_pieces(new), strict=True))
         by_word = pc.take(pa.array([self.known[w] for w in distinct], pa.list_(pa.int32())), words.indices)
         offsets = pc.subtract(tokens.offsets, tokens.offsets[0])

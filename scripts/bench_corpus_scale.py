@@ -16,6 +16,7 @@ step within 180 s and peak under 3 GiB on the 2-CPU development machine.
 
     python scripts/bench_corpus_scale.py --data-dir ../shared/data                 # 1,000,000 samples
     python scripts/bench_corpus_scale.py --data-dir ../shared/data --samples 20000 --json out.json
+    python scripts/bench_corpus_scale.py --data-dir ../shared/data --new-mentions     # new words everywhere
 """
 
 from __future__ import annotations
@@ -38,8 +39,13 @@ REPO = Path(__file__).resolve().parent.parent
 GIB = 1 << 30
 
 
-def make_corpus(out: Path, data_dir: str, n: int) -> None:
-    """``n`` records in each corpus file: CoNLL04's training sentences in turn, ids ``bench-<i>``."""
+def make_corpus(out: Path, data_dir: str, n: int, new_mentions: bool = False) -> None:
+    """``n`` records in each corpus file: CoNLL04's training sentences in turn, ids ``bench-<i>``.
+
+    With ``new_mentions``, every word of an unmasked mention gets the record's number appended
+    (``Smith`` -> ``Smith417``), so that each record brings words never seen before, as rewritten
+    mentions do; the masked corpus hides mentions and is the same either way.
+    """
     from anchoralign.datasets import load_split
     from augment.synthesize import mask_sample
 
@@ -53,7 +59,11 @@ def make_corpus(out: Path, data_dir: str, n: int) -> None:
         for i in range(n):
             unmasked, masked = pairs[i % len(pairs)]
             extra = {"id": f"bench-{i}", "source_id": unmasked["id"], "origin": "cross"}
-            fu.write(json.dumps({**unmasked, **extra}, ensure_ascii=False) + "\n")
+            tokens = list(unmasked["tokens"])
+            if new_mentions:
+                for e in unmasked["entities"]:
+                    tokens[e["start"] : e["end"]] = [f"{w}{i}" for w in tokens[e["start"] : e["end"]]]
+            fu.write(json.dumps({**unmasked, **extra, "tokens": tokens}, ensure_ascii=False) + "\n")
             fm.write(json.dumps({**masked, **extra}, ensure_ascii=False) + "\n")
 
 
@@ -81,6 +91,8 @@ def run_once(args: argparse.Namespace, corpus: Path, run: Path, cache: Path) -> 
         # Measurement: a metrics row at every step; a short final evaluation after the two steps.
         "--trainer.log-every=1", "--trainer.progress=false", "--data.limit-eval=8", "--decode.max-len=24",
     ]  # fmt: skip
+    if args.new_mentions:
+        command.append("--model.max-length=512")  # numbered mentions take more sub-words
     env = {**os.environ, "ANCHORALIGN_CACHE": str(cache), "PYTHONPATH": str(REPO)}
     env.setdefault("OMP_NUM_THREADS", "1")
     start = time.perf_counter()
@@ -124,14 +136,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-dir", default=os.environ.get("ANCHORALIGN_DATA", "../shared/data"))
     p.add_argument("--samples", type=int, default=1_000_000, help="records in each corpus file")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "bench-corpus-scale")
+    p.add_argument(
+        "--new-mentions",
+        action="store_true",
+        help="every unmasked record brings new words (its mentions numbered): the tokenizer's worst case",
+    )
     p.add_argument("--keep", action="store_true", help="keep the corpus and the cache afterwards")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
 
-    corpus, cache = args.work / f"corpus-{args.samples}", args.work / "cache"
+    kind = "-new-mentions" if args.new_mentions else ""
+    corpus, cache = args.work / f"corpus-{args.samples}{kind}", args.work / "cache"
     if not (corpus / "unmasked.jsonl").is_file():
         print(f"building the corpus in {corpus} ...", flush=True)
-        make_corpus(corpus, args.data_dir, args.samples)
+        make_corpus(corpus, args.data_dir, args.samples, args.new_mentions)
     shutil.rmtree(cache, ignore_errors=True)
     size = sum(f.stat().st_size for f in corpus.glob("*.jsonl"))
     results: dict[str, Any] = {
@@ -139,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": f"{platform.node()}, {os.cpu_count()} CPUs, {psutil.virtual_memory().total / GIB:.0f} GiB",
         "load_average": [round(x, 1) for x in os.getloadavg()],
         "samples_per_file": args.samples,
+        "new_mentions": args.new_mentions,
         "corpus_bytes": size,
     }
     for name in ("cold", "cached"):
