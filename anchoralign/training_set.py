@@ -2,10 +2,11 @@
 
 A :class:`TrainingSet` is a ``datasets.Dataset`` of records plus two columns computed once per
 sample, ``pieces`` (the sub-word ids of each word, by the collator's own ``WordPieces``) and
-``length`` (the encoder input length, sub-words plus the two special tokens, used for length
-bucketing). It is a sequence: ``data[i]`` turns row ``i`` into an :class:`Encoded` sample only
-then, so a corpus of millions of samples is never held as Python objects; the trainer's epoch
-order is a permutation of indices (``schedule.epoch_order``) and its lengths come from a column.
+``length`` (the encoder input length, sub-words plus the two special tokens, so that an input the
+encoder cannot take is an error before training, not at its batch). It is a sequence: ``data[i]``
+turns row ``i`` into an :class:`Encoded` sample only then, so a corpus of millions of samples is
+never held as Python objects; the trainer's epoch order is a permutation of indices
+(``schedule.epoch_order``) and the word counts it buckets by are read from the token lists' offsets.
 
 Corpora (:func:`open_cached`) are read from their records source (``anchoralign.record_tables``:
 a jsonl file or a saved ``datasets`` folder), validated record by record with the errors of
@@ -96,32 +97,36 @@ class TrainingSet(Sequence[Encoded]):
         indices = np.asarray(indices, dtype=np.int64)
         return TrainingSet(self.data, self.name, indices if self.rows is None else self.rows[indices])
 
-    def column(self, name: str) -> np.ndarray:
-        """A numeric column of these rows (``length``), read from the table without its other columns."""
-        values = self.data.data.column(name).to_numpy()
-        return values if self.rows is None else values[self.rows]
+    def _column(self, values: pa.ChunkedArray) -> np.ndarray:
+        """A numeric column of the table, as these rows (nothing else of the table is read)."""
+        array = values.to_numpy()
+        return array if self.rows is None else array[self.rows]
 
     @property
-    def lengths(self) -> np.ndarray:
+    def input_lengths(self) -> np.ndarray:
         """Encoder input length of each sample: sub-words plus the start and end tokens."""
-        return self.column("length")
+        return self._column(self.data.data.column("length"))
+
+    @property
+    def word_counts(self) -> np.ndarray:
+        return self._column(pc.list_value_length(self.data.data.column("tokens")))
 
     def relation_counts(self) -> np.ndarray:
-        counts = pc.list_value_length(self.data.data.column("relations")).to_numpy()
-        return counts if self.rows is None else counts[self.rows]
+        return self._column(pc.list_value_length(self.data.data.column("relations")))
 
     def check_lengths(self, max_length: int) -> None:
         """The first sample longer than the encoder takes is an error now, not at its batch."""
-        over = np.flatnonzero(self.lengths > max_length)
+        lengths = self.input_lengths
+        over = np.flatnonzero(lengths > max_length)
         if len(over):
             first = int(over[0])
-            raise too_long(self[first].sample, int(self.lengths[first]), max_length, f"{self.name}: ")
+            raise too_long(self[first].sample, int(lengths[first]), max_length, f"{self.name}: ")
 
 
 def sample_lengths(data: Sequence[Any]) -> Sequence[int]:
-    """Lengths for bucketing: a TrainingSet's encoder lengths, else the samples' word counts."""
+    """Sentence lengths for length bucketing: the word count of each sample."""
     if isinstance(data, TrainingSet):
-        return data.lengths
+        return data.word_counts
     return [len(sample_of(s).tokens) for s in data]
 
 

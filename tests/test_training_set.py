@@ -135,12 +135,13 @@ def test_lazy_view_gives_samples_pieces_and_lengths(tmp_path: Path, cache: Path,
     pieces = WordPieces(tokenizer)
     assert [x.sample for x in view] == data
     assert all(x.pieces == pieces(s.tokens) for x, s in zip(view, data, strict=True))
-    assert list(view.lengths) == [pieces.input_length(s.tokens) for s in data]
-    assert list(sample_lengths(view)) == list(view.lengths)
+    assert list(view.input_lengths) == [pieces.input_length(s.tokens) for s in data]
+    assert list(sample_lengths(view)) == [len(s.tokens) for s in data] == list(sample_lengths(data))
     assert list(view.relation_counts()) == [len(s.relations) for s in data]
     part = view[5:15].select([9, 0, 3])
     assert [x.sample.id for x in part] == ["s14", "s5", "s8"]
-    assert list(part.lengths) == [view.lengths[14], view.lengths[5], view.lengths[8]]
+    assert list(part.input_lengths) == [view.input_lengths[i] for i in (14, 5, 8)]
+    assert list(part.word_counts) == [len(data[i].tokens) for i in (14, 5, 8)]
     assert view[-1].sample == data[-1]
     with pytest.raises(IndexError):
         view[40]
@@ -229,7 +230,7 @@ from anchoralign.training_set import open_cached
 from tests.test_training_set import META
 tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
 data = open_cached(Path(sys.argv[1]), tok, META)
-order = epoch_order(0, 0, len(data), data.lengths, 64 * 8, 8)
+order = epoch_order(0, 0, len(data), data.word_counts, 64 * 8, 8)
 rows = [data[i] for i in order[:200]]
 print(json.dumps({"n": len(data), "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
