@@ -260,6 +260,7 @@ def _remove_stale(root: Path, identity: dict[str, Any], keep: Path) -> None:
             continue
         if old["path"] == identity["path"] and old != identity:
             shutil.rmtree(info.parent, ignore_errors=True)
+            (root / f"{info.parent.name}.lock").unlink(missing_ok=True)
 
 
 def source_identity(source: Path) -> dict[str, Any]:
