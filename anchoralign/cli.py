@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Sequence
 
 from rich.console import Console
 from rich.markup import escape
@@ -28,9 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_cli(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+def hyphenated(argv: Sequence[str]) -> list[str]:
+    """``--data_dir=x`` -> ``--data-dir=x``. Flags are spelled with hyphens in every tool; the
+    spelling with underscores is accepted too, as the stages' config flags accept it."""
+    out = []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        out.append(name.replace("_", "-") + eq + value if name.startswith("--") else arg)
+    return out
+
+
+def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parse, run ``args.func(args)``, and print a UserError as one red line (shared by both CLIs)."""
-    args = parser.parse_args(argv)
+    args = parser.parse_args(hyphenated(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.func(args) or 0)
     except UserError as err:

@@ -3,11 +3,13 @@
 A dataset is either built in (``known_datasets()``: one JSON file each in ``anchoralign/metadata/``)
 or a user's own data given by path:
 
-- ``path/to/file.jsonl``: records in our format; every split reads that one file.
-- ``path/to/dir``: ``train.jsonl``, ``dev.jsonl`` and/or ``test.jsonl``, and optionally ``meta.json``
-  with the same fields as the built-in metadata (labels and descriptions, ``symmetric_relations``,
-  ``language``...; ``format`` and ``files`` too, to read another supported format). Without
-  ``meta.json`` the labels are those found in the data, described by their own text.
+- ``path/to/file.jsonl``: records in our format; every split reads that one file. A folder written by
+  ``datasets.Dataset.save_to_disk`` is accepted wherever a records file is.
+- ``path/to/dir``: ``train.jsonl``, ``dev.jsonl`` and/or ``test.jsonl`` (or saved ``datasets``
+  folders ``train/``, ``dev/``, ``test/``, as a saved ``DatasetDict`` with those splits has), and
+  optionally ``meta.json`` with the same fields as the built-in metadata (labels and descriptions,
+  ``symmetric_relations``, ``language``...; ``format`` and ``files`` too, to read another supported
+  format). Without ``meta.json`` the labels are those found in the data, described by their own text.
 
 A built-in name always means the built-in dataset; write ``./scierc`` for a folder of that name.
 
@@ -38,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from anchoralign.errors import UserError, first_error
 from anchoralign.formats import LOADERS, FormatOptions, LoadReport
-from anchoralign.schema import DatasetMeta, Entity, Sample
+from anchoralign.schema import DatasetMeta, Entity, Sample, is_datasets_folder
 
 __all__ = [
     "DataNotFoundError",
@@ -291,7 +293,7 @@ def _source(name: str, data_dir: str | None, scan_labels: bool = True) -> _Sourc
 
 
 def _user_source(path: Path, scan_labels: bool) -> _Source:
-    if path.is_file():
+    if path.is_file() or is_datasets_folder(path):
         spec = _MetadataFile(name=path.stem, files=dict.fromkeys(USER_SPLITS, path.name))
         note = f"every split reads the same file {path}"
         return _derived_source(spec, path.parent, (note,), scan_labels)
@@ -307,9 +309,18 @@ def _user_source(path: Path, scan_labels: bool) -> _Source:
 
 
 def _present_jsonl(folder: Path) -> dict[str, str]:
-    files = {s: f"{s}.jsonl" for s in USER_SPLITS if (folder / f"{s}.jsonl").is_file()}
+    """The split files of a user's folder: ``<split>.jsonl``, else a saved ``datasets`` folder ``<split>/``."""
+    files = {}
+    for s in USER_SPLITS:
+        if (folder / f"{s}.jsonl").is_file():
+            files[s] = f"{s}.jsonl"
+        elif is_datasets_folder(folder / s):
+            files[s] = s
     if not files:
-        raise UserError(f"{folder} holds none of {', '.join(f'{s}.jsonl' for s in USER_SPLITS)}")
+        raise UserError(
+            f"{folder} holds none of {', '.join(f'{s}.jsonl' for s in USER_SPLITS)} "
+            f"(nor saved `datasets` folders {', '.join(f'{s}/' for s in USER_SPLITS)})"
+        )
     return files
 
 
@@ -378,7 +389,7 @@ def _read_file(source: _Source, split: str, fold: int | None) -> tuple[list[Samp
             f"choose one with --fold 0..{spec.folds - 1}"
         )
     path = source.folder / pattern.format(fold=fold)
-    if not path.is_file():
+    if not (path.is_file() or is_datasets_folder(path)):
         raise DataNotFoundError(_missing_message(source, path), path)
     options = FormatOptions(id_prefix=_prefix(meta.name, split), argument_types=spec.argument_types)
     samples, report = LOADERS[spec.format](path, options)

@@ -4,12 +4,21 @@ Launchers (``deepspeed``, ``torchrun``, ``deepspeed --hostfile``) set the rendez
 plain ``python pretrain/run.py`` sets none, and DeepSpeed would then try MPI discovery, so
 :func:`setup` fills in a one-process group on 127.0.0.1. Without a GPU, DeepSpeed is pointed at
 its CPU accelerator and the gloo backend here, in one place, before it is imported.
+
+The console of a run is the project's own (``anchoralign.runlog``, rank 0): :func:`setup` also
+keeps DeepSpeed's start-up notices out of it (its logger at warnings, the notice it prints itself)
+and lets only rank 0 show Python warnings, which every rank would otherwise repeat. The launcher
+is a process of its own: ``deepspeed --log_level=error`` keeps its lines out (docs/training.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import socket
+import warnings
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
@@ -57,8 +66,29 @@ def setup(environ: MutableMapping[str, str] = os.environ) -> None:
         _share_cpu_cores(environ)
     environ.update(single_process_env(environ, free_port()))
     import deepspeed
+    from deepspeed.utils import logger as deepspeed_logger
 
-    deepspeed.init_distributed(dist_backend=backend())
+    deepspeed_logger.setLevel(logging.WARNING)
+    for handler in deepspeed_logger.handlers:
+        handler.setLevel(logging.WARNING)
+    # ZeRO calls torch's all_gather_into_tensor / reduce_scatter_tensor, deprecated under those
+    # names since torch 2.10: a warning at every run that only DeepSpeed can act on.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+        category=FutureWarning,
+    )
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        deepspeed.init_distributed(dist_backend=backend())
+    # Its CPU backend print()s "DeepSpeed ... deepspeed_shm_comm_op built successfully" on every
+    # start and rank, past its own log level; anything else it printed is passed on.
+    for line in printed.getvalue().splitlines():
+        if not line.endswith("built successfully"):
+            print(line)
+    if rank() != 0:
+        # Every rank runs the same code and would repeat rank 0's warnings word for word.
+        warnings.simplefilter("ignore")
 
 
 def _share_cpu_cores(environ: Mapping[str, str]) -> None:

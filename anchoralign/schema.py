@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from anchoralign.errors import RecordError, first_error
+from anchoralign.errors import RecordError, UserError, first_error
 from anchoralign.files import atomic_write_text
 
 
@@ -120,8 +120,9 @@ def parse_record(obj: Any, path: str | Path = "<record>", line: int | None = Non
         raise RecordError(str(path), line, _field_of(err)) from None
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """Yield (line number, decoded JSON) for every non-blank line; bad JSON names file and line."""
+def iter_jsonl(path: str | Path, skip: int = 0) -> Iterator[tuple[int, Any]]:
+    """Yield (line number, decoded JSON) for every non-blank line; bad JSON names file, line and
+    column. The first ``skip`` non-blank lines are passed over without being decoded."""
     path = Path(path)
     if not path.is_file():
         raise RecordError(str(path), None, "file not found")
@@ -129,23 +130,62 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
+            if skip:
+                skip -= 1
+                continue
+            # Without its line break: a fault at the end of the line (a record cut short) is then
+            # reported at its column, not as column 1 of a next line.
+            line = raw.rstrip("\r\n")
             try:
-                yield lineno, json.loads(raw)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as err:
                 raise RecordError(
                     str(path), lineno, f"not valid JSON ({err.msg} at column {err.colno})"
                 ) from None
 
 
+def sample_of_line(obj: Any, path: str | Path, lineno: int) -> Sample:
+    """The sample of one decoded jsonl line; a record without an ``id`` gets ``<file stem>-<line>``."""
+    if isinstance(obj, dict) and "id" not in obj:
+        obj = {"id": f"{Path(path).stem}-{lineno}", **obj}
+    return parse_record(obj, path, lineno)
+
+
 def read_jsonl(path: str | Path) -> list[Sample]:
     """Read a record file. Lines without an ``id`` get ``<file stem>-<line>``."""
+    return [sample_of_line(obj, path, lineno) for lineno, obj in iter_jsonl(path)]
+
+
+def is_datasets_folder(path: Path) -> bool:
+    """A folder written by ``Dataset.save_to_disk`` (a ``DatasetDict`` folder holds several)."""
+    return path.is_dir() and (path / "state.json").is_file()
+
+
+def is_records_source(path: Path) -> bool:
+    """A records file (jsonl) or a saved ``datasets`` folder: what :func:`read_records` reads."""
+    return path.is_file() or is_datasets_folder(path)
+
+
+def read_records(path: str | Path) -> list[Sample]:
+    """All samples of a jsonl file or of a saved ``datasets`` folder of records.
+
+    A bad record names the file and line, or the folder and row (``row [i]``, as in ``dataset[i]``).
+    """
     path = Path(path)
-    samples = []
-    for lineno, obj in iter_jsonl(path):
-        if isinstance(obj, dict) and "id" not in obj:
-            obj = {"id": f"{path.stem}-{lineno}", **obj}
-        samples.append(parse_record(obj, path, lineno))
-    return samples
+    if path.is_dir():
+        return from_hf_dataset(load_datasets_folder(path), str(path))
+    return read_jsonl(path)
+
+
+def load_datasets_folder(path: Path):
+    """The memory-mapped ``datasets.Dataset`` saved in ``path``."""
+    import datasets
+
+    if (path / "dataset_dict.json").is_file():
+        raise UserError(f"{path}: a DatasetDict folder; give the folder of one split (e.g. {path / 'train'})")
+    if not is_datasets_folder(path):
+        raise RecordError(str(path), None, "not a records file nor a folder saved by `datasets`")
+    return datasets.load_from_disk(str(path))
 
 
 def write_jsonl(path: str | Path, samples: Iterable[Sample | dict[str, Any]]) -> int:
@@ -157,38 +197,24 @@ def write_jsonl(path: str | Path, samples: Iterable[Sample | dict[str, Any]]) ->
     return len(lines)
 
 
-# Hugging Face datasets: one column per field; nested lists of dicts are stored as Arrow structs.
+# Hugging Face datasets: one column per field (anchoralign.record_tables.RECORD_SCHEMA).
 def to_hf_dataset(samples: Iterable[Sample]):
     import datasets
 
-    rows = [s.model_dump() for s in samples]
-    return datasets.Dataset.from_list(rows, features=_hf_features())
+    from anchoralign.record_tables import RECORD_SCHEMA
+
+    features = datasets.Features.from_arrow_schema(RECORD_SCHEMA)
+    return datasets.Dataset.from_list([s.model_dump() for s in samples], features=features)
 
 
-def from_hf_dataset(ds) -> list[Sample]:
-    out = []
-    for i, row in enumerate(ds):
-        row = {k: v for k, v in row.items() if v is not None}
-        out.append(parse_record(row, "<datasets.Dataset>", i + 1))
-    return out
+def from_hf_dataset(ds, name: str = "<datasets.Dataset>") -> list[Sample]:
+    """The samples of a ``datasets.Dataset`` of records."""
+    return [sample_of_row(row, name, i) for i, row in enumerate(ds)]
 
 
-def _hf_features():
-    import datasets
+def sample_of_row(row: dict[str, Any], name: str | Path, index: int) -> Sample:
+    """The sample of row ``index`` of a table of records; a bad one is named ``<name>: row [i]``.
 
-    span = {
-        "start": datasets.Value("int32"),
-        "end": datasets.Value("int32"),
-        "type": datasets.Value("string"),
-    }
-    rel = {"head": datasets.Value("int32"), "tail": datasets.Value("int32"), "type": datasets.Value("string")}
-    return datasets.Features(
-        {
-            "id": datasets.Value("string"),
-            "tokens": datasets.Sequence(datasets.Value("string")),
-            "entities": [span],
-            "relations": [rel],
-            "source_id": datasets.Value("string"),
-            "origin": datasets.Value("string"),
-        }
-    )
+    Arrow cannot tell a missing field from a null one, so nulls are left out (their defaults apply).
+    """
+    return parse_record({k: v for k, v in row.items() if v is not None}, f"{name}: row [{index}]")

@@ -1,7 +1,11 @@
 """Running a stage end to end, shared by ``pretrain/run.py`` and ``sft/run.py``: parse the
-command line into the stage config, plan the phases, load the data and the model, train with
+command line into the stage config, load the evaluation data and the model, plan the phases and
+their training sets (tokenised with the model's tokenizer, ``anchoralign.training_set``), train with
 :class:`anchoralign.trainer.Trainer`, and turn a user's mistake into one clear line and exit
 status 2.
+
+The run folder (``output_dir``) is created only when training starts: a run that fails before
+(a missing corpus, a bad record, a bad config) leaves nothing that looks like a result.
 """
 
 from __future__ import annotations
@@ -10,9 +14,9 @@ import argparse
 import inspect
 import random
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from rich.console import Console
@@ -24,9 +28,17 @@ from anchoralign.config import TrainConfig
 from anchoralign.errors import UserError
 from anchoralign.runlog import RunLog
 from anchoralign.schedule import Phase
-from anchoralign.schema import DatasetMeta, Sample
+from anchoralign.schema import DatasetMeta
+from anchoralign.training_set import TrainingSet
 
 C = TypeVar("C", bound=TrainConfig)
+S = TypeVar("S", bound=Sequence)
+# The model's tokenizer -> the stage's training sets by name.
+LoadSets = Callable[[Any], dict[str, TrainingSet]]
+# (config, dataset, log) -> the stage's phases, and how to load their training sets. A plan checks
+# what it can at once (missing files, settings that select nothing); what needs the tokenizer
+# (tokenising, and validating a corpus while caching it) waits for the model.
+Plan = Callable[[Any, DatasetMeta, RunLog], tuple[list[Phase], LoadSets]]
 
 
 def parse_args(cls: type[C], argv: Sequence[str] | None, prog: str) -> C:
@@ -49,12 +61,12 @@ def parse_args(cls: type[C], argv: Sequence[str] | None, prog: str) -> C:
     return config_tree.load(cls, args.config, config_tree.given_overrides(args))
 
 
-def take(samples: Sequence[Sample], limit: int | None, what: str, log: RunLog) -> list[Sample]:
+def take(samples: S, limit: int | None, what: str, log: RunLog) -> S:
     """The first ``limit`` samples (smoke runs), saying so in the log."""
     if limit is None or limit >= len(samples):
-        return list(samples)
+        return samples
     log.info(f"using the first {limit} of {len(samples)} {what} samples (limit)")
-    return list(samples[:limit])
+    return samples[:limit]
 
 
 def load_model(cfg: TrainConfig, meta: DatasetMeta) -> nn.Module:
@@ -87,17 +99,13 @@ def load_model(cfg: TrainConfig, meta: DatasetMeta) -> nn.Module:
     return model
 
 
-def run_stage(
-    cfg: TrainConfig,
-    meta: DatasetMeta,
-    phases: Sequence[Phase],
-    train_sets: Mapping[str, Sequence[Sample]],
-    log: RunLog,
-) -> Path:
-    """Load the eval data and the model, then train the stage; returns the ``final`` directory.
+def run_stage(cfg: TrainConfig, meta: DatasetMeta, plan: Plan, log: RunLog) -> Path:
+    """Load the eval data, the model and the training sets, then train the stage; returns the
+    ``final`` directory.
 
-    Everything a user can get wrong in the data is checked before the process group and the model
-    are set up, so such errors come at once.
+    The eval splits and the plan are checked before the process group and the model are set up,
+    so their errors come at once; the training sets are tokenised with the model's tokenizer, so a
+    bad record deep in a corpus is found after the model is loaded.
     """
     from anchoralign.datasets import load_split
     from anchoralign.evaluation import Evaluator
@@ -114,12 +122,16 @@ def run_stage(
         for s in {cfg.eval.split, *cfg.eval.loss_splits}
     }
     splits = {s: take(v, cfg.data.limit_eval, s, log) for s, v in splits.items()}
+    phases, load_sets = plan(cfg, meta, log)
 
     distributed.setup()
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
     model = load_model(cfg, meta)
+    train_sets = load_sets(model.tokenizer)
     collate = model.collator(max_length=cfg.model.max_length, align_positions=cfg.loss.align_positions)
+    for data in train_sets.values():
+        data.check_lengths(collate.max_length)
     evaluator = Evaluator(
         gold=splits[cfg.eval.split],
         loss_sets={s: splits[s] for s in cfg.eval.loss_splits},
@@ -135,12 +147,7 @@ def run_stage(
     return trainer.fit()
 
 
-def stage_main(
-    config_cls: type[TrainConfig],
-    plan: Callable[[TrainConfig, DatasetMeta, RunLog], tuple[list[Phase], dict[str, list[Sample]]]],
-    argv: Sequence[str] | None,
-    prog: str,
-) -> int:
+def stage_main(config_cls: type[TrainConfig], plan: Plan, argv: Sequence[str] | None, prog: str) -> int:
     """The whole entry point of a stage: parse the config, plan its phases, train, report errors."""
 
     def run() -> None:
@@ -148,9 +155,7 @@ def stage_main(
 
         cfg = parse_args(config_cls, argv, prog=prog)
         meta = get_meta(cfg.dataset, cfg.data_dir)
-        log = RunLog(Path(cfg.output_dir))
-        phases, sets = plan(cfg, meta, log)
-        run_stage(cfg, meta, phases, sets, log)
+        run_stage(cfg, meta, plan, RunLog(Path(cfg.output_dir)))
 
     return main_guard(run)
 

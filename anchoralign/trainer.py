@@ -16,7 +16,10 @@ parameters the backbone did not provide); it is set on the optimizer before ever
 follows from the step and the phase alone and a resumed run needs no scheduler state.
 
 Data order is a seeded permutation per epoch (length-bucketed with ``data.bucket_batches``), so a
-resumed run replays it exactly. Logging, metrics and exports happen on rank 0.
+resumed run replays it exactly. Training sets are indexed, never loaded whole: a
+``TrainingSet`` (``anchoralign.training_set``) turns only the rows of a batch into samples, and
+gives the lengths for bucketing from a column. Logging, metrics and exports happen on rank 0; the
+run folder is created when ``fit`` starts.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 from torch import nn
 
 from anchoralign import distributed
+from anchoralign.batching import Item
 from anchoralign.checkpoint import Checkpointer, TrainState
 from anchoralign.config import TrainConfig
 from anchoralign.deepspeed_config import deepspeed_config, describe_zero
@@ -48,7 +52,7 @@ from anchoralign.schedule import (
     steps_per_epoch,
     warmup_steps_for,
 )
-from anchoralign.schema import Sample
+from anchoralign.training_set import sample_lengths
 
 __all__ = ["Phase", "TrainState", "Trainer"]
 
@@ -66,7 +70,7 @@ class Trainer:
         cfg: TrainConfig,
         model: nn.Module,
         phases: Sequence[Phase],
-        train_sets: Mapping[str, Sequence[Sample]],
+        train_sets: Mapping[str, Sequence[Item]],
         collate: Collate,
         loss_fn: LossFn,
         evaluator: Evaluate | None = None,
@@ -81,7 +85,6 @@ class Trainer:
         self.plan = epoch_plan(self.phases)
         self.gate = gate_phase(self.phases) if cfg.phases.switch != "epochs" else None
         self.out = Path(cfg.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
         self.log = log or RunLog(self.out)
         distributed.setup()
         self.world, self.rank = distributed.world_size(), distributed.rank()
@@ -89,7 +92,7 @@ class Trainer:
         optim = cfg.optim
         self.global_batch = optim.micro_batch_size * optim.grad_accum * self.world
         # Sentence lengths for length bucketing, by training set.
-        self.lengths = {name: [len(s.tokens) for s in data] for name, data in train_sets.items()}
+        self.lengths = {name: sample_lengths(data) for name, data in train_sets.items()}
         self.epoch_steps = [
             steps_per_epoch(len(train_sets[self.phases[p].data]), self.global_batch) for p in self.plan
         ]
@@ -134,7 +137,7 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------------------------
 
-    def train_step(self, micro_batches: Sequence[Sequence[Sample]]) -> dict[str, torch.Tensor]:
+    def train_step(self, micro_batches: Sequence[Sequence[Item]]) -> dict[str, torch.Tensor]:
         """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss terms (and,
         every ``trainer.grad_norm_every`` steps, each active term's gradient norm)."""
         self.engine.train()
@@ -290,6 +293,7 @@ class Trainer:
     def fit(self) -> Path:
         """Train the stage to the end (or ``trainer.max_steps``); returns the exported ``final`` directory."""
         resumed = self.checkpoints.resume(self.world)
+        self.log.open()  # training starts: the run folder and train.log (with the lines so far)
         if resumed is not None:
             self.state = resumed
             self.log.info(

@@ -19,57 +19,58 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from anchoralign.config import PretrainConfig
-from anchoralign.errors import RecordError, UserError
-from anchoralign.linearize import LabelSet
+from anchoralign.errors import UserError
 from anchoralign.runlog import RunLog
 from anchoralign.schedule import Phase
-from anchoralign.schema import DatasetMeta, Sample, read_jsonl
-from anchoralign.stages import stage_main, take
+from anchoralign.schema import DatasetMeta, is_records_source
+from anchoralign.stages import LoadSets, stage_main, take
+from anchoralign.training_set import TrainingSet, open_cached
 
 MASKED = "masked.jsonl"
 UNMASKED = "unmasked.jsonl"
 
 
-def read_corpus(cfg: PretrainConfig, name: str, meta: DatasetMeta) -> list[Sample]:
-    """One corpus file; a missing one names the command that builds it."""
+def corpus_file(cfg: PretrainConfig, name: str) -> Path:
+    """``<corpus>/masked.jsonl``, or a ``datasets`` folder ``<corpus>/masked`` in its place; a missing
+    one names the command that builds it."""
     path = cfg.corpus_path / name
-    if not path.is_file():
-        raise UserError(
-            f"{path}: corpus file not found; build the corpus with "
-            f"`augment run --dataset {cfg.dataset} --out {cfg.corpus_path}` "
-            f"(or point --data.corpus-dir at a folder holding {MASKED} and {UNMASKED})"
-        )
-    samples = read_jsonl(path)
-    check_labels(samples, meta, path)
-    return samples
+    for candidate in (path, path.with_suffix("")):
+        if is_records_source(candidate):
+            return candidate
+    raise UserError(
+        f"{path}: corpus file not found; build the corpus with "
+        f"`augment run --dataset {cfg.dataset} --out {cfg.corpus_path}` "
+        f"(or point --data.corpus-dir at a folder holding {MASKED} and {UNMASKED}, or saved `datasets` "
+        f"folders {path.stem}/ and {Path(UNMASKED).stem}/)"
+    )
 
 
-def check_labels(samples: Sequence[Sample], meta: DatasetMeta, path: Path) -> None:
-    """Every label must be one of the dataset's: the model has label tokens for those only."""
-    labels = LabelSet.from_meta(meta)
-    for line, s in enumerate(samples, start=1):
-        for kind, label in labels.unknown_labels(s)[:1]:
-            field = "entities" if kind == "entity" else "relations"
-            raise RecordError(str(path), line, f"{kind} type {label!r} is not a {meta.name} label", field)
-
-
-def plan(cfg: PretrainConfig, meta: DatasetMeta, log: RunLog) -> tuple[list[Phase], dict[str, list[Sample]]]:
+def plan(cfg: PretrainConfig, meta: DatasetMeta, log: RunLog) -> tuple[list[Phase], LoadSets]:
     etu, poa_ce, poa_align = cfg.phases.epochs
-    sets: dict[str, list[Sample]] = {}
+    corpora = {}  # training set -> its records source; a missing one is an error now
     if etu:
-        sets["masked"] = take(read_corpus(cfg, MASKED, meta), cfg.data.limit_train, "masked-corpus", log)
+        corpora["masked"] = corpus_file(cfg, MASKED)
     if poa_ce or poa_align:
-        sets["unmasked"] = take(
-            read_corpus(cfg, UNMASKED, meta), cfg.data.limit_train, "unmasked-corpus", log
-        )
+        corpora["unmasked"] = corpus_file(cfg, UNMASKED)
+
+    def load(tokenizer: Any) -> dict[str, TrainingSet]:
+        # Validated (labels included) and tokenised once: from the cache after the first run.
+        return {
+            name: take(
+                open_cached(path, tokenizer, meta, log.info), cfg.data.limit_train, f"{name}-corpus", log
+            )
+            for name, path in corpora.items()
+        }
+
     phases = [
         Phase("etu", "masked", etu, align=False),
         Phase("poa-ce", "unmasked", poa_ce, align=False),
         Phase("poa-align", "unmasked", poa_align, align=True),
     ]
-    return phases, sets
+    return phases, load
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,44 +18,53 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
 
 from anchoralign.config import SFTConfig
 from anchoralign.datasets import load_split
 from anchoralign.errors import UserError
 from anchoralign.runlog import RunLog
 from anchoralign.schedule import Phase
-from anchoralign.schema import DatasetMeta, Sample
-from anchoralign.stages import stage_main, take
+from anchoralign.schema import DatasetMeta
+from anchoralign.stages import LoadSets, stage_main, take
+from anchoralign.training_set import TrainingSet, in_memory
 
 
-def curriculum_subset(samples: Sequence[Sample], max_relations: int) -> list[Sample]:
+def curriculum_subset(samples: TrainingSet, max_relations: int) -> TrainingSet:
     """The warm-up samples: those with at most ``max_relations`` relations, in their order."""
-    return [s for s in samples if len(s.relations) <= max_relations]
+    return samples.select(np.flatnonzero(samples.relation_counts() <= max_relations))
 
 
-def plan(cfg: SFTConfig, meta: DatasetMeta, log: RunLog) -> tuple[list[Phase], dict[str, list[Sample]]]:
+def plan(cfg: SFTConfig, meta: DatasetMeta, log: RunLog) -> tuple[list[Phase], LoadSets]:
     warmup, full_ce, full_align = cfg.phases.epochs
     data = cfg.data
-    train = take(
+    samples = take(
         load_split(cfg.dataset, data.train_split, cfg.data_dir, fold=cfg.fold), data.limit_train, "train", log
     )
-    simple = curriculum_subset(train, data.curriculum_max_relations)
     if warmup:
+        n_simple = sum(len(s.relations) <= data.curriculum_max_relations for s in samples)
         log.info(
-            f"curriculum warm-up set: {len(simple)} of {len(train)} training samples have at most "
+            f"curriculum warm-up set: {n_simple} of {len(samples)} training samples have at most "
             f"K={data.curriculum_max_relations} relation(s)"
         )
-        if not simple:
+        if not n_simple:
             raise UserError(
                 f"data.curriculum_max_relations={data.curriculum_max_relations}: no training sample qualifies; "
                 "raise it or set the first phases.epochs entry to 0"
             )
+
+    def load(tokenizer: Any) -> dict[str, TrainingSet]:
+        train = in_memory(samples, tokenizer, f"{meta.name} {data.train_split}")
+        return {"simple": curriculum_subset(train, data.curriculum_max_relations), "train": train}
+
     phases = [
         Phase("curriculum", "simple", warmup, align=False),
         Phase("full-ce", "train", full_ce, align=False),
         Phase("full-align", "train", full_align, align=True),
     ]
-    return phases, {"simple": simple, "train": train}
+    return phases, load
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,6 +15,17 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("ANCHORALIGN_TEST_DATA", REPO.parent / "shared" / "data"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def training_set_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The training-set cache of every test (and the trainers they start) is a temporary folder,
+    never the user's ~/.cache."""
+    from anchoralign.training_set import CACHE_ENV
+
+    folder = tmp_path_factory.mktemp("training-set-cache")
+    os.environ[CACHE_ENV] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real benchmark data (read-only); tests that need it skip when it is absent."""

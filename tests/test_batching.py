@@ -132,3 +132,19 @@ def test_whitespace_sensitive_tokenizers_get_a_leading_space():
     assert collate.pieces.prefix == " "
     ids = collate.inputs([Sample(id="x", tokens=["Acme", "hired", "Ann"])])["input_ids"][0].tolist()
     assert ids[1:-1] == tok(" Acme hired Ann", add_special_tokens=False)["input_ids"]
+
+
+def test_word_pieces_are_the_tokenizers_own_ids_whatever_its_padding_state(tokenizer):
+    from anchoralign.batching import WordPieces
+
+    words = ["Ann", "Lee", "FL1402001894", "<Peop>", "<mask3>", "naïve", "\u200b", "", "Zürich"]
+    expected = [
+        ids or [tokenizer.unk_token_id] for ids in tokenizer(words, add_special_tokens=False)["input_ids"]
+    ]
+    pieces = WordPieces(tokenizer)
+    assert pieces(words) == expected  # the direct path to the tokenizers backend
+    tokenizer.backend_tokenizer.enable_padding(length=8)  # left on by some earlier call
+    try:
+        assert pieces(words) == expected  # the tokenizer's own call, which resets it
+    finally:
+        tokenizer.backend_tokenizer.no_padding()

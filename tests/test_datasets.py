@@ -457,6 +457,20 @@ def test_user_jsonl_file_serves_every_split_and_derives_metadata(tmp_path):
     assert any("every split reads the same file" in n for n in report.notes)
 
 
+def test_saved_datasets_folders_are_accepted_as_record_files(tmp_path):
+    import datasets
+
+    split = datasets.Dataset.from_list(RECORDS)
+    split.save_to_disk(str(tmp_path / "mine"))  # one folder: like one .jsonl file
+    meta = get_meta(str(tmp_path / "mine"))
+    assert meta.splits == ("train", "dev", "test") and meta.relation_types == {"works-for": "works for"}
+    assert [s.id for s in load_split(str(tmp_path / "mine"), "dev")] == ["u1"]
+    # A saved DatasetDict is a folder of split folders, like a folder of split files.
+    datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(tmp_path / "dd"))
+    assert get_meta(str(tmp_path / "dd")).splits == ("train", "test")
+    assert load_split(str(tmp_path / "dd"), "test") == load_split(str(tmp_path / "mine"), "test")
+
+
 def test_user_directory_with_meta_json(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", RECORDS)
     write_jsonl(tmp_path / "dev.jsonl", RECORDS)

@@ -1,6 +1,7 @@
 """Two processes on gloo with ZeRO stage 2, started by the ``deepspeed`` launcher exactly as the
-README does (``deepspeed --num_gpus 2 sft/run.py ...``, on CPU): both ranks train on their own
-share of every batch and end with the same weights, which are also the exported ones.
+README does (``DS_ACCELERATOR=cpu deepspeed --log_level=error --num_gpus 2 sft/run.py ...``, on
+CPU): both ranks train on their own share of every batch and end with the same weights, which are
+also the exported ones, and the console holds the run's own lines, once.
 
 About 25 s on two CPU cores (the DeepSpeed launcher and two interpreters)."""
 
@@ -66,8 +67,10 @@ def test_two_ranks_zero2_end_with_the_same_weights(tmp_path: Path, shared_data: 
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"  # else the launcher warns (twice) that it found no GPU
     command = [
-        "deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(wrapper),
+        "deepspeed", "--log_level=error", "--num_gpus", "2", "--master_port", str(free_port()), str(wrapper),
         "--config", "sft/configs/conll04.yaml", f"--data_dir={shared_data}", f"--output_dir={out}",
         "--model.backbone=tiny", "--init_from=null", "--trainer.precision=fp32", "--trainer.zero_stage=2", "--phases.epochs=[1,1,1]",
         "--optim.micro_batch_size=2", "--optim.grad_accum=2", "--data.limit_train=16", "--data.limit_eval=2",
@@ -79,6 +82,17 @@ def test_two_ranks_zero2_end_with_the_same_weights(tmp_path: Path, shared_data: 
     log = (out / "train.log").read_text(encoding="utf-8")
     assert "sft: 2 rank(s), global batch 8 (micro 2 x accumulation 2 x 2), ZeRO 2" in log
     assert "phase full-ce -> full-align" in log
+    console = done.stdout + done.stderr
+    for noise in (
+        "[INFO]",
+        "[WARNING]",
+        "CUDA_VISIBLE_DEVICES",
+        "built successfully",
+        "Warning",
+        "LOAD REPORT",
+    ):
+        assert noise not in console, console[-4000:]
+    assert console.count("sft: 2 rank(s)") == 1  # rank 0 speaks for the run
 
     rank0 = torch.load(out / "weights-rank0.pt")
     rank1 = torch.load(out / "weights-rank1.pt")

@@ -56,6 +56,29 @@ def test_evaluate_json_is_reproduced_by_score_on_its_outputs(toy_checkpoint, toy
         assert metrics[key] == value, key
 
 
+def test_saved_datasets_folders_are_taken_where_record_files_are(toy_checkpoint, tmp_path, capsys):
+    from anchoralign.schema import to_hf_dataset
+
+    folder = tmp_path / "toy-test"
+    to_hf_dataset(toy_samples()).save_to_disk(str(folder))
+    pred = tmp_path / "pred.jsonl"
+    args = ["--checkpoint", toy_checkpoint, "--dataset", folder, "--json", "--max-len", "8", "--output", pred]
+    code, out, err = cli(["evaluate", *args], capsys)  # one folder: read whole, as one .jsonl file
+    assert code == 0, err
+    metrics = json.loads(out)
+    to_hf_dataset(read_jsonl(pred)).save_to_disk(str(tmp_path / "pred"))
+    code, out, err = cli(["score", "--gold", folder, "--pred", tmp_path / "pred", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["ner_f1"] == metrics["ner_f1"]
+    code, out, err = cli(
+        ["predict", "--checkpoint", toy_checkpoint, "--input", folder, "--output", tmp_path / "o.jsonl",
+         "--max-len", "8", "--quiet"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert [s.id for s in read_jsonl(tmp_path / "o.jsonl")] == [s.id for s in toy_samples()]
+
+
 def test_evaluate_prints_a_table_by_default(toy_checkpoint, toy_dataset, capsys):
     code, out, err = cli(
         [

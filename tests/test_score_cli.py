@@ -175,3 +175,13 @@ def test_unpaired_gold_and_pred_is_a_user_error(files, capsys):
     gold, pred = files
     assert cli(["--gold", str(gold), "--gold", str(gold), "--pred", str(pred)]) == 2
     assert "one --pred per --gold" in capsys.readouterr().err
+
+
+def test_flags_take_either_spelling(files, tmp_path, capsys):
+    gold, pred = files
+    outputs = []
+    for flag in ("--data-dir", "--data_dir"):
+        argv = ["--gold", gold, "--pred", pred, "--json", "--dataset", "conll04", flag, tmp_path]
+        assert cli([str(a) for a in argv]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and json.loads(outputs[0])["ner_f1"] == 50.0

@@ -81,7 +81,9 @@ def test_pretrain_then_sft_then_evaluate(tmp_path: Path, shared_data: Path) -> N
         f"--data.corpus_dir={corpus}", f"--output_dir={pre}", "--phases.switch=valid_rate",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
+    assert "built successfully" not in done.stdout + done.stderr  # DeepSpeed's start-up notice
     log = (pre / "train.log").read_text(encoding="utf-8")
+    assert "masked.jsonl: 24 samples tokenised in" in log  # the corpus cache, built here
     for text in (
         "phase 1 etu: 1 epoch(s) on masked (24 samples",
         "phase 2 poa-ce: 1 epoch(s) on unmasked (24 samples",
@@ -157,10 +159,13 @@ def test_missing_corpus_names_the_augment_command(
     assert err.count("\n") == 1, err  # one line, however long
     assert f"{corpus / 'masked.jsonl'}: corpus file not found" in err
     assert f"augment run --dataset conll04 --out {corpus}" in err
-    assert not (tmp_path / "out" / "checkpoints").exists()
+    assert not (tmp_path / "out").exists()  # a failed run leaves no run folder
 
 
 def test_corpus_with_foreign_labels_is_refused(tmp_path: Path, shared_data: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from anchoralign.backbones import minilm_dir
     from anchoralign.config import PretrainConfig, load_config
     from anchoralign.datasets import get_meta
     from anchoralign.runlog import RunLog
@@ -176,17 +181,26 @@ def test_corpus_with_foreign_labels_is_refused(tmp_path: Path, shared_data: Path
     with pytest.raises(
         UserError, match=r"masked.jsonl:1: field 'entities': entity type 'Gene' is not a conll04 label"
     ):
-        plan(cfg, get_meta("conll04", str(shared_data)), RunLog(tmp_path / "o"))
+        tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
+        _, load = plan(cfg, get_meta("conll04", str(shared_data)), RunLog(tmp_path / "o"))
+        load(tokenizer)
+    assert not (tmp_path / "o").exists()  # no run folder for a run that never started
 
 
 def test_curriculum_subset() -> None:
+    from transformers import AutoTokenizer
+
+    from anchoralign.backbones import minilm_dir
+    from anchoralign.training_set import in_memory
     from sft.run import curriculum_subset
 
     rel = {"head": 0, "tail": 1, "type": "Kill"}
     ents = [{"start": 0, "end": 1, "type": "Peop"}, {"start": 1, "end": 2, "type": "Peop"}]
     data = [Sample(id=str(n), tokens=["a", "b"], entities=ents, relations=[rel] * n) for n in (0, 2, 1, 3)]
-    assert [s.id for s in curriculum_subset(data, 1)] == ["0", "1"]
-    assert [s.id for s in curriculum_subset(data, 0)] == ["0"]
+    train = in_memory(data, AutoTokenizer.from_pretrained(str(minilm_dir())), "train")
+    assert [s.sample.id for s in curriculum_subset(train, 1)] == ["0", "1"]
+    assert [s.sample.id for s in curriculum_subset(train, 0)] == ["0"]
+    assert [s.sample.id for s in curriculum_subset(train[1:], 1)] == ["1"]
 
 
 def test_zero3_trains_like_zero0_and_evaluates(tmp_path: Path, shared_data: Path, gloo: None) -> None:

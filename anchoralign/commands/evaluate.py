@@ -26,7 +26,7 @@ from anchoralign.commands.arguments import add_command
 from anchoralign.commands.predict import add_decoding_arguments, decode_config, load_checkpoint, plural
 from anchoralign.commands.score import print_table, rounded
 from anchoralign.errors import UserError
-from anchoralign.schema import Sample, write_jsonl
+from anchoralign.schema import Sample, is_records_source, write_jsonl
 
 SUMMARY = "decode a dataset split with a checkpoint and print NER / relation P, R, F1"
 DESCRIPTION = (
@@ -72,10 +72,11 @@ def check_labels(gold: list[Sample], model_labels, checkpoint: str, dataset: str
 
 
 def single_file(dataset: str) -> bool:
-    """Whether ``--dataset`` names one record file (every split of which is the whole file)."""
+    """Whether ``--dataset`` names one record file or saved ``datasets`` folder (every split of which
+    is the whole of it)."""
     from anchoralign.datasets import known_datasets
 
-    return dataset not in known_datasets() and Path(dataset).is_file()
+    return dataset not in known_datasets() and is_records_source(Path(dataset))
 
 
 def run(args: argparse.Namespace) -> int:

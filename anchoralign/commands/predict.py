@@ -2,7 +2,8 @@
 
 Input is a ``.txt`` file (one text a line, raw: decoded through the Python API, ``anchoralign.api``,
 which tokenises it with ``anchoralign.tokenize`` in the checkpoint's language, exactly as the
-training data is) or a ``.jsonl`` file of records (their ``tokens`` used as given). Output is a
+training data is) or records, a ``.jsonl`` file or a saved ``datasets`` folder (their ``tokens``
+used as given). Output is a
 record file; the predictions are also shown per sentence. A sentence longer than the encoder takes
 is split into word windows (``--long split``, default) or refused with its line (``--long
 refuse``); it is never truncated.
@@ -30,7 +31,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from anchoralign import config_tree
 from anchoralign.commands.arguments import add_command
 from anchoralign.errors import RecordError, UserError
-from anchoralign.schema import Sample, iter_jsonl, parse_record, write_jsonl
+from anchoralign.schema import (
+    Sample,
+    is_datasets_folder,
+    iter_jsonl,
+    read_records,
+    sample_of_line,
+    write_jsonl,
+)
 
 SUMMARY = "extract entities and relations from sentences with a trained checkpoint"
 DESCRIPTION = (
@@ -49,7 +57,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         {"checkpoint": {}},
     )
     p.add_argument(
-        "--input", required=True, metavar="FILE", help=".txt (one sentence a line) or .jsonl records"
+        "--input",
+        required=True,
+        metavar="FILE",
+        help=".txt (one sentence a line), or records: .jsonl or a saved `datasets` folder",
     )
     p.add_argument("--output", required=True, metavar="FILE", help="predicted records (jsonl)")
     p.add_argument("--quiet", action="store_true", help="do not show the predictions, only the summary")
@@ -134,17 +145,19 @@ def read_texts(path: Path) -> tuple[list[str], list[str], list[str]]:
     return texts, ids, places
 
 
-def read_records(path: Path) -> tuple[list[Sample], dict[str, str]]:
-    """Samples (id and tokens) of a .jsonl record file, and where each came from (``file:line`` by id)."""
+def read_inputs(path: Path) -> tuple[list[Sample], dict[str, str]]:
+    """Samples (id and tokens) of records (a .jsonl file or a saved ``datasets`` folder), and where
+    each came from (``file:line`` or ``folder: row [i]``) by id."""
+    if path.is_dir():
+        found = [(f"{path}: row [{i}]", s) for i, s in enumerate(read_records(path))]
+    else:
+        found = [(f"{path}:{line}", sample_of_line(obj, path, line)) for line, obj in iter_jsonl(path)]
     samples, where = [], {}
-    for lineno, obj in iter_jsonl(path):
-        if isinstance(obj, dict) and "id" not in obj:
-            obj = {"id": f"{path.stem}-{lineno}", **obj}
-        sample = parse_record(obj, path, lineno)
+    for place, sample in found:
         if sample.id in where:
-            raise RecordError(str(path), lineno, f"id {sample.id!r} already used at {where[sample.id]}", "id")
+            raise RecordError(place, None, f"id {sample.id!r} already used at {where[sample.id]}", "id")
         samples.append(Sample(id=sample.id, tokens=sample.tokens))
-        where[sample.id] = f"{path}:{lineno}"
+        where[sample.id] = place
     return samples, where
 
 
@@ -162,7 +175,7 @@ def run_prediction(
 
 def predict_file(model, source: Path, args: argparse.Namespace) -> tuple[list[Sample], list[bool], int]:
     """Predicted records of an input file, whether each output was valid, and how many were split."""
-    if not source.is_file():
+    if not (source.is_file() or is_datasets_folder(source)):
         raise UserError(f"{source}: file not found")
     if source.suffix == ".txt":
         from anchoralign.api import Extractor
@@ -175,13 +188,15 @@ def predict_file(model, source: Path, args: argparse.Namespace) -> tuple[list[Sa
                 texts, ids=ids, long=args.long, places=places, progress=advance
             )
         return [x.record for x in found], [x.valid for x in found], len(split)
-    if source.suffix == ".jsonl":
-        samples, where = read_records(source)
+    if source.suffix == ".jsonl" or source.is_dir():
+        samples, where = read_inputs(source)
         if not samples:
             raise UserError(f"{source}: no sentences in the file")
         preds, split_ids = run_prediction(model, samples, args, lambda s: where[s.id])
         return [p.sample for p in preds], [p.valid for p in preds], len(split_ids)
-    raise UserError(f"{source}: expected a .txt file (one sentence a line) or a .jsonl file of records")
+    raise UserError(
+        f"{source}: expected a .txt file (one sentence a line), or records: a .jsonl file or a saved `datasets` folder"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""`anchoralign score`: score a prediction file against a gold file (both in the record format)."""
+"""`anchoralign score`: score a prediction file against a gold file (both in the record format:
+jsonl files or saved ``datasets`` folders)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from rich.table import Table
 from anchoralign.commands.arguments import add_command
 from anchoralign.errors import UserError
 from anchoralign.metrics import FAMILIES, FIGURES, Metrics, average_folds, score
-from anchoralign.schema import read_jsonl
+from anchoralign.schema import read_records
 
 _ROW_NAMES = {"ner": "NER", "rel_strict": "Relation strict", "rel_boundary": "Relation boundary"}
 
@@ -41,7 +42,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         },
     )
     p.add_argument(
-        "--gold", required=True, action="append", metavar="FILE", help="gold records (jsonl); repeat per fold"
+        "--gold",
+        required=True,
+        action="append",
+        metavar="FILE",
+        help="gold records (jsonl or a saved `datasets` folder); repeat per fold",
     )
     p.add_argument(
         "--pred",
@@ -70,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             f"give one --pred per --gold (got {len(args.gold)} --gold and {len(args.pred)} --pred)"
         )
     per_pair = [
-        score(read_jsonl(g), read_jsonl(p), symmetric=symmetric, boundary_only=boundary_only)
+        score(read_records(g), read_records(p), symmetric=symmetric, boundary_only=boundary_only)
         for g, p in zip(args.gold, args.pred, strict=True)
     ]
     if len(per_pair) == 1:
