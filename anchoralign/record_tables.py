@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from anchoralign.errors import RecordError
+from anchoralign.linearize import LabelSet
 from anchoralign.schema import (
     DatasetMeta,
     Sample,
@@ -191,16 +192,9 @@ def _labels_known(labels: pa.Array, known: Sequence[str] | None) -> bool:
 
 def check_labels(sample: Sample, meta: DatasetMeta, path: str | Path, line: int | None) -> None:
     """Every label must be one of the dataset's: the model has label tokens for those only."""
-    for e in sample.entities:
-        if e.type not in meta.entity_types:
-            raise RecordError(
-                str(path), line, f"entity type {e.type!r} is not a {meta.name} label", "entities"
-            )
-    for r in sample.relations:
-        if r.type not in meta.relation_types:
-            raise RecordError(
-                str(path), line, f"relation type {r.type!r} is not a {meta.name} label", "relations"
-            )
+    for kind, label in LabelSet.from_meta(meta).unknown_labels(sample)[:1]:
+        field = "entities" if kind == "entity" else "relations"
+        raise RecordError(str(path), line, f"{kind} type {label!r} is not a {meta.name} label", field)
 
 
 def _exact_jsonl(path: Path, skip: int, meta: DatasetMeta | None) -> Iterator[list[Sample]]:
