@@ -55,7 +55,7 @@ class ModelConfig(Section):
         "to the first comma) or of its whole description",
     )
     decoder_input: Literal["token", "pointer"] = Field(
-        "token",
+        "pointer",
         description="what a decoder reads for a word it wrote: the word's token embedding, or the "
         "representation the pointer scored it by (which tells one occurrence from another)",
     )

@@ -148,7 +148,7 @@ class AnchorAlignModel(nn.Module):
         paradigm: int | Paradigm = Paradigm.GROUPED_ALL,
         decoder_attention: str = "prefix",
         label_init: str = "name",
-        decoder_input: str = "token",
+        decoder_input: str = "pointer",
         **tiny_options: Any,
     ) -> AnchorAlignModel:
         """A new model: the backbone's weights, label tokens initialised from their names or

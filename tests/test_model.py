@@ -319,8 +319,8 @@ def test_pointer_decoder_input_reads_the_word_it_pointed_at():
         b, t = torch.nonzero(ids < n_fixed)[0].tolist()  # <bos>, labels and <sep>: their token rows
         token = model.to_token_ids(ids, state)[b, t]
         torch.testing.assert_close(embeds[b, t], model.backbone.embed_tokens.weight[token])
-    token_model = tiny_model().eval()
-    assert token_model.decoder_input == "token"
+    assert tiny_model().decoder_input == "pointer"  # the default
+    assert tiny_model(decoder_input="token").decoder_input == "token"
 
 
 def test_decoder_input_is_saved_with_the_checkpoint(tmp_path):
