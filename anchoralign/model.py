@@ -13,25 +13,21 @@ giving one ``[B, T, V]`` tensor in which ids outside ``vocab_mask`` (``<bos>``, 
 shorter sentences) hold a large finite negative number, so a softmax gives them zero mass and
 ``0 * log 0`` terms stay finite. The model cannot produce a word that is not in its input.
 
-Decoder inputs are the same ids read back as backbone tokens: a fixed id becomes its token and
-word ``i`` becomes the token of its first sub-word, so each decoder's own embedding layer and
-positions apply.
-
 Label tokens: every entity and relation label is one new token (``<ent:Org>``,
-``<rel:Work_For>``) whose embedding starts as the mean embedding of the sub-words of its readable
-description in the dataset metadata; ``<sep>`` starts from the word "separator"; the mask
+``<rel:Work_For>``) whose embedding starts as the mean embedding of the sub-words of its name (the
+metadata description up to its first comma) or of its whole description (``label_init``);
+``<sep>`` starts from the word "separator"; the mask
 placeholders ``<mask0>`` .. ``<mask63>`` of the masked corpus (single tokens in the input) start
 from the tokenizer's mask token followed by their number.
 
-Checkpoint directory (``save_pretrained`` / ``from_pretrained``; no DeepSpeed needed)::
+Decoder inputs: a fixed id is read back as its token; a word either as the token of its first
+sub-word (``decoder_input: token``) or as the representation the pointer scored it by
+(``pointer``, the default: the decoder then knows which occurrence of a word it wrote).
 
-    config.json         format version, backbone name and family, the backbone's config,
-                        paradigm, the backbone token of every fixed id
-    labels.json         dataset metadata (labels in id order with their descriptions,
-                        symmetric relations, boundary_only, language), paradigm
-    model.safetensors   all weights (the shared embedding table stored once)
-    tokenizer/          the tokenizer with the added label, <sep> and mask tokens
-    train_config.yaml   the resolved stage config that trained it (when given)
+The model directory that ``save_pretrained`` writes and ``from_pretrained`` reads (no DeepSpeed
+needed) is described once, in the README ("Model directory"); ``config.json`` holds the format
+version, the backbone's name, family and config, the paradigm, the decoder input and the backbone
+token of every fixed id; ``labels.json`` the dataset metadata.
 """
 
 from __future__ import annotations
@@ -260,7 +256,7 @@ class AnchorAlignModel(nn.Module):
     # ------------------------------------------------------------------ checkpoints
 
     def save_pretrained(self, directory: str | Path, train_config: Any = None) -> Path:
-        """Write the checkpoint directory (see the module docstring)."""
+        """Write the model directory (layout: the README, "Model directory")."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         config = {
