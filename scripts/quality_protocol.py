@@ -19,9 +19,15 @@ exists, so the protocol can be stopped and started again; training steps resume 
 checkpoints. ``--summary`` prints the table of means and standard deviations from the committed
 metrics, re-scored from the committed predictions against the gold test file read directly.
 
+With ``--pretrain NAME=DIR`` every seed is first pretrained on the augment corpus in DIR, and the
+cross-entropy stage starts from that model: the settings ``pretrain_NAME`` (and
+``pretrain_NAME_<setting>`` for others than ``full``) compare with ``full``, which has no pretraining.
+
     python scripts/quality_protocol.py --data-dir ../shared/data --seeds 1,2,3
     python scripts/quality_protocol.py --data-dir ../shared/data --seeds 1 --settings full --steps ce,align,eval
     python scripts/quality_protocol.py --data-dir ../shared/data --summary
+    python scripts/quality_protocol.py --data-dir ../shared/data --seeds 1 --settings full \
+        --steps pretrain,ce,align,eval --pretrain llm=corpus/conll04-llm
 """
 
 from __future__ import annotations
@@ -52,7 +58,18 @@ COMMON = [
     "--trainer.progress=false",
 ]
 # 1. Cross-entropy until convergence: 2 curriculum epochs, then 28 on the whole training set.
-CE = ["--init-from=null", "--phases.epochs=[2,28,0]", "--optim.lr=1e-4", "--optim.warmup_ratio=0.06"]
+CE = ["--phases.epochs=[2,28,0]", "--optim.lr=1e-4", "--optim.warmup_ratio=0.06"]
+# 0. With --pretrain: stage 1 on an augmented corpus first (Entity Type Understanding on the masked
+# corpus, then the unmasked one without and with alignment), at a constant learning rate as in the
+# paper; the cross-entropy stage then starts from its final model.
+PRETRAIN_CONFIG = "pretrain/configs/conll04.yaml"
+PRETRAIN = [
+    "--phases.epochs=[2,3,5]",
+    "--optim.lr=1e-4",
+    "--optim.schedule=constant",
+    "--optim.warmup_ratio=0.06",
+    "--loss.ramp_steps=58",
+]
 # 2. The alignment phase from the converged checkpoint: 6 epochs at a lower learning rate, the
 # alignment terms ramped in over the first epoch (58 steps). Weights chosen on dev (BENCHMARKS.md).
 ALIGN = [
@@ -103,14 +120,34 @@ def run(cmd: list[str], dry: bool, stdout: Path | None = None) -> None:
 
 
 def run_dir(args: argparse.Namespace, setting: str, seed: int) -> Path:
-    return args.runs / setting / f"seed{seed}"
+    """Runs without pretraining under ``runs/``; with ``--pretrain NAME=DIR`` under ``runs/pretrain_NAME/``."""
+    return args.runs / args.prefix / setting / f"seed{seed}"
+
+
+def result_name(args: argparse.Namespace, setting: str) -> str:
+    """``full`` (no pretraining), ``pretrain_NAME`` (its full method), ``pretrain_NAME_<setting>``."""
+    if not args.prefix:
+        return setting
+    return args.prefix if setting == "full" else f"{args.prefix}_{setting}"
+
+
+def pretrain(args: argparse.Namespace, seed: int) -> None:
+    """Stage 1 on the corpus: Entity Type Understanding, then Progressive Objective Activation."""
+    out = run_dir(args, "pretrain", seed)
+    if (out / "final").is_dir():
+        return
+    cmd = [sys.executable, "pretrain/run.py", "--config", PRETRAIN_CONFIG, f"--data-dir={args.data_dir}"]
+    cmd += [*COMMON, *PRETRAIN, f"--data.corpus-dir={args.corpus}", f"--seed={seed}", f"--output-dir={out}"]
+    run(cmd, args.dry_run)
 
 
 def train(args: argparse.Namespace, setting: str, seed: int) -> None:
     out = run_dir(args, setting, seed)
     if (out / "final").is_dir():
         return
-    stage = CE if setting == "ce" else [f"--init-from={run_dir(args, 'ce', seed) / 'best'}", *ALIGN]
+    start = run_dir(args, "pretrain", seed) / "final" if args.prefix else None
+    ce = [f"--init-from={start or 'null'}", *CE]
+    stage = ce if setting == "ce" else [f"--init-from={run_dir(args, 'ce', seed) / 'best'}", *ALIGN]
     extra = [] if setting == "ce" else {**SETTINGS, **SWEEP}[setting]
     cmd = [
         sys.executable,
@@ -125,7 +162,7 @@ def train(args: argparse.Namespace, setting: str, seed: int) -> None:
 
 
 def evaluate(args: argparse.Namespace, name: str, trained: str, seed: int, flags: list[str]) -> None:
-    folder = args.out / name / f"seed{seed}"
+    folder = args.out / result_name(args, name) / f"seed{seed}"
     if (folder / "metrics.json").is_file():
         return
     cmd = [
@@ -212,7 +249,12 @@ def main() -> None:
     p.add_argument(
         "--settings", default=",".join(SETTINGS), help=f"training settings ({', '.join([*SETTINGS, *SWEEP])})"
     )
-    p.add_argument("--steps", default="ce,align,eval", help="ce, align, eval (comma-separated)")
+    p.add_argument("--steps", default="ce,align,eval", help="pretrain, ce, align, eval (comma-separated)")
+    p.add_argument(
+        "--pretrain",
+        metavar="NAME=DIR",
+        help="pretrain on the augment corpus in DIR first; runs and results are named pretrain_NAME",
+    )
     p.add_argument("--runs", type=Path, default=REPO / "runs" / "quality" / "conll04", help="run folders")
     p.add_argument(
         "--out", type=Path, default=REPO / "benchmarks" / "quality" / "conll04", help="committed results"
@@ -221,6 +263,10 @@ def main() -> None:
     p.add_argument("--summary", action="store_true", help="print the table of the committed results")
     args = p.parse_args()
     args.data_dir = args.data_dir.resolve()
+    args.prefix, args.corpus = "", None
+    if args.pretrain:
+        name, _, corpus = args.pretrain.partition("=")
+        args.prefix, args.corpus = f"pretrain_{name}", Path(corpus).resolve()
     if args.summary:
         summary(args)
         return
@@ -228,6 +274,8 @@ def main() -> None:
     settings = [s for s in args.settings.split(",") if s]
     steps = set(args.steps.split(","))
     for seed in seeds:
+        if "pretrain" in steps and args.prefix:
+            pretrain(args, seed)
         if "ce" in steps:
             train(args, "ce", seed)
         for setting in settings:
@@ -235,7 +283,7 @@ def main() -> None:
                 train(args, setting, seed)
             if "eval" in steps:
                 evaluate(args, setting, setting, seed, [])
-        if "eval" in steps:
+        if "eval" in steps and not args.prefix:
             for name, (trained, flags) in DECODING.items():
                 if trained == "ce" or trained in settings:
                     evaluate(args, name, trained, seed, flags)
