@@ -54,10 +54,11 @@ class ModelConfig(Section):
         description="label tokens start as the mean embedding of the label's name (its description up "
         "to the first comma) or of its whole description",
     )
-    decoder_input: Literal["token", "pointer"] = Field(
-        "pointer",
+    decoder_input: Literal["auto", "token", "pointer"] = Field(
+        "auto",
         description="what a decoder reads for a word it wrote: the word's token embedding, or the "
-        "representation the pointer scored it by (which tells one occurrence from another)",
+        "representation the pointer scored it by (which tells one occurrence from another); auto: "
+        "pointer for prefix decoders, token for cross-attention and BART-family decoders",
     )
     max_length: int = Field(256, ge=8, description="longest encoder input in sub-words")
 

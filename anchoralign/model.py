@@ -22,7 +22,8 @@ from the tokenizer's mask token followed by their number.
 
 Decoder inputs: a fixed id is read back as its token; a word either as the token of its first
 sub-word (``decoder_input: token``) or as the representation the pointer scored it by
-(``pointer``, the default: the decoder then knows which occurrence of a word it wrote).
+(``pointer``: the decoder then knows which occurrence of a word it wrote). ``auto`` (the default of
+``from_backbone``) chooses pointer for prefix decoders and token for the others.
 
 The model directory that ``save_pretrained`` writes and ``from_pretrained`` reads (no DeepSpeed
 needed) is described once, in the README ("Model directory"); ``config.json`` holds the format
@@ -144,7 +145,7 @@ class AnchorAlignModel(nn.Module):
         paradigm: int | Paradigm = Paradigm.GROUPED_ALL,
         decoder_attention: str = "prefix",
         label_init: str = "name",
-        decoder_input: str = "pointer",
+        decoder_input: str = "auto",
         **tiny_options: Any,
     ) -> AnchorAlignModel:
         """A new model: the backbone's weights, label tokens initialised from their names or
@@ -153,6 +154,12 @@ class AnchorAlignModel(nn.Module):
         ``tiny_options`` override fields of ``backbones.TINY_CONFIG`` (``backbone="tiny"`` only).
         """
         net, tokenizer = load_backbone(backbone, decoder_attention, **tiny_options)
+        if decoder_input == "auto":
+            # Measured (BENCHMARKS.md): pointer inputs add 2-6 dev relation F1 to MiniLM's prefix
+            # decoders, but keep the tiny BART from over-fitting 30 sentences (loss 0.69 after 300
+            # steps, against 0.03 after 117 with token inputs); BART and cross-attention unmeasured
+            # at scale, so they keep the token inputs they were built and pretrained with.
+            decoder_input = "pointer" if getattr(net, "decoder_attention", None) == "prefix" else "token"
         added = add_label_tokens(tokenizer, meta)
         old_size = net.embed_tokens.num_embeddings
         net.resize_token_embeddings(max(len(tokenizer), old_size))

@@ -319,8 +319,15 @@ def test_pointer_decoder_input_reads_the_word_it_pointed_at():
         b, t = torch.nonzero(ids < n_fixed)[0].tolist()  # <bos>, labels and <sep>: their token rows
         token = model.to_token_ids(ids, state)[b, t]
         torch.testing.assert_close(embeds[b, t], model.backbone.embed_tokens.weight[token])
-    assert tiny_model().decoder_input == "pointer"  # the default
     assert tiny_model(decoder_input="token").decoder_input == "token"
+
+
+def test_decoder_input_auto_is_pointer_for_prefix_decoders_only(tmp_path):
+    source = str(save_tiny_bert(tmp_path / "bert"))
+    assert AnchorAlignModel.from_backbone(source, TOY_META).decoder_input == "pointer"
+    cross = AnchorAlignModel.from_backbone(source, TOY_META, decoder_attention="cross")
+    assert cross.decoder_input == "token"
+    assert tiny_model().decoder_input == "token"  # BART-family decoders
 
 
 def test_decoder_input_is_saved_with_the_checkpoint(tmp_path):
