@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(a 135M model: fast, but most rewrites fail; a smoke test)",
     )
     r.add_argument("--gguf", help="any GGUF model file for --llm local, instead of --local-model")
+    r.add_argument(
+        "--local-threads",
+        type=int,
+        help="llama.cpp threads for --llm local (default: half the cores, so 1 on 2 cores: "
+        "more threads than free cores stall llama.cpp)",
+    )
     r.add_argument("--price-in", type=float, help="USD per million prompt tokens (for the cost)")
     r.add_argument("--price-out", type=float, help="USD per million completion tokens")
     r.add_argument("--max-sources", type=int, help="try at most this many source sentences")
@@ -154,6 +160,7 @@ _CONFIG_FLAGS = [
     "out",
     "llm",
     "local_model",
+    "local_threads",
     "gguf",
     "price_in",
     "price_out",
@@ -271,7 +278,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     def say(line: str) -> None:
         # On stdout, with the summary: what the run is; stderr carries progress and errors only.
-        out.print(Text(line, style="dim"))
+        out.print(Text(line, style="dim"), soft_wrap=True)
 
     if err.is_terminal:
         # The start-up lines go out before the live display takes the bottom of the screen.
@@ -294,7 +301,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         def plain(p: Progress) -> None:
             if time.monotonic() - last[0] >= PLAIN_PROGRESS_EVERY_S:
                 last[0] = time.monotonic()
-                err.print(Text(_plain_line(p)))
+                err.print(Text(_plain_line(p)), soft_wrap=True)  # one line each in a log
 
         summary = runner.run(cfg, on_progress=plain, progress_every_s=1.0, notify=say)
     out.print(summary_table(summary))

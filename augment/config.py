@@ -60,6 +60,9 @@ class AugmentConfig(BaseModel):
     local_model: str | None = Field(
         default=None, description="model of llm 'local' (see augment.local_models)"
     )
+    local_threads: int | None = Field(
+        default=None, ge=1, le=256, description="llama.cpp threads for llm 'local'"
+    )
     price_in: float | None = Field(default=None, ge=0, description="USD per million prompt tokens")
     price_out: float | None = Field(default=None, ge=0, description="USD per million completion tokens")
     max_sources: int | None = Field(default=None, ge=1, description="try at most this many source sentences")

@@ -42,12 +42,19 @@ DEFAULT_CACHE_BYTES = 256 << 20
 
 
 def default_threads() -> int:
-    """One llama.cpp thread per core this process may use (at most 8: more does not pay)."""
+    """llama.cpp threads for prompt and answer: half the cores this process may use, at most 8,
+    so one thread on a 2-core machine.
+
+    llama.cpp's threads meet at a barrier after every step; when another process takes a core
+    (a training run beside the corpus build), a thread waits for its descheduled partner and the
+    whole step stalls. Measured on 2 busy cores (BENCHMARKS.md): 2 threads wrote 0.3 answer
+    tokens a second, 1 thread 23. On idle cores 2 threads would be faster, but by less than 2x,
+    so the safe choice wins; ``--local-threads`` overrides it."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    return max(1, min(8, cores))
+    return max(1, min(8, cores // 2))
 
 
 def free_port() -> int:
@@ -78,6 +85,8 @@ def server_command(
         "--n_ctx",
         str(n_ctx),
         "--n_threads",
+        str(n_threads),
+        "--n_threads_batch",
         str(n_threads),
         "--seed",
         str(seed),

@@ -678,7 +678,7 @@ def _endpoint(cfg: AugmentConfig, say: Callable[[str], None]) -> Iterator[str]:
     else:
         spec = LOCAL_MODELS[cfg.local_model or ""]
         gguf, title = spec.locate(notify=say), spec.title
-    threads = default_threads()
+    threads = cfg.local_threads or default_threads()
     say(f"starting a local llama.cpp server: {title} on {threads} CPU thread(s), model file {gguf}")
     started = time.perf_counter()
     with LocalLLMServer(gguf, n_threads=threads, seed=cfg.seed) as srv:

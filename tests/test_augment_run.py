@@ -501,3 +501,19 @@ def test_a_processing_failure_stops_the_run_instead_of_hanging(shared_data, tmp_
     monkeypatch.setattr(ProcessingChild, "submit", broken)
     with FakeOpenAIServer(good_script()) as srv, pytest.raises(ProcessingError, match="synthesis bug"):
         run(_config(shared_data, srv.url, tmp_path / "out", cap=50))
+
+
+def test_auto_max_tokens_sizes_each_answer_to_its_sentence(shared_data, tmp_path):
+    from augment.plan import answer_budget
+
+    assert answer_budget("x" * 100, 3) == 3 * (50 + 12) + 16  # half a token a character, per variant
+    auto = make_plan(_config(shared_data, "http://127.0.0.1:9/v1", tmp_path, max_tokens="auto").resolved())
+    fixed = make_plan(_config(shared_data, "http://127.0.0.1:9/v1", tmp_path, max_tokens=256).resolved())
+    budgets = set()
+    for index in auto.order[:20]:
+        for a, f in zip(auto.requests(index), fixed.requests(index), strict=True):
+            line = a.messages[-1]["content"].splitlines()[-1]
+            assert a.max_tokens == answer_budget(line, 3) and f.max_tokens == 256
+            assert a.key != f.key  # the answer's length limit shapes it: part of the request key
+            budgets.add(a.max_tokens)
+    assert len(budgets) > 10
