@@ -36,9 +36,14 @@ MODEL_ALIAS = "local"
 INSTALL_HINT = (
     "install the optional extra: pip install -e '.[local]' (or pip install 'llama-cpp-python[server]')"
 )
-# Room for the states of the last few prompts of each kind (a state of a 1.5B model at ~700
-# tokens is ~20 MB); the least recently used go first.
-DEFAULT_CACHE_BYTES = 256 << 20
+# Room for the states of the last few prompts (a 1.5B model's state at ~700 tokens is ~20 MB), so
+# at least one of each kind is kept; the least recently used go first. The cache counts only that
+# state: each entry also holds a copy of the logits of up to n_batch positions (n_batch x vocab x 4
+# bytes: 311 MB for Qwen's 152k vocabulary at the default n_batch of 512), which took a server with
+# a 256 MB cache to 8 GB and the OOM killer. With 64 MB and n_batch 128 an entry is ~100 MB all
+# told and the server stays ~0.5 GB above its size without a cache (BENCHMARKS.md).
+DEFAULT_CACHE_BYTES = 64 << 20
+N_BATCH = 128
 
 
 def default_threads() -> int:
@@ -88,6 +93,8 @@ def server_command(
         str(n_threads),
         "--n_threads_batch",
         str(n_threads),
+        "--n_batch",
+        str(N_BATCH),
         "--seed",
         str(seed),
         "--verbose",

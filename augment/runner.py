@@ -91,8 +91,9 @@ class Progress:
     tokens: int
     elapsed_s: float  # since the run started (after the server, if any, was up)
     work_s: float = 0.0  # since the first request was sent (0 before)
-    samples_at_first_send: int = 0  # what the journal had already given by then
-    sources_at_first_send: int = 0
+    # What came wholly from the journal (no request sent): left out of the pace the ETA uses.
+    samples_from_journal: int = 0
+    sources_from_journal: int = 0
 
     @property
     def requests_per_s(self) -> float:
@@ -105,7 +106,7 @@ class Progress:
     @property
     def eta_s(self) -> float | None:
         g = self.goal
-        start = self.samples_at_first_send if g.unit == "samples" else self.sources_at_first_send
+        start = self.samples_from_journal if g.unit == "samples" else self.sources_from_journal
         return eta_s(g.fraction, min(start, g.total) / g.total if g.total else 1.0, self.work_s)
 
 
@@ -189,7 +190,11 @@ class _Engine:
         self.variants_rejected = 0
         self.started = time.perf_counter()
         self.first_send: float | None = None
-        self.at_first_send = (0, 0)  # (samples, sources done) when the first request went out
+        # Sources whose every request (checks included) was served from the journal, and what
+        # they gave: the ETA measures the pace of this run's own requests without them.
+        self.from_journal: set[int] = set()
+        self.journal_yield = 0
+        self.journal_sources = 0
         self.last_answer: float | None = None
         self.limit_hit = False
         self.endpoint_checked = False
@@ -237,7 +242,10 @@ class _Engine:
                 break
             self.position[index] = pos
             self.scheduled = pos + 1
-            for spec in self.plan.requests(index):
+            specs = self.plan.requests(index)
+            if all(spec.key in self.cached for spec in specs):
+                self.from_journal.add(index)
+            for spec in specs:
                 entry = self.cached.get(spec.key)
                 if entry is not None:
                     self.n_cached += 1
@@ -301,7 +309,6 @@ class _Engine:
     async def _request(self, spec: RequestSpec, slot: _Slot) -> None:
         if self.first_send is None:
             self.first_send = time.perf_counter()
-            self.at_first_send = (self.prefix_yield, len(self.results))
         try:
             try:
                 c = await self.client.complete(spec.messages, spec.max_tokens, spec.temperature)
@@ -393,6 +400,8 @@ class _Engine:
 
     def _verify(self, index: int, outcomes: dict[str, Outcome], result: SourceResult) -> None:
         specs = self.plan.verify_requests(result.checks or [])
+        if not all(spec.key in self.cached for _, spec in specs):
+            self.from_journal.discard(index)
         self.verifying[index] = (outcomes, len(specs), {})
         for tag, spec in specs:
             entry = self.cached.get(spec.key)
@@ -449,6 +458,8 @@ class _Engine:
         self.processed.set()
         pos = self.position[index]
         self.results[pos] = result
+        if index in self.from_journal:
+            self.journal_sources += 1
         self.ahead_yield += len(result.records)
         self.variants_accepted += sum(result.accepted.values())
         self.variants_rejected += len(result.rejections)
@@ -476,6 +487,8 @@ class _Engine:
                     fresh.append(rec)
             self.prefix_groups.append((r.source_id, fresh))
             self.prefix_yield += len(fresh)
+            if self.plan.order[self.frontier] in self.from_journal:
+                self.journal_yield += len(fresh)
             self.frontier += 1
 
     # -- reporting
@@ -499,8 +512,8 @@ class _Engine:
             tokens=self.usage.total_tokens,
             elapsed_s=now - self.started,
             work_s=now - self.first_send if self.first_send is not None else 0.0,
-            samples_at_first_send=self.at_first_send[0],
-            sources_at_first_send=self.at_first_send[1],
+            samples_from_journal=self.journal_yield,
+            sources_from_journal=self.journal_sources,
         )
 
 

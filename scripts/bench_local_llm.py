@@ -8,6 +8,10 @@ object per setting and a markdown table for BENCHMARKS.md.
     python scripts/bench_local_llm.py --data-dir ../shared/data --sources 6 \\
         --setting cache=0 --setting cache=256
 
+``--show-sample DIR`` instead prints ``--n`` samples of a built corpus picked at random
+(``--seed``), each with its entities and relations written out, for counting the semantically
+wrong ones by hand (BENCHMARKS.md).
+
 A setting is comma-separated key=value pairs: ``cache`` (MiB of the server's RAM state cache, 0
 for none), ``concurrency``, ``max_tokens`` (a number or ``auto``), ``temperature``, ``threads``,
 ``variants``, ``verify`` (0/1), ``mention_prompt``, ``context_prompt``, ``model`` (a
@@ -31,7 +35,7 @@ from augment.config import AugmentConfig
 from augment.local_llm import LocalLLMServer, default_threads
 from augment.local_models import LOCAL_MODELS
 
-DEFAULTS: dict[str, Any] = {"cache": 256, "concurrency": 2, "threads": 0, "model": "qwen"}
+DEFAULTS: dict[str, Any] = {"cache": 64, "concurrency": 2, "threads": 0, "model": "qwen"}
 
 
 def parse_setting(text: str) -> dict[str, Any]:
@@ -100,6 +104,21 @@ def run_setting(args: argparse.Namespace, setting: dict[str, Any], out: Path) ->
     }
 
 
+def show_sample(folder: Path, n: int, seed: int) -> None:
+    import random
+
+    records = [json.loads(line) for line in (folder / "unmasked.jsonl").read_text().splitlines()]
+    for k, rec in enumerate(random.Random(seed).sample(records, min(n, len(records))), start=1):
+        tokens, ents = rec["tokens"], rec["entities"]
+        marked = list(tokens)
+        for i, e in enumerate(ents):
+            marked[e["start"]] = f"[{marked[e['start']]}"
+            marked[e["end"] - 1] = f"{marked[e['end'] - 1]}]{i}:{e['type']}"
+        mention = [" ".join(tokens[e["start"] : e["end"]]) for e in ents]
+        rels = "; ".join(f"{mention[r['head']]} {r['type']} {mention[r['tail']]}" for r in rec["relations"])
+        print(f"{k}. {rec['id']} ({rec['origin']})\n   {' '.join(marked)}\n   relations: {rels or '-'}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="conll04")
@@ -108,7 +127,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--setting", action="append", default=[], help="key=value,...; repeat for each")
     p.add_argument("--keep", help="folder to keep each setting's run in (default: a temporary one)")
+    p.add_argument("--show-sample", metavar="DIR", help="print --n random samples of the corpus in DIR")
+    p.add_argument("--n", type=int, default=50)
     args = p.parse_args()
+    if args.show_sample:
+        show_sample(Path(args.show_sample), args.n, args.seed)
+        return
     settings = [parse_setting(t) for t in (args.setting or [""])]
     print(
         f"# {dt.date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "

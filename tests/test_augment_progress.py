@@ -86,15 +86,15 @@ def test_progress_shows_the_run_against_its_real_goal():
 
 
 def test_progress_eta_leaves_out_what_the_journal_gave():
-    # 500 of 1000 samples, 300 of them from the journal before the first request, 200 in 100 s.
+    # 500 of 1000 samples, 300 of them from sources served wholly by the journal, 200 in 100 s.
     p = _progress(
         cap=1000,
         samples=500,
         source_limit=922,
         bounded=False,
         sources_done=50,
-        samples_at_first_send=300,
-        sources_at_first_send=30,
+        samples_from_journal=300,
+        sources_from_journal=30,
         work_s=100.0,
     )
     assert p.goal.unit == "samples"

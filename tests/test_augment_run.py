@@ -517,3 +517,15 @@ def test_auto_max_tokens_sizes_each_answer_to_its_sentence(shared_data, tmp_path
             assert a.key != f.key  # the answer's length limit shapes it: part of the request key
             budgets.add(a.max_tokens)
     assert len(budgets) > 10
+
+
+def test_progress_leaves_what_the_journal_gave_out_of_the_pace(shared_data, tmp_path):
+    out = tmp_path / "out"
+    with FakeOpenAIServer(good_script()) as srv:
+        first = run(_config(shared_data, srv.url, out, cap=10_000, max_sources=6))
+        seen = []
+        run(_config(shared_data, srv.url, out, cap=10_000, max_sources=10), on_progress=seen.append)
+    last = seen[-1]
+    assert (last.sources_from_journal, last.samples_from_journal) == (6, first.stats["samples"]["in_prefix"])
+    assert last.sources_done == 10 and last.goal.unit == "sources" and last.eta_s is None  # done
+    assert last.requests_cached == 12 and last.requests_sent == 8
