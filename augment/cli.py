@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key-env",
         help="environment variable holding the key (default DEEPSEEK_API_KEY / OPENAI_API_KEY)",
     )
-    r.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
+    r.add_argument(
+        "--temperature", type=float, help="sampling temperature (default 1.0; 0.7 with --llm local)"
+    )
     r.add_argument(
         "--max-tokens",
         type=_max_tokens,

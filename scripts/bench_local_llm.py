@@ -14,7 +14,7 @@ wrong ones by hand (BENCHMARKS.md).
 
 A setting is comma-separated key=value pairs: ``cache`` (MiB of the server's RAM state cache, 0
 for none), ``concurrency``, ``max_tokens`` (a number or ``auto``), ``temperature``, ``threads``,
-``variants``, ``verify`` (0/1), ``mention_prompt``, ``context_prompt``, ``model`` (a
+``variants``, ``verify`` (0/1), ``server_seed`` (llama.cpp's sampling seed; default ``--seed``), ``mention_prompt``, ``context_prompt``, ``model`` (a
 ``--local-model`` name) and ``gguf``.
 """
 
@@ -74,7 +74,8 @@ def run_setting(args: argparse.Namespace, setting: dict[str, Any], out: Path) ->
     cfg = AugmentConfig.model_validate(cfg_values).resolved()
     threads = int(s["threads"]) or default_threads()
     started = time.perf_counter()
-    with LocalLLMServer(gguf, n_threads=threads, seed=args.seed, cache_bytes=int(s["cache"]) << 20) as srv:
+    server_seed = int(s.get("server_seed", args.seed))
+    with LocalLLMServer(gguf, n_threads=threads, seed=server_seed, cache_bytes=int(s["cache"]) << 20) as srv:
         startup = time.perf_counter() - started
         api_cfg = cfg.model_copy(update={"llm": "api", "gguf": None, "base_url": srv.base_url})
         t0 = time.perf_counter()
