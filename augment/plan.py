@@ -25,8 +25,14 @@ from augment.prompts import (
     position_order,
 )
 from augment.synthesize import sentence_key
-from augment.verify import DEFAULT_VERIFY_PROMPT, Labels, VariantCheck, questions, verify_messages
-from augment.verify import answer_budget as verify_budget
+from augment.verify import (
+    ANSWER_TOKENS,
+    DEFAULT_VERIFY_PROMPT,
+    Labels,
+    VariantCheck,
+    questions,
+    verify_messages,
+)
 
 T = TypeVar("T")
 
@@ -156,18 +162,19 @@ class Plan:
             specs.append(RequestSpec(key, src.id, kind, messages, max_tokens))
         return specs[0], specs[1]
 
-    def verify_requests(self, checks: list[VariantCheck]) -> list[tuple[tuple[str, int], RequestSpec]]:
-        """One verification request per accepted variant, keyed by (kind, index)."""
+    def verify_requests(self, checks: list[VariantCheck]) -> list[tuple[tuple[str, int, int], RequestSpec]]:
+        """The verification requests of the accepted variants: one per question, keyed by
+        (kind, index, question number)."""
         assert self.verify_template is not None
         out = []
         for c in checks:
-            messages = verify_messages(self.verify_template, c.sample, self.meta, self.language)
-            max_tokens = verify_budget(len(questions(c.sample, self.meta, self.language)))
-            # Greedy: a check should give the same verdict every time it is asked.
-            sampling = {"temperature": 0.0, "max_tokens": max_tokens}
-            key = request_key(self.cfg.model or "", messages, sampling, self.verify_template.name)
-            source_id = c.sample.source_id or ""
-            out.append(((c.kind, c.index), RequestSpec(key, source_id, "verify", messages, max_tokens, 0.0)))
+            for q, question in enumerate(questions(c.sample, self.meta, self.language)):
+                messages = verify_messages(self.verify_template, c.sample, question, self.language)
+                # Greedy: a check should give the same verdict every time it is asked.
+                sampling = {"temperature": 0.0, "max_tokens": ANSWER_TOKENS}
+                key = request_key(self.cfg.model or "", messages, sampling, self.verify_template.name)
+                spec = RequestSpec(key, c.sample.source_id or "", "verify", messages, ANSWER_TOKENS, 0.0)
+                out.append(((c.kind, c.index, q), spec))
         return out
 
     def process(

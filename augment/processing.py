@@ -27,7 +27,7 @@ from augment.parse import REASONS, Rejection, parse_context_answer, parse_mentio
 from augment.synthesize import exclude_sentences, mask_sample, sentence_key, synthesize, variant_samples
 from augment.verify import REASON as VERIFY_REASON
 from augment.verify import REASON_TEXT as VERIFY_REASON_TEXT
-from augment.verify import Labels, VariantCheck, denied, parse_verdicts, questions
+from augment.verify import Labels, VariantCheck, denied, parse_verdict, questions
 
 KINDS = ("mention", "context")
 # Rejections decided here rather than by the parser (which sees only the answer text).
@@ -130,7 +130,8 @@ def _request_rejected(source: Sample, kind: str, entry: JournalEntry) -> dict[st
     }
 
 
-VerdictKey = tuple[str, int]  # (variant kind, 0-based index among that kind's accepted variants)
+# (variant kind, 0-based index among that kind's accepted variants, question number)
+VerdictKey = tuple[str, int, int]
 
 
 def process_source(
@@ -184,19 +185,19 @@ def process_source(
         verification = {"checked": len(checks), "rejected": 0, "unclear_answers": 0}
         keep: dict[str, set[int]] = {kind: set(range(len(accepted[kind]))) for kind in KINDS}
         for check in checks:
-            entry = (verdicts or {})[(check.kind, check.index)]
-            assert isinstance(entry, JournalEntry)
             qs = questions(check.sample, verify, language)
-            if entry.text is None:
-                # The server refused the check itself: the variant stays unverified, not denied.
-                verification["unclear_answers"] += len(qs)
-                continue
-            answers = parse_verdicts(entry.text, len(qs))
+            entries = [(verdicts or {})[(check.kind, check.index, q)] for q in range(len(qs))]
+            answers: list[bool | None] = []
+            for entry in entries:
+                assert isinstance(entry, JournalEntry)
+                # A check the server refused (entry.error) leaves that question unanswered.
+                answers.append(None if entry.text is None else parse_verdict(entry.text))
             verification["unclear_answers"] += sum(a is None for a in answers)
             why = denied(answers, qs)
             if why is not None:
                 keep[check.kind].discard(check.index)
                 verification["rejected"] += 1
+                said_no = [e for e, a in zip(entries, answers, strict=True) if a is False]
                 rejections.append(
                     {
                         "source_id": source.id,
@@ -205,8 +206,8 @@ def process_source(
                         "detail": why,
                         "text": check.text,
                         "line": None,
-                        "raw": entry.text,
-                        "key": entry.key,
+                        "raw": "\n".join(str(e.text) for e in said_no),
+                        "key": said_no[0].key,
                     }
                 )
         accepted = {kind: [v for i, v in enumerate(accepted[kind]) if i in keep[kind]] for kind in KINDS}

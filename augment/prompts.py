@@ -180,7 +180,7 @@ def _relations_block(sample: Sample, meta: LabelMeta, name: Callable[[int], str]
 _SECTION_HEADER = re.compile(r"^===\s*(system|user|assistant)(?:\s+\[([A-Za-z_-]+)\])?\s*===\s*$")
 _VARIABLE = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 VARIABLES = frozenset(
-    {"k", "sentence", "entity_types", "relations", "placeholders", "count", "placeholder_list", "questions"}
+    {"k", "sentence", "entity_types", "relations", "placeholders", "count", "placeholder_list", "question"}
 )
 
 

@@ -199,6 +199,7 @@ class _Engine:
         self.limit_hit = False
         self.endpoint_checked = False
         self.sources_answered = 0  # sources whose both requests got an answer
+        self.on_wire = 0  # requests sent and not yet answered (tasks waiting for a slot are not)
         self.verify_requests = Counter()  # --verify: checks answered in this run / from the journal
         self.gave_up = False
 
@@ -309,12 +310,14 @@ class _Engine:
     async def _request(self, spec: RequestSpec, slot: _Slot) -> None:
         if self.first_send is None:
             self.first_send = time.perf_counter()
+        self.on_wire += 1
         try:
             try:
                 c = await self.client.complete(spec.messages, spec.max_tokens, spec.temperature)
             finally:
                 # The slot bounds requests on the wire; the wait for the journal's fsync below
                 # must not keep the next request from being sent.
+                self.on_wire -= 1
                 slot.release()
             entry = JournalEntry(
                 key=spec.key,
@@ -505,7 +508,7 @@ class _Engine:
             sources_done=len(self.results),
             requests_sent=self.sent,
             requests_cached=self.n_cached,
-            in_flight=len(self.tasks),
+            in_flight=self.on_wire,
             failed=len(self.failures),
             variants_accepted=self.variants_accepted,
             variants_rejected=self.variants_rejected,

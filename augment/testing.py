@@ -118,22 +118,20 @@ def context_variant(line: str, variant: int) -> str:
     return f"{OPENERS[variant % len(OPENERS)]} {line}"
 
 
-def verify_questions(body: dict[str, Any]) -> list[str] | None:
-    """The numbered questions of a verification prompt (``--verify``), or None for a rewrite
-    prompt. Verification prompts list them under a ``Questions:`` line of the last user message."""
+def verify_question(body: dict[str, Any]) -> str | None:
+    """The question of a verification prompt (``--verify``), or None for a rewrite prompt.
+    Verification prompts ask it on a ``Question:`` line of the last user message."""
     users = [m for m in body.get("messages", []) if m.get("role") == "user"]
     lines = str(users[-1].get("content") or "").splitlines() if users else []
-    if "Questions:" not in [ln.strip() for ln in lines]:
-        return None
-    return [ln.strip() for ln in lines if re.match(r"^\d+\.\s", ln.strip())]
+    asked = [ln.strip()[len("Question:") :].strip() for ln in lines if ln.strip().startswith("Question:")]
+    return asked[0] if asked else None
 
 
 def good_answer(body: dict[str, Any], k: int = 3) -> str:
     """``k`` numbered, well-formed variants of the prompt's sentence (or, for a verification
-    prompt, "yes" to every question)."""
-    qs = verify_questions(body)
-    if qs is not None:
-        return "\n".join(f"{n}. yes" for n in range(1, len(qs) + 1))
+    prompt, "yes")."""
+    if verify_question(body) is not None:
+        return "yes"
     line = prompt_line(body)
     if is_context_prompt(line):
         variants = [context_variant(line, i) for i in range(k)]

@@ -8,6 +8,9 @@ object per setting and a markdown table for BENCHMARKS.md.
     python scripts/bench_local_llm.py --data-dir ../shared/data --sources 6 \\
         --setting cache=0 --setting cache=256
 
+``--raw-speed 2/2,1/1`` instead measures llama.cpp alone (no server, no runner) with N answer
+/ M prompt threads, each in a fresh process: prompt and answer tokens a second.
+
 ``--show-sample DIR`` instead prints ``--n`` samples of a built corpus picked at random
 (``--seed``), each with its entities and relations written out, for counting the semantically
 wrong ones by hand (BENCHMARKS.md).
@@ -105,6 +108,31 @@ def run_setting(args: argparse.Namespace, setting: dict[str, Any], out: Path) ->
     }
 
 
+RAW_SPEED = """
+import os, sys, time, llama_cpp
+n, nb = int(sys.argv[2]), int(sys.argv[3])
+llm = llama_cpp.Llama(sys.argv[1], n_ctx=2048, n_threads=n, n_threads_batch=nb, verbose=False)
+toks = llm.tokenize(("word " * 300).encode())
+t = time.time(); llm.eval(toks); tp = time.time() - t
+llm.reset()
+t = time.time(); out = llm("Write three sentences about ships.\\n", max_tokens=60, temperature=0.7); tg = time.time() - t
+print(f"threads {n}/{nb}: prompt {len(toks) / tp:.1f} tokens/s, answer "
+      f"{out['usage']['completion_tokens'] / tg:.1f} tokens/s, load {os.getloadavg()[0]:.2f}", flush=True)
+"""
+
+
+def raw_speed(pairs: str) -> None:
+    import subprocess
+    import sys
+
+    gguf = LOCAL_MODELS["qwen"].locate()
+    for pair in pairs.split(","):
+        n, nb = pair.split("/")
+        subprocess.run(
+            [sys.executable, "-c", RAW_SPEED, str(gguf), n, nb], check=True, stderr=subprocess.DEVNULL
+        )
+
+
 def show_sample(folder: Path, n: int, seed: int) -> None:
     import random
 
@@ -130,7 +158,11 @@ def main() -> None:
     p.add_argument("--keep", help="folder to keep each setting's run in (default: a temporary one)")
     p.add_argument("--show-sample", metavar="DIR", help="print --n random samples of the corpus in DIR")
     p.add_argument("--n", type=int, default=50)
+    p.add_argument("--raw-speed", metavar="N/M,...", help="llama.cpp alone with N answer / M prompt threads")
     args = p.parse_args()
+    if args.raw_speed:
+        raw_speed(args.raw_speed)
+        return
     if args.show_sample:
         show_sample(Path(args.show_sample), args.n, args.seed)
         return

@@ -10,10 +10,20 @@ from augment_fixtures import conll_like
 from fake_openai import stable_fraction
 
 from augment.config import AugmentConfig
+from augment.plan import make_plan
 from augment.prompts import PromptTemplate
 from augment.runner import run
-from augment.testing import FakeOpenAIServer, Reply, good_answer, verify_questions
-from augment.verify import DEFAULT_VERIFY_PROMPT, REASON, denied, parse_verdicts, questions, verify_messages
+from augment.testing import FakeOpenAIServer, Reply, good_answer, verify_question
+from augment.verify import (
+    DEFAULT_VERIFY_PROMPT,
+    REASON,
+    SENSE_QUESTION,
+    denied,
+    parse_verdict,
+    questions,
+    relation_phrase,
+    verify_messages,
+)
 
 
 @dataclass
@@ -30,61 +40,65 @@ class Meta:
     relation_types: dict[str, str] = field(default_factory=lambda: {"Work_For": "works for"})
 
 
-def test_one_question_per_entity_then_one_per_relation():
+def test_the_sense_question_then_one_question_per_relation():
     qs = questions(conll_like(), Meta(), "en")
     assert qs == [
-        'In this sentence, is "John Smith" a Peop (a person)?',
-        'In this sentence, is "Acme Corp." an Org (Organization)?',
-        'In this sentence, is "Boston" a Loc (a place)?',
-        'In this sentence, is "Mary Jones" a Peop (a person)?',
-        'Does the sentence say that "John Smith" Work_For (works for) "Acme Corp."?',
-        'Does the sentence say that "Acme Corp." OrgBased_In "Boston"?',
+        SENSE_QUESTION,
+        'Does the sentence clearly state that "John Smith" works for "Acme Corp."?',
+        'Does the sentence clearly state that "Acme Corp." is OrgBased In "Boston"?',
     ]
 
 
-def test_the_verification_prompt_ends_with_the_sentence_and_numbers_the_questions():
-    messages = verify_messages(PromptTemplate.load(DEFAULT_VERIFY_PROMPT), conll_like(), Meta(), "en")
-    last = messages[-1]["content"].splitlines()
-    assert last[-1] == "Sen. John Smith , who works for Acme Corp. in Boston , met Mary Jones ."
-    assert last[last.index("Questions:") + 1] == '1. In this sentence, is "John Smith" a Peop (a person)?'
-    assert messages[0]["role"] == "system" and len(messages) == 4  # one worked example
+def test_relations_read_as_words_between_the_names():
+    descriptions = {
+        "Work_For": "works for, a person is employed by an organization",
+        "Kill": "killed, a person killed another person",
+        "Located_In": "located in, a place lies inside another place",
+        "OrgBased_In": "organization based in, an organization is located in a place",
+        "Used-for": "used for",
+    }
+    assert relation_phrase("Work_For", descriptions) == "works for"
+    assert relation_phrase("Kill", descriptions) == "killed"
+    assert relation_phrase("Located_In", descriptions) == "is located in"
+    assert relation_phrase("OrgBased_In", descriptions) == "is organization based in"
+    assert relation_phrase("Used-for", descriptions) == "is used for"
+    assert relation_phrase("Part_Whole", {}) == "is Part Whole"
 
 
-def test_verdicts_are_read_by_number_with_chatter_ignored():
-    text = "Sure!\n1. Yes.\n3. no, it is a person\n2) YES\n9. no\n"
-    assert parse_verdicts(text, 4) == [True, True, False, None]
+def test_the_verification_prompt_asks_one_question_and_ends_with_the_sentence():
+    messages = verify_messages(PromptTemplate.load(DEFAULT_VERIFY_PROMPT), conll_like(), "Is it?", "en")
+    assert [m["role"] for m in messages] == ["system", "user"]
+    assert messages[-1]["content"].splitlines() == [
+        "Question: Is it?",
+        "The sentence:",
+        "Sen. John Smith , who works for Acme Corp. in Boston , met Mary Jones .",
+    ]
 
 
-def test_unnumbered_verdicts_are_taken_in_order():
-    assert parse_verdicts("yes\nNo\n", 3) == [True, False, None]
-
-
-def test_no_clear_answer_is_none():
-    assert parse_verdicts("", 2) == [None, None]
-    assert parse_verdicts(None, 1) == [None]
-    assert parse_verdicts("1. maybe\n2. it depends", 2) == [None, None]
-    assert parse_verdicts("1. yes\n1. no", 1) == [True]  # the first answer to a question counts
+def test_the_first_word_of_the_answer_decides():
+    assert parse_verdict("Yes.") is True
+    assert parse_verdict("no, it does not") is False
+    assert parse_verdict("  NO") is False
+    assert parse_verdict("The sentence says yes") is None
+    assert parse_verdict("") is None and parse_verdict(None) is None
+    assert parse_verdict("yesterday") is None
 
 
 def test_a_variant_is_denied_by_any_no_and_only_by_a_no():
     qs = ["q1?", "q2?", "q3?"]
     assert denied([True, None, True], qs) is None
-    assert denied([True, False, False], qs) == "answered no to: 2. q2? | 3. q3?"
+    assert denied([True, False, False], qs) == "answered no to: q2? | q3?"
 
 
 # -- end to end against the scripted server ---------------------------------------------------
 
 
 def _deny_some(body, attempt):
-    """Rewrites as good_answer; a check says "no" to its last question for about a third of the
-    variants (fixed by the prompt), "yes" to everything otherwise."""
-    qs = verify_questions(body)
-    if qs is None:
+    """Rewrites as good_answer; a question is answered "no" for about one in five (fixed by the
+    prompt), "yes" otherwise."""
+    if verify_question(body) is None:
         return Reply(text=good_answer(body))
-    deny = stable_fraction(body, "deny") < 1 / 3
-    return Reply(
-        text="\n".join(f"{n}. {'no' if deny and n == len(qs) else 'yes'}" for n in range(1, len(qs) + 1))
-    )
+    return Reply(text="No." if stable_fraction(body, "deny") < 0.2 else "Yes.")
 
 
 def _config(data, url, out, **kw) -> AugmentConfig:
@@ -111,10 +125,14 @@ def test_verify_rejects_denied_variants_and_journals_every_answer(shared_data, t
         sent = srv.completions()
     st = summary.stats
     v = st["verification"]
-    verify_sent = [r for r in sent if verify_questions(r.body) is not None]
-    # One check per variant accepted by the parser: 6 sources x (3 mention + 3 context).
-    assert v["variants_checked"] == 36 == len(verify_sent)  # (the plain run sent none)
-    assert v["requests_answered"] == v["variants_checked"] and v["unclear_answers"] == 0
+    verify_sent = [r for r in sent if verify_question(r.body) is not None]
+    # Every variant the parser accepted, 6 sources x (3 mention + 3 context), is asked the sense
+    # question and one question per relation of its source.
+    plan = make_plan(_config(shared_data, srv.url, checked, max_sources=6, verify=True).resolved())
+    n_questions = sum(6 * (1 + len(plan.sources[i].relations)) for i in plan.order[:6])
+    assert v["variants_checked"] == 36
+    assert v["requests_answered"] == n_questions == len(verify_sent)  # (the plain run sent none)
+    assert v["unclear_answers"] == 0
     assert 0 < v["variants_rejected"] < 36
     assert {r.body["temperature"] for r in verify_sent} == {0.0}
 
@@ -126,7 +144,7 @@ def test_verify_rejects_denied_variants_and_journals_every_answer(shared_data, t
 
     # The journal keeps every answer, the checks included.
     journal = _lines(checked / "journal.jsonl")
-    assert sum(e["kind"] == "verify" for e in journal) == 36 and len(journal) == 12 + 36
+    assert sum(e["kind"] == "verify" for e in journal) == n_questions and len(journal) == 12 + n_questions
 
     # Fewer samples, all of them also made without --verify.
     with_v = {json.dumps(r["tokens"]) for r in _lines(checked / "unmasked.jsonl")}
@@ -138,7 +156,7 @@ def test_verify_rejects_denied_variants_and_journals_every_answer(shared_data, t
     url = f"http://127.0.0.1:{_closed_port()}/v1"
     again = run(_config(shared_data, url, checked, cap=10_000, max_sources=6, verify=True))
     assert (checked / "unmasked.jsonl").read_bytes() == before
-    assert again.stats["verification"]["requests_cached"] == 36
+    assert again.stats["verification"]["requests_cached"] == n_questions
 
 
 def test_verify_added_to_a_finished_run_reuses_its_rewrites(shared_data, tmp_path):
@@ -148,4 +166,4 @@ def test_verify_added_to_a_finished_run_reuses_its_rewrites(shared_data, tmp_pat
         n_before = len(srv.completions())
         run(_config(shared_data, srv.url, out, cap=10_000, max_sources=4, verify=True))
         later = srv.completions()[n_before:]
-    assert later and all(verify_questions(r.body) is not None for r in later)  # only the checks
+    assert later and all(verify_question(r.body) is not None for r in later)  # only the checks
