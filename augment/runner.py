@@ -31,11 +31,18 @@ The plan and the pure selection functions are in :mod:`augment.plan`, parsing an
 (and the child that runs them) in :mod:`augment.processing`; this module schedules, journals
 and writes.
 
+Verify (``--verify``). A source's parsed answers come back from the child with the accepted
+variants to check; their questions (augment/verify.py) are served from the journal or sent like
+any request, and the source goes through the child again with the verdicts. It completes only
+then, so the prefix, the cap and resuming work as without.
+
 Outputs in ``--out``: ``unmasked.jsonl``, ``masked.jsonl``, ``rejected.jsonl`` (rejections of
 the prefix's sources), ``sources.jsonl`` (what happened to every source), ``failed.jsonl``
 (requests that failed after all retries), ``stats.json``, ``config.json``, and
 ``journal.jsonl``. Every file but the journal is rewritten atomically at the end of a run,
-also an interrupted one.
+also an interrupted one. A run with no sample writes no corpus files (and ``run`` raises a
+UserError saying why); a run stopped by an error (endpoint or key refused) writes nothing but
+the journal of what was answered.
 """
 
 from __future__ import annotations
@@ -560,7 +567,7 @@ def _finish(engine: _Engine, journal_usage: Usage, elapsed: float) -> RunSummary
     groups = groups[:n_used]
     selected = select_round_robin(groups, cfg.cap, cfg.seed)
     status = _status(engine)
-    if status == "no_samples":
+    if not selected:
         # Empty corpus files would look like a result; the diagnostics below are still written.
         for name in ("unmasked.jsonl", "masked.jsonl"):
             (out / name).unlink(missing_ok=True)
