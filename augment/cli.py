@@ -234,6 +234,17 @@ def summary_table(summary: RunSummary) -> Table:
         f"{k} {v}" for k, v in sorted(st["rejected_by_reason"].items(), key=lambda kv: -kv[1])
     )
     t.add_row("rejected by reason", Text(reasons or "-"))
+    if st.get("verification"):
+        v = st["verification"]
+        asked = v["requests_answered"] + v["requests_cached"]
+        t.add_row(
+            "verification",
+            Text(
+                f"{v['variants_checked']} variants asked {asked} questions "
+                f"({v['requests_cached']} from journal), {v['variants_rejected']} rejected, "
+                f"{v['unclear_answers']} answers neither yes nor no"
+            ),
+        )
     t.add_row("sources", Text(", ".join(f"{k} {v}" for k, v in st["sources"].items())))
     # The same rate as the live display: requests answered over the run's time.
     answered, elapsed = rq["answered"], st["elapsed_s"]

@@ -159,6 +159,23 @@ def test_verify_rejects_denied_variants_and_journals_every_answer(shared_data, t
     assert again.stats["verification"]["requests_cached"] == n_questions
 
 
+def test_the_summary_says_what_verification_did(shared_data, tmp_path, capsys, monkeypatch):
+    from anchoralign.cli import run_cli
+    from augment.cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", "250")
+    out = tmp_path / "out"
+    with FakeOpenAIServer(_deny_some) as srv:
+        args = ["run", "--dataset", "conll04", "--data-dir", str(shared_data), "--base-url", srv.url]
+        assert run_cli(build_parser(), [*args, "--out", str(out), "--max-sources", "3", "--verify"]) == 0
+    printed = capsys.readouterr().out
+    stats = json.loads((out / "stats.json").read_text())["verification"]
+    assert (
+        f"{stats['variants_checked']} variants asked {stats['requests_answered']} questions (0 from journal), "
+        f"{stats['variants_rejected']} rejected" in printed
+    )
+
+
 def test_verify_added_to_a_finished_run_reuses_its_rewrites(shared_data, tmp_path):
     out = tmp_path / "out"
     with FakeOpenAIServer(_deny_some) as srv:
