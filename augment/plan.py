@@ -33,6 +33,7 @@ from augment.verify import (
     questions,
     verify_messages,
 )
+from augment.verify import LAST_LINE as VERIFY_LAST_LINE
 
 T = TypeVar("T")
 
@@ -240,5 +241,9 @@ def make_plan(cfg: AugmentConfig) -> Plan:
     prompts = PromptSet(
         cfg.mention_prompt or DEFAULT_MENTION_PROMPT, cfg.context_prompt or DEFAULT_CONTEXT_PROMPT
     )
-    verify = PromptTemplate.load(cfg.verify_prompt or DEFAULT_VERIFY_PROMPT) if cfg.verify else None
+    verify = (
+        PromptTemplate.load(cfg.verify_prompt or DEFAULT_VERIFY_PROMPT, last_line=VERIFY_LAST_LINE)
+        if cfg.verify
+        else None
+    )
     return Plan(cfg, meta, sources, skipped, order, forbidden, prompts, verify)

@@ -200,9 +200,14 @@ class PromptTemplate:
     path: Path
     sections: tuple[Section, ...]
     sha256: str
+    # What the final user section must end with: the text to work on, by the markup contract.
+    # Verification prompts end with their question instead (see prompts/verify_question.v1.txt).
+    last_line: str = "{{sentence}}"
 
     @classmethod
-    def load(cls, name: str, prompts_dir: str | Path | None = None) -> PromptTemplate:
+    def load(
+        cls, name: str, prompts_dir: str | Path | None = None, last_line: str = "{{sentence}}"
+    ) -> PromptTemplate:
         folder = Path(prompts_dir) if prompts_dir is not None else PROMPTS_DIR
         path = folder / f"{name}.txt"
         if not path.is_file():
@@ -216,6 +221,7 @@ class PromptTemplate:
             path=path,
             sections=_parse_sections(raw, path),
             sha256=hashlib.sha256(raw.encode()).hexdigest(),
+            last_line=last_line,
         )
         languages = {s.language for s in template.sections}
         for language in languages:
@@ -237,9 +243,9 @@ class PromptTemplate:
                 "then user/assistant example pairs, then a final user section"
             )
         last = chosen[-1]
-        if last.text.splitlines()[-1].strip() != "{{sentence}}":
+        if last.text.splitlines()[-1].strip() != self.last_line:
             raise UserError(
-                f"{self.path}:{last.line}: the last line of the final user section must be {{{{sentence}}}}"
+                f"{self.path}:{last.line}: the last line of the final user section must be {self.last_line}"
             )
         return chosen
 

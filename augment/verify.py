@@ -27,6 +27,7 @@ from anchoralign.tokenize import detokenize
 from augment.prompts import LabelMeta, PromptTemplate
 
 DEFAULT_VERIFY_PROMPT = "verify_question.v1"
+LAST_LINE = "Question: {{question}}"  # the question comes after the sentence (see the template)
 REASON = "failed_verification"
 REASON_TEXT = "--verify: the LLM answered that the variant no longer makes sense of its names or no longer states a relation"
 SENSE_QUESTION = (

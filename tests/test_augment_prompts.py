@@ -258,3 +258,16 @@ def test_unknown_template_lists_the_available_ones(tmp_path):
 def test_shipped_templates_exist_for_both_kinds():
     assert (PROMPTS_DIR / "mention_rewrite.v1.txt").is_file()
     assert (PROMPTS_DIR / "context_rewrite.v1.txt").is_file()
+
+
+def test_a_template_may_end_with_another_line_when_its_loader_says_so(tmp_path):
+    _write(
+        tmp_path,
+        "q.v1",
+        "=== system ===\nsys\n=== user ===\nSentence: {{sentence}}\nQuestion: {{question}}\n",
+    )
+    with pytest.raises(
+        UserError, match=r"q.v1.txt:3: the last line of the final user section must be \{\{sentence\}\}"
+    ):
+        PromptTemplate.load("q.v1", tmp_path)
+    assert PromptTemplate.load("q.v1", tmp_path, last_line="Question: {{question}}").name == "q.v1"

@@ -16,6 +16,7 @@ from augment.runner import run
 from augment.testing import FakeOpenAIServer, Reply, good_answer, verify_question
 from augment.verify import (
     DEFAULT_VERIFY_PROMPT,
+    LAST_LINE,
     REASON,
     SENSE_QUESTION,
     denied,
@@ -65,13 +66,13 @@ def test_relations_read_as_words_between_the_names():
     assert relation_phrase("Part_Whole", {}) == "is Part Whole"
 
 
-def test_the_verification_prompt_asks_one_question_and_ends_with_the_sentence():
-    messages = verify_messages(PromptTemplate.load(DEFAULT_VERIFY_PROMPT), conll_like(), "Is it?", "en")
+def test_the_verification_prompt_gives_the_sentence_then_asks_one_question():
+    template = PromptTemplate.load(DEFAULT_VERIFY_PROMPT, last_line=LAST_LINE)
+    messages = verify_messages(template, conll_like(), "Is it?", "en")
     assert [m["role"] for m in messages] == ["system", "user"]
     assert messages[-1]["content"].splitlines() == [
+        "Sentence: Sen. John Smith , who works for Acme Corp. in Boston , met Mary Jones .",
         "Question: Is it?",
-        "The sentence:",
-        "Sen. John Smith , who works for Acme Corp. in Boston , met Mary Jones .",
     ]
 
 
