@@ -174,7 +174,8 @@ class Plan:
                 # Greedy: a check should give the same verdict every time it is asked.
                 sampling = {"temperature": 0.0, "max_tokens": ANSWER_TOKENS}
                 key = request_key(self.cfg.model or "", messages, sampling, self.verify_template.name)
-                spec = RequestSpec(key, c.sample.source_id or "", "verify", messages, ANSWER_TOKENS, 0.0)
+                source_id = c.sample.source_id or c.sample.id  # the source itself has no source_id
+                spec = RequestSpec(key, source_id, "verify", messages, ANSWER_TOKENS, 0.0)
                 out.append(((c.kind, c.index, q), spec))
         return out
 

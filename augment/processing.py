@@ -130,8 +130,10 @@ def _request_rejected(source: Sample, kind: str, entry: JournalEntry) -> dict[st
     }
 
 
-# (variant kind, 0-based index among that kind's accepted variants, question number)
+# (variant kind, 0-based index among that kind's accepted variants, question number); the
+# source's own answers are under (SOURCE_CHECK, 0, question number).
 VerdictKey = tuple[str, int, int]
+SOURCE_CHECK = "source"
 
 
 def process_source(
@@ -177,27 +179,37 @@ def process_source(
             for kind, samples in (("mention", mention_samples), ("context", context_samples))
             for i, (sample, variant) in enumerate(zip(samples, accepted[kind], strict=True))
         ]
+        if checks:
+            # The source is asked the same questions: a variant is judged against it, so a
+            # relation the dataset annotates but the source itself only implies does not count
+            # against every rewrite of it.
+            checks.insert(0, VariantCheck(SOURCE_CHECK, 0, source, ""))
         if verdicts is None:
             if checks:
                 return SourceResult(source.id, False, {kind: 0 for kind in KINDS}, [], [], checks=checks)
         elif any(isinstance(o, Failure) for o in verdicts.values()):
             return SourceResult(source.id, True, {kind: 0 for kind in KINDS}, [], [])
-        verification = {"checked": len(checks), "rejected": 0, "unclear_answers": 0}
-        keep: dict[str, set[int]] = {kind: set(range(len(accepted[kind]))) for kind in KINDS}
-        for check in checks:
+
+        def answers_of(check: VariantCheck) -> tuple[list[str], list[JournalEntry], list[bool | None]]:
             qs = questions(check.sample, verify, language)
             entries = [(verdicts or {})[(check.kind, check.index, q)] for q in range(len(qs))]
-            answers: list[bool | None] = []
-            for entry in entries:
-                assert isinstance(entry, JournalEntry)
-                # A check the server refused (entry.error) leaves that question unanswered.
-                answers.append(None if entry.text is None else parse_verdict(entry.text))
+            assert all(isinstance(e, JournalEntry) for e in entries)
+            # A check the server refused (entry.error) leaves that question unanswered.
+            return qs, entries, [None if e.text is None else parse_verdict(e.text) for e in entries]  # type: ignore[union-attr]
+
+        verification = {"checked": max(0, len(checks) - 1), "rejected": 0, "unclear_answers": 0}
+        keep: dict[str, set[int]] = {kind: set(range(len(accepted[kind]))) for kind in KINDS}
+        baseline = answers_of(checks[0])[2] if checks else []
+        for check in checks[1:]:
+            qs, entries, answers = answers_of(check)
             verification["unclear_answers"] += sum(a is None for a in answers)
-            why = denied(answers, qs)
+            # Only a question the source itself was answered yes to can reject its variant.
+            counted = [a if base is True else None for a, base in zip(answers, baseline, strict=True)]
+            why = denied(counted, qs)
             if why is not None:
                 keep[check.kind].discard(check.index)
                 verification["rejected"] += 1
-                said_no = [e for e, a in zip(entries, answers, strict=True) if a is False]
+                said_no = [e for e, a in zip(entries, counted, strict=True) if a is False]
                 rejections.append(
                     {
                         "source_id": source.id,

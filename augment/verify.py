@@ -9,9 +9,13 @@ written out as a plain sentence (a mention variant in the source's context, a co
 with the source's mentions: the ``mention`` and ``context`` records synthesis builds from it) and
 the LLM answers yes or no, one question a request: first whether the sentence makes sense with
 every name used as what it is, then, for each relation of the source, whether the sentence
-clearly states it. A variant with any "no" is rejected as ``failed_verification``; an answer that
-is neither yes nor no does not reject it (the pass removes what the LLM clearly denies). Records
-crossing two verified variants are not asked about: each half was checked in a real sentence.
+clearly states it. The source sentence is asked the same questions, and a variant is rejected as
+``failed_verification`` when it gets a "no" to a question its source got a "yes" to: CoNLL04
+annotates relations a sentence only implies ("Venezuela 's negotiator X" is Live_In), and a
+strict reader denies those for the source and every rewrite of it alike, which says nothing about
+the rewrite. An answer that is neither yes nor no rejects nothing (the pass removes what the LLM
+clearly denies). Records crossing two verified variants are not asked about: each half was
+checked in a real sentence.
 
 Pure functions here; the runner sends the requests and journals the answers like any other.
 """

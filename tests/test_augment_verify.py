@@ -13,7 +13,7 @@ from augment.config import AugmentConfig
 from augment.plan import make_plan
 from augment.prompts import PromptTemplate
 from augment.runner import run
-from augment.testing import FakeOpenAIServer, Reply, good_answer, verify_question
+from augment.testing import OPENERS, FakeOpenAIServer, Reply, good_answer, verify_question
 from augment.verify import (
     DEFAULT_VERIFY_PROMPT,
     LAST_LINE,
@@ -130,7 +130,8 @@ def test_verify_rejects_denied_variants_and_journals_every_answer(shared_data, t
     # Every variant the parser accepted, 6 sources x (3 mention + 3 context), is asked the sense
     # question and one question per relation of its source.
     plan = make_plan(_config(shared_data, srv.url, checked, max_sources=6, verify=True).resolved())
-    n_questions = sum(6 * (1 + len(plan.sources[i].relations)) for i in plan.order[:6])
+    # (and so is each source, to judge its variants against)
+    n_questions = sum(7 * (1 + len(plan.sources[i].relations)) for i in plan.order[:6])
     assert v["variants_checked"] == 36
     assert v["requests_answered"] == n_questions == len(verify_sent)  # (the plain run sent none)
     assert v["unclear_answers"] == 0
@@ -158,6 +159,28 @@ def test_verify_rejects_denied_variants_and_journals_every_answer(shared_data, t
     again = run(_config(shared_data, url, checked, cap=10_000, max_sources=6, verify=True))
     assert (checked / "unmasked.jsonl").read_bytes() == before
     assert again.stats["verification"]["requests_cached"] == n_questions
+
+
+def test_a_variant_is_rejected_only_for_what_its_source_was_said_to_state(shared_data, tmp_path):
+    def script(body, attempt):
+        question = verify_question(body)
+        if question is None:
+            return Reply(text=good_answer(body))
+        # The stand-in's context variants start with an opener phrase; say "no" about them only.
+        sentence = [m for m in body["messages"] if m["role"] == "user"][-1]["content"].splitlines()[0]
+        rewritten = any(sentence.removeprefix("Sentence: ").startswith(o) for o in OPENERS)
+        return Reply(text="No." if rewritten else "Yes.")
+
+    def never(body, attempt):  # every question is denied, the sources' own included
+        return Reply(text=good_answer(body) if verify_question(body) is None else "No.")
+
+    with FakeOpenAIServer(script) as srv:
+        st = run(_config(shared_data, srv.url, tmp_path / "a", cap=10_000, max_sources=3, verify=True)).stats
+    assert st["verification"]["variants_rejected"] == st["variants"]["context"]["rejected"] == 9
+    assert st["variants"]["mention"]["accepted"] == 9 and st["variants"]["context"]["accepted"] == 0
+    with FakeOpenAIServer(never) as srv:
+        st = run(_config(shared_data, srv.url, tmp_path / "b", cap=10_000, max_sources=3, verify=True)).stats
+    assert st["verification"]["variants_rejected"] == 0  # the sources got "no" too: nothing to judge by
 
 
 def test_the_summary_says_what_verification_did(shared_data, tmp_path, capsys, monkeypatch):
