@@ -55,8 +55,9 @@ def test_augment_run_with_the_default_local_model(shared_data, tmp_path):
     cmd += ["--llm", "local", "--max-sources", "4", "--out", str(out)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "starting a local llama.cpp server: Qwen2.5-Coder-1.5B-Instruct" in done.stderr
-    assert "--max-sources" in done.stderr  # the bound is said at start, since it was given
+    # The start lines (on stdout, with the summary) say what runs and the bound that was given.
+    assert "starting a local llama.cpp server: Qwen2.5-Coder-1.5B-Instruct" in done.stdout
+    assert "the first 4 sources (--max-sources)" in done.stdout
     stats = json.loads((out / "stats.json").read_text())
     assert stats["status"] == "source_limit"
     assert stats["requests"]["answered"] == 8 and stats["requests"]["failed"] == 0
