@@ -33,7 +33,10 @@ from augment.prompts import LabelMeta, PromptTemplate
 DEFAULT_VERIFY_PROMPT = "verify_question.v1"
 LAST_LINE = "Question: {{question}}"  # the question comes after the sentence (see the template)
 REASON = "failed_verification"
-REASON_TEXT = "--verify: the LLM answered that the variant no longer makes sense of its names or no longer states a relation"
+REASON_TEXT = (
+    "--verify: the LLM answered that the variant no longer makes sense of its names or no longer "
+    "states a relation (that its source was said to state)"
+)
 SENSE_QUESTION = (
     "Does this sentence make sense as written, with every name used as the kind of thing it is "
     "(a place as a place, a person as a person, a date as a date)?"
