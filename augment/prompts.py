@@ -28,8 +28,9 @@ Format:
   pairs, then the final user section, whose last line is ``{{sentence}}``;
 * ``{{name}}`` is replaced by a value: ``k`` (number of variants), ``sentence`` (the marked-up
   sentence), ``entity_types`` (the dataset's labels with their descriptions), ``relations`` (the
-  sample's relations, written with the sentence's mentions or placeholders), and for context
-  prompts ``placeholders`` (each placeholder with its type).
+  sample's relations, written with the sentence's mentions or placeholders), ``count`` (the number
+  of entities), and for context prompts ``placeholders`` (each placeholder with its type) and
+  ``placeholder_list`` (the placeholders in a phrase: ``<mask0>, <mask1> and <mask2>``).
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ def _prompts_dir() -> Path:
 
 
 PROMPTS_DIR = _prompts_dir()
-DEFAULT_MENTION_PROMPT = "mention_rewrite.v1"
-DEFAULT_CONTEXT_PROMPT = "context_rewrite.v1"
+DEFAULT_MENTION_PROMPT = "mention_rewrite.v2"
+DEFAULT_CONTEXT_PROMPT = "context_rewrite.v2"
 
 # The parser accepts the spelling variants LLMs produce (<MASK0>, <mask 0>, <mask_0>); a bare
 # <mask> (no number) matches with an empty group so it can be reported as unknown.
@@ -154,6 +155,11 @@ def _described(label: str, descriptions: Mapping[str, str]) -> str:
     return f"{label} ({desc})" if desc and desc != label else label
 
 
+def _phrase(items: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
 def _bullets(lines: list[str]) -> str:
     return "\n".join(f"- {line}" for line in lines) if lines else "- none"
 
@@ -173,7 +179,9 @@ def _relations_block(sample: Sample, meta: LabelMeta, name: Callable[[int], str]
 
 _SECTION_HEADER = re.compile(r"^===\s*(system|user|assistant)(?:\s+\[([A-Za-z_-]+)\])?\s*===\s*$")
 _VARIABLE = re.compile(r"\{\{\s*(\w+)\s*\}\}")
-VARIABLES = frozenset({"k", "sentence", "entity_types", "relations", "placeholders"})
+VARIABLES = frozenset(
+    {"k", "sentence", "entity_types", "relations", "placeholders", "count", "placeholder_list", "question"}
+)
 
 
 @dataclass(frozen=True)
@@ -192,9 +200,14 @@ class PromptTemplate:
     path: Path
     sections: tuple[Section, ...]
     sha256: str
+    # What the final user section must end with: the text to work on, by the markup contract.
+    # Verification prompts end with their question instead (see prompts/verify_question.v1.txt).
+    last_line: str = "{{sentence}}"
 
     @classmethod
-    def load(cls, name: str, prompts_dir: str | Path | None = None) -> PromptTemplate:
+    def load(
+        cls, name: str, prompts_dir: str | Path | None = None, last_line: str = "{{sentence}}"
+    ) -> PromptTemplate:
         folder = Path(prompts_dir) if prompts_dir is not None else PROMPTS_DIR
         path = folder / f"{name}.txt"
         if not path.is_file():
@@ -208,6 +221,7 @@ class PromptTemplate:
             path=path,
             sections=_parse_sections(raw, path),
             sha256=hashlib.sha256(raw.encode()).hexdigest(),
+            last_line=last_line,
         )
         languages = {s.language for s in template.sections}
         for language in languages:
@@ -229,9 +243,9 @@ class PromptTemplate:
                 "then user/assistant example pairs, then a final user section"
             )
         last = chosen[-1]
-        if last.text.splitlines()[-1].strip() != "{{sentence}}":
+        if last.text.splitlines()[-1].strip() != self.last_line:
             raise UserError(
-                f"{self.path}:{last.line}: the last line of the final user section must be {{{{sentence}}}}"
+                f"{self.path}:{last.line}: the last line of the final user section must be {self.last_line}"
             )
         return chosen
 
@@ -311,6 +325,7 @@ class PromptSet:
         language = language or meta.language
         values = {
             "k": str(k),
+            "count": str(len(sample.entities)),
             "sentence": markup_mentions(sample, language),
             "entity_types": _entity_types_block(meta),
             "relations": _relations_block(
@@ -326,6 +341,8 @@ class PromptSet:
         language = language or meta.language
         values = {
             "k": str(k),
+            "count": str(len(sample.entities)),
+            "placeholder_list": _phrase([mask_token(i) for i in range(len(sample.entities))]),
             "sentence": markup_context(sample, language),
             "entity_types": _entity_types_block(meta),
             "relations": _relations_block(sample, meta, mask_token),

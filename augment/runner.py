@@ -31,11 +31,18 @@ The plan and the pure selection functions are in :mod:`augment.plan`, parsing an
 (and the child that runs them) in :mod:`augment.processing`; this module schedules, journals
 and writes.
 
+Verify (``--verify``). A source's parsed answers come back from the child with the accepted
+variants to check; their questions (augment/verify.py) are served from the journal or sent like
+any request, and the source goes through the child again with the verdicts. It completes only
+then, so the prefix, the cap and resuming work as without.
+
 Outputs in ``--out``: ``unmasked.jsonl``, ``masked.jsonl``, ``rejected.jsonl`` (rejections of
 the prefix's sources), ``sources.jsonl`` (what happened to every source), ``failed.jsonl``
 (requests that failed after all retries), ``stats.json``, ``config.json``, and
 ``journal.jsonl``. Every file but the journal is rewritten atomically at the end of a run,
-also an interrupted one.
+also an interrupted one. A run with no sample writes no corpus files (and ``run`` raises a
+UserError saying why); a run stopped by an error (endpoint or key refused) writes nothing but
+the journal of what was answered.
 """
 
 from __future__ import annotations
@@ -66,7 +73,8 @@ from augment.client import (
 from augment.config import AugmentConfig, resolve_api_key, save_config
 from augment.journal import Journal, JournalEntry, read_journal
 from augment.plan import Plan, RequestSpec, make_plan, prefix_for_cap, select_round_robin
-from augment.processing import KINDS, Failure, Outcome, ProcessingChild, Record, SourceResult
+from augment.processing import KINDS, Failure, Outcome, ProcessingChild, Record, SourceResult, VerdictKey
+from augment.progress import Goal, eta_s, goal, rate
 
 # --------------------------------------------------------------------------------------------
 # Progress and summary
@@ -77,6 +85,8 @@ class Progress:
     cap: int
     samples: int  # distinct sentences in the completed prefix
     sources_eligible: int
+    source_limit: int  # the sources the run may try: --max-sources, else every eligible one
+    bounded: bool  # --max-sources was given
     sources_scheduled: int
     sources_done: int
     requests_sent: int  # answered by the server in this run
@@ -86,23 +96,31 @@ class Progress:
     variants_accepted: int
     variants_rejected: int
     tokens: int
-    elapsed_s: float
+    elapsed_s: float  # since the run started (after the server, if any, was up)
+    work_s: float = 0.0  # since the first request was sent (0 before)
+    # What came wholly from the journal (no request sent): left out of the pace the ETA uses.
+    samples_from_journal: int = 0
+    sources_from_journal: int = 0
 
     @property
     def requests_per_s(self) -> float:
-        return self.requests_sent / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        return rate(self.requests_sent, self.elapsed_s)
+
+    @property
+    def goal(self) -> Goal:
+        return goal(self.cap, self.samples, self.sources_done, self.source_limit, self.bounded)
 
     @property
     def eta_s(self) -> float | None:
-        if self.samples <= 0 or self.samples >= self.cap:
-            return None
-        return self.elapsed_s * (self.cap - self.samples) / self.samples
+        g = self.goal
+        start = self.samples_from_journal if g.unit == "samples" else self.sources_from_journal
+        return eta_s(g.fraction, min(start, g.total) / g.total if g.total else 1.0, self.work_s)
 
 
 @dataclass
 class RunSummary:
     out_dir: Path
-    status: str  # cap_reached | sources_exhausted | source_limit | interrupted | stopped
+    status: str  # cap_reached | sources_exhausted | source_limit | no_samples | interrupted | stopped
     stats: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
 
@@ -113,6 +131,9 @@ class RunSummary:
 
 # --------------------------------------------------------------------------------------------
 # The engine
+
+# A run stops once this many sources have been answered without a single variant accepted.
+UNUSABLE_AFTER_SOURCES = 20
 
 
 class _Slot:
@@ -150,7 +171,9 @@ class _Engine:
         self.fatal: BaseException | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.processing: set[asyncio.Future[SourceResult]] = set()
-        self.waiters: dict[str, list[tuple[int, str]]] = {}
+        self.waiters: dict[str, list[tuple[int, str | VerdictKey]]] = {}
+        # --verify: per source, its rewrite outcomes, the checks expected and the verdicts so far.
+        self.verifying: dict[int, tuple[dict[str, Outcome], int, dict[VerdictKey, Outcome]]] = {}
         self.outcomes: dict[int, dict[str, Outcome]] = {}
         self.results: dict[int, SourceResult] = {}
         self.failures: list[Failure] = []
@@ -174,9 +197,18 @@ class _Engine:
         self.variants_rejected = 0
         self.started = time.perf_counter()
         self.first_send: float | None = None
+        # Sources whose every request (checks included) was served from the journal, and what
+        # they gave: the ETA measures the pace of this run's own requests without them.
+        self.from_journal: set[int] = set()
+        self.journal_yield = 0
+        self.journal_sources = 0
         self.last_answer: float | None = None
         self.limit_hit = False
         self.endpoint_checked = False
+        self.sources_answered = 0  # sources whose both requests got an answer
+        self.on_wire = 0  # requests sent and not yet answered (tasks waiting for a slot are not)
+        self.verify_requests = Counter()  # --verify: checks answered in this run / from the journal
+        self.gave_up = False
 
     # -- control
 
@@ -197,6 +229,16 @@ class _Engine:
         best = self.prefix_yield + self.ahead_yield + self.max_yield * self.unfinished
         return self.unfinished > 0 and best >= self.cfg.cap
 
+    def _unproven(self) -> bool:
+        """Whether enough sources are under way to tell an endpoint whose every answer is
+        unusable (see UNUSABLE_AFTER_SOURCES) and none has given a variant yet: then no more is
+        sent until they have been processed."""
+        return (
+            self.variants_accepted == 0
+            and self.unfinished > 0
+            and self.sources_answered + self.unfinished >= UNUSABLE_AFTER_SOURCES
+        )
+
     # -- scheduling
 
     async def run(self) -> None:
@@ -208,7 +250,10 @@ class _Engine:
                 break
             self.position[index] = pos
             self.scheduled = pos + 1
-            for spec in self.plan.requests(index):
+            specs = self.plan.requests(index)
+            if all(spec.key in self.cached for spec in specs):
+                self.from_journal.add(index)
+            for spec in specs:
                 entry = self.cached.get(spec.key)
                 if entry is not None:
                     self.n_cached += 1
@@ -216,7 +261,7 @@ class _Engine:
                 elif spec.key in self.waiters:
                     self.waiters[spec.key].append((index, spec.kind))
                 else:
-                    while self._cap_may_be_reached() and not self.stop.is_set():
+                    while (self._cap_may_be_reached() or self._unproven()) and not self.stop.is_set():
                         self.processed.clear()
                         await self.processed.wait()
                     if self.cap_reached():
@@ -245,8 +290,10 @@ class _Engine:
             self.unfinished += 1
             if pos % 64 == 63:
                 await asyncio.sleep(0)  # a long run of journalled sources must not starve the display
-        while self.tasks:
-            await asyncio.gather(*list(self.tasks), return_exceptions=True)
+        # With --verify, processing a source can send more requests (its checks), so requests
+        # and processing are waited for together until neither has anything left.
+        while self.tasks or (self.processing and not self.stop.is_set()):
+            await asyncio.gather(*list(self.tasks), *list(self.processing), return_exceptions=True)
         self._check_unreachable(final=True)
         if self.stop.is_set():
             for f in self.processing:
@@ -254,9 +301,10 @@ class _Engine:
         while self.processing:
             await asyncio.gather(*list(self.processing), return_exceptions=True)
 
-    def _task_done(self, task: asyncio.Task[None], slot: _Slot) -> None:
+    def _task_done(self, task: asyncio.Task[None], slot: _Slot | None) -> None:
         self.tasks.discard(task)
-        slot.release()
+        if slot is not None:
+            slot.release()
         if not task.cancelled() and task.exception() is not None:
             # A bug, not a transport fault (those are handled in _request): stop rather than
             # carry on with a source that will never complete.
@@ -269,12 +317,14 @@ class _Engine:
     async def _request(self, spec: RequestSpec, slot: _Slot) -> None:
         if self.first_send is None:
             self.first_send = time.perf_counter()
+        self.on_wire += 1
         try:
             try:
-                c = await self.client.complete(spec.messages)
+                c = await self.client.complete(spec.messages, spec.max_tokens, spec.temperature)
             finally:
                 # The slot bounds requests on the wire; the wait for the journal's fsync below
                 # must not keep the next request from being sent.
+                self.on_wire -= 1
                 slot.release()
             entry = JournalEntry(
                 key=spec.key,
@@ -314,52 +364,127 @@ class _Engine:
         # Journalled (and durable) before it is parsed: nothing returned is ever lost.
         await self.journal.append(entry)
         self.sent += 1
+        if spec.kind == "verify":
+            self.verify_requests["answered"] += 1
         self.last_answer = time.perf_counter()
         self._resolve(spec.key, entry)
 
     def _check_unreachable(self, final: bool) -> None:
-        # Nothing ever answered and a whole first wave (or everything, for a small run) could not
-        # connect: the endpoint is down or wrong; grinding through the dataset would not help.
-        if self.answers or not self.conn_failures or self.fatal is not None:
+        # Nothing ever answered and a whole first wave (or everything, for a small run) failed
+        # after its retries: the endpoint is down, wrong, or not speaking the chat API; grinding
+        # through the dataset would not help.
+        if self.answers or not self.failures or self.fatal is not None:
             return
-        if self.conn_failures >= self.cfg.concurrency or (final and self.conn_failures == len(self.failures)):
+        n = len(self.failures)
+        if n >= self.cfg.concurrency or final:
             last = self.failures[-1].message
-            self._fail(
-                UserError(
-                    f"{last}: none of the first {self.conn_failures} requests got through; "
-                    "check --base-url and the network"
-                )
-            )
+            if self.conn_failures == n:
+                why = "got through; check --base-url and the network"
+            else:
+                why = "got a usable answer; check that --base-url is an OpenAI-compatible chat endpoint"
+            self._fail(UserError(f"{last}: none of the first {n} requests {why}"))
 
     def _resolve(self, key: str, outcome: Outcome) -> None:
         for index, kind in self.waiters.pop(key, []):
             self._deliver(index, kind, outcome)
 
-    def _deliver(self, index: int, kind: str, outcome: Outcome) -> None:
+    def _deliver(self, index: int, kind: str | VerdictKey, outcome: Outcome) -> None:
+        if isinstance(kind, tuple):
+            self._deliver_verdict(index, kind, outcome)
+            return
         got = self.outcomes.setdefault(index, {})
         got[kind] = outcome
         if len(got) < len(KINDS):
             return
         del self.outcomes[index]
-        future = self.processor.submit(self.plan.sources[index], got)
-        self.processing.add(future)
-        future.add_done_callback(lambda f: self._processed(self.position[index], f))
+        self._submit(index, got, None)
 
-    def _processed(self, pos: int, future: asyncio.Future[SourceResult]) -> None:
+    def _submit(
+        self, index: int, outcomes: dict[str, Outcome], verdicts: dict[VerdictKey, Outcome] | None
+    ) -> None:
+        future = self.processor.submit(self.plan.sources[index], outcomes, verdicts)
+        self.processing.add(future)
+        future.add_done_callback(lambda f: self._processed(index, outcomes, f))
+
+    # -- verification (--verify): a second round of requests for a source's accepted variants
+
+    def _verify(self, index: int, outcomes: dict[str, Outcome], result: SourceResult) -> None:
+        specs = self.plan.verify_requests(result.checks or [])
+        if not all(spec.key in self.cached for _, spec in specs):
+            self.from_journal.discard(index)
+        self.verifying[index] = (outcomes, len(specs), {})
+        for tag, spec in specs:
+            entry = self.cached.get(spec.key)
+            if entry is not None:
+                self.n_cached += 1
+                self.verify_requests["cached"] += 1
+                self._deliver_verdict(index, tag, entry)
+            elif spec.key in self.waiters:
+                self.waiters[spec.key].append((index, tag))
+            else:
+                self.waiters[spec.key] = [(index, tag)]
+                task = asyncio.ensure_future(self._request_when_free(spec))
+                self.tasks.add(task)
+                task.add_done_callback(lambda t: self._task_done(t, None))
+
+    async def _request_when_free(self, spec: RequestSpec) -> None:
+        await self.slots.acquire()
+        slot = _Slot(self.slots)
+        try:
+            if not self.stop.is_set():
+                await self._request(spec, slot)
+        finally:
+            slot.release()
+
+    def _deliver_verdict(self, index: int, tag: VerdictKey, outcome: Outcome) -> None:
+        outcomes, expected, got = self.verifying[index]
+        got[tag] = outcome
+        if len(got) == expected:
+            del self.verifying[index]
+            self._submit(index, outcomes, got)
+
+    def _processed(
+        self, index: int, outcomes: dict[str, Outcome], future: asyncio.Future[SourceResult]
+    ) -> None:
         self.processing.discard(future)
-        self.unfinished -= 1
-        self.processed.set()
         if future.cancelled():
+            self.unfinished -= 1
+            self.processed.set()
             return
         if future.exception() is not None:
+            self.unfinished -= 1
+            self.processed.set()
             self._fail(future.exception())
             return
         result = future.result()
+        if result.awaiting_verification:
+            if not self.stop.is_set():
+                self._verify(index, outcomes, result)
+            else:
+                self.unfinished -= 1
+                self.processed.set()
+            return
+        self.unfinished -= 1
+        self.processed.set()
+        pos = self.position[index]
         self.results[pos] = result
+        if index in self.from_journal:
+            self.journal_sources += 1
         self.ahead_yield += len(result.records)
         self.variants_accepted += sum(result.accepted.values())
         self.variants_rejected += len(result.rejections)
+        if not result.failed:
+            self.sources_answered += 1
         self._advance()
+        if (
+            self.variants_accepted == 0
+            and self.sources_answered >= UNUSABLE_AFTER_SOURCES
+            and not self.stop.is_set()
+        ):
+            # Every answer so far was unusable: the endpoint is not following the prompts, and
+            # going through the rest of the dataset would only cost time (and money).
+            self.gave_up = True
+            self.request_stop()
 
     def _advance(self) -> None:
         while self.frontier in self.results:
@@ -372,25 +497,33 @@ class _Engine:
                     fresh.append(rec)
             self.prefix_groups.append((r.source_id, fresh))
             self.prefix_yield += len(fresh)
+            if self.plan.order[self.frontier] in self.from_journal:
+                self.journal_yield += len(fresh)
             self.frontier += 1
 
     # -- reporting
 
     def progress(self) -> Progress:
+        now = time.perf_counter()
         return Progress(
             cap=self.cfg.cap,
             samples=self.prefix_yield,
             sources_eligible=len(self.plan.order),
+            source_limit=self.plan.max_requests // 2,
+            bounded=self.cfg.max_sources is not None,
             sources_scheduled=self.scheduled,
             sources_done=len(self.results),
             requests_sent=self.sent,
             requests_cached=self.n_cached,
-            in_flight=len(self.tasks),
+            in_flight=self.on_wire,
             failed=len(self.failures),
             variants_accepted=self.variants_accepted,
             variants_rejected=self.variants_rejected,
             tokens=self.usage.total_tokens,
-            elapsed_s=time.perf_counter() - self.started,
+            elapsed_s=now - self.started,
+            work_s=now - self.first_send if self.first_send is not None else 0.0,
+            samples_from_journal=self.journal_yield,
+            sources_from_journal=self.journal_sources,
         )
 
 
@@ -417,6 +550,8 @@ def _status(engine: _Engine) -> str:
         return "interrupted"
     if engine.fatal is not None:
         return "stopped"
+    if engine.prefix_yield == 0:
+        return "no_samples"
     if engine.cap_reached():
         return "cap_reached"
     if engine.limit_hit:
@@ -431,14 +566,19 @@ def _finish(engine: _Engine, journal_usage: Usage, elapsed: float) -> RunSummary
     n_used = prefix_for_cap([len(g) for _, g in groups], cfg.cap)
     groups = groups[:n_used]
     selected = select_round_robin(groups, cfg.cap, cfg.seed)
-    _write_lines(out / "unmasked.jsonl", (r.unmasked for r in selected))
-    _write_lines(out / "masked.jsonl", (r.masked for r in selected))
+    status = _status(engine)
+    if not selected:
+        # Empty corpus files would look like a result; the diagnostics below are still written.
+        for name in ("unmasked.jsonl", "masked.jsonl"):
+            (out / name).unlink(missing_ok=True)
+    else:
+        _write_lines(out / "unmasked.jsonl", (r.unmasked for r in selected))
+        _write_lines(out / "masked.jsonl", (r.masked for r in selected))
 
     used_results = [engine.results[p] for p in range(n_used)]
     rejected = [rec for r in used_results for rec in r.rejections]
     write_jsonl(out / "rejected.jsonl", rejected)
 
-    status = _status(engine)
     chosen_per_source = Counter(s.source_id for s in selected)
     used_ids = {r.source_id: r for r in used_results}
     source_rows = []
@@ -477,6 +617,8 @@ def _finish(engine: _Engine, journal_usage: Usage, elapsed: float) -> RunSummary
         "model": cfg.model,
         "base_url": cfg.base_url,
         "status": status,
+        # True when the run stopped early because no answer gave a usable variant.
+        "gave_up_unusable": engine.gave_up,
         "cap": cfg.cap,
         "samples": {
             "selected": len(selected),
@@ -506,9 +648,22 @@ def _finish(engine: _Engine, journal_usage: Usage, elapsed: float) -> RunSummary
         "rejected_by_reason": dict(sorted(by_reason.items())),
         "sources": dict(sorted(Counter(row["status"] for row in source_rows).items())),
         "elapsed_s": round(elapsed, 3),
+        # From the first request sent to the last answer journalled (the benchmark's figure);
+        # the rate shown to the user is over the whole run, the same definition as live.
         "request_phase_s": round(request_time, 3),
-        "requests_per_s": round(engine.sent / request_time, 2) if request_time > 0 else None,
+        "requests_per_s": round(rate(engine.sent, elapsed), 4),
     }
+    if cfg.verify:
+        checks = Counter()
+        for r in used_results:
+            checks.update(r.verification or {})
+        stats["verification"] = {
+            "requests_answered": engine.verify_requests["answered"],
+            "requests_cached": engine.verify_requests["cached"],
+            "variants_checked": checks["checked"],
+            "variants_rejected": checks["rejected"],
+            "unclear_answers": checks["unclear_answers"],
+        }
     _write_json(out / "stats.json", stats)
     save_config(cfg, out / "config.json")
 
@@ -533,14 +688,24 @@ def _finish(engine: _Engine, journal_usage: Usage, elapsed: float) -> RunSummary
 
 
 @contextlib.contextmanager
-def _endpoint(cfg: AugmentConfig) -> Iterator[str]:
+def _endpoint(cfg: AugmentConfig, say: Callable[[str], None]) -> Iterator[str]:
     """The base URL to send to: the embedded llama.cpp server's for ``llm: local``."""
     if cfg.llm != "local":
         yield cfg.base_url or ""
         return
-    from augment.local_llm import LocalLLMServer
+    from augment.local_llm import LocalLLMServer, default_threads
+    from augment.local_models import LOCAL_MODELS
 
-    with LocalLLMServer(cfg.gguf, seed=cfg.seed) as srv:
+    if cfg.gguf is not None:
+        gguf, title = Path(cfg.gguf), Path(cfg.gguf).name
+    else:
+        spec = LOCAL_MODELS[cfg.local_model or ""]
+        gguf, title = spec.locate(notify=say), spec.title
+    threads = cfg.local_threads or default_threads()
+    say(f"starting a local llama.cpp server: {title} on {threads} CPU thread(s), model file {gguf}")
+    started = time.perf_counter()
+    with LocalLLMServer(gguf, n_threads=threads, seed=cfg.seed) as srv:
+        say(f"local server ready in {time.perf_counter() - started:.1f} s; it answers one request at a time")
         yield srv.base_url
 
 
@@ -561,6 +726,7 @@ async def _run_async(
 ) -> RunSummary:
     cfg = plan.cfg
     out = cfg.out_dir
+    created = [d for d in (out, *out.parents) if not d.exists()]
     out.mkdir(parents=True, exist_ok=True)
     journal, contents = Journal.open(out / "journal.jsonl", fsync=fsync)
     warnings = list(contents.warnings)
@@ -573,11 +739,12 @@ async def _run_async(
         backoff_s=cfg.backoff,
         backoff_max_s=cfg.backoff_max,
         temperature=cfg.temperature,
-        max_tokens=cfg.max_tokens,
+        # Each request carries its own when "auto" (RequestSpec.max_tokens); this is the fallback.
+        max_tokens=cfg.max_tokens if isinstance(cfg.max_tokens, int) else 1024,
     )
     client = LLMClient(settings, api_key)
     processor = ProcessingChild()
-    await processor.start(plan.cfg.variants, plan.language, plan.forbidden)
+    await processor.start(plan.cfg.variants, plan.language, plan.forbidden, plan.labels)
     engine = _Engine(plan, journal, contents.entries, client, processor)
     loop = asyncio.get_running_loop()
 
@@ -614,6 +781,12 @@ async def _run_async(
         await journal.aclose()
         # The child's exit (interpreter teardown, ~0.1 s) overlaps writing the outputs.
         processor.close_input()
+    if engine.fatal is not None and not engine.interrupted:
+        # A failed run leaves nothing that looks like a result: no corpus, no stats. The answers
+        # it got are kept (the journal), since the next run would otherwise pay for them again.
+        await processor.close()
+        _remove_if_empty(out / "journal.jsonl", created)
+        raise engine.fatal
     try:
         if on_progress is not None:
             on_progress(engine.progress())
@@ -621,9 +794,58 @@ async def _run_async(
     finally:
         await processor.close()
     summary.warnings[:0] = warnings
-    if engine.fatal is not None and not engine.interrupted:
-        raise engine.fatal
     return summary
+
+
+def _remove_if_empty(journal: Path, created: list[Path]) -> None:
+    """Remove an empty journal and the folders this run created for it, if nothing else is there."""
+    with contextlib.suppress(OSError):
+        if journal.stat().st_size == 0:
+            journal.unlink()
+    for folder in created:  # deepest first
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only if empty
+
+
+def goal_line(plan: Plan) -> str:
+    """What the run sets out to do, said at its start."""
+    cfg = plan.cfg
+    eligible = len(plan.order)
+    line = (
+        f"{plan.meta.name}/{cfg.split}: {eligible} sources to rewrite ({len(plan.skipped)} skipped); "
+        f"goal {cfg.cap} samples"
+    )
+    if cfg.max_sources is not None and cfg.max_sources < eligible:
+        line += f", or fewer if the first {cfg.max_sources} sources (--max-sources) do not give that many"
+    return line + f"; at most {plan.max_requests} requests, {cfg.concurrency} in flight"
+
+
+def no_samples_message(stats: dict[str, Any], out: Path, local_model: str | None) -> str:
+    """One line: why a finished run has no samples and what to try."""
+    rq = stats["requests"]
+    accepted = sum(v["accepted"] for v in stats["variants"].values())
+    rejected = sum(stats["rejected_by_reason"].values())
+    retry = f"{rq['failed']} requests failed after their retries (listed in {out / 'failed.jsonl'})"
+    if accepted + rejected == 0 and rq["failed"]:
+        return f"no samples: {retry} and no source was completed; run the same command again to retry them"
+    reasons = ", ".join(
+        f"{k} {v}" for k, v in sorted(stats["rejected_by_reason"].items(), key=lambda kv: -kv[1])[:3]
+    )
+    if accepted == 0:
+        what = f"none of the {rejected} variants in {rq['answered'] + rq['cached']} answers passed validation ({reasons})"
+        if stats.get("gave_up_unusable"):
+            what += ", so the run stopped there"
+    else:
+        what = (
+            f"{accepted} variants passed validation but gave no new sentence ({reasons or 'no rejections'})"
+        )
+    failed = f"; {retry}" if rq["failed"] else ""
+    hint = (
+        "try the default local model (drop --local-model)"
+        if local_model == "smollm2"
+        else "try a stronger model"
+    )
+    return f"no samples: {what}{failed}; see `augment rejects --out {out}`; {hint} or more sources (--max-sources)"
 
 
 def run(
@@ -631,14 +853,21 @@ def run(
     on_progress: Callable[[Progress], None] | None = None,
     progress_every_s: float = 0.25,
     fsync: bool = True,
+    notify: Callable[[str], None] | None = None,
 ) -> RunSummary:
     """Build the corpus described by ``cfg`` (see the module doc). Raises UserError for anything
-    the user can fix (no key, bad data, endpoint down or refusing the key)."""
+    the user can fix (no key, bad data, endpoint down or refusing the key, no sample at all).
+    ``notify`` gets the lines worth saying before the work starts (the goal, the local server)."""
     cfg = cfg.resolved()
     api_key = resolve_api_key(cfg)
     plan = make_plan(cfg)
-    with _endpoint(cfg) as base_url:
-        return asyncio.run(_run_async(plan, base_url, api_key, on_progress, progress_every_s, fsync))
+    say = notify or (lambda _line: None)
+    say(goal_line(plan))
+    with _endpoint(cfg, say) as base_url:
+        summary = asyncio.run(_run_async(plan, base_url, api_key, on_progress, progress_every_s, fsync))
+    if summary.status == "no_samples":
+        raise UserError(no_samples_message(summary.stats, summary.out_dir, cfg.local_model))
+    return summary
 
 
 @dataclass

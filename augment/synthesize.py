@@ -195,6 +195,30 @@ def synthesize(
     return dedupe(out)[0]
 
 
+def variant_samples(
+    source: Sample,
+    mentions: Sequence[MentionVariant],
+    contexts: Sequence[ContextVariant],
+    language: str = "en",
+) -> tuple[list[Sample], list[Sample]]:
+    """Each accepted variant as a sentence of its own: mention variant ``i`` in the source's
+    context (``m{i}c0``) and context variant ``j`` with the source's mentions (``m0c{j}``), the
+    records ``synthesize`` makes from it, one for each variant, not de-duplicated."""
+    original = [list(source.tokens[e.start : e.end]) for e in source.entities]
+    own_context = context_segments(source)
+    by_mention = [
+        _build(
+            source, f"{source.id}/m{i}c0", "mention", own_context, [tokenize(m, language) for m in v.mentions]
+        )
+        for i, v in enumerate(mentions, start=1)
+    ]
+    by_context = [
+        _build(source, f"{source.id}/m0c{j}", "context", template_segments(c.template, language), original)
+        for j, c in enumerate(contexts, start=1)
+    ]
+    return by_mention, by_context
+
+
 def mask_sample(sample: Sample) -> Sample:
     """The masked-corpus form: entity ``i``'s mention replaced by the one token ``<mask{i}>``.
 

@@ -118,8 +118,20 @@ def context_variant(line: str, variant: int) -> str:
     return f"{OPENERS[variant % len(OPENERS)]} {line}"
 
 
+def verify_question(body: dict[str, Any]) -> str | None:
+    """The question of a verification prompt (``--verify``), or None for a rewrite prompt.
+    Verification prompts ask it on a ``Question:`` line of the last user message."""
+    users = [m for m in body.get("messages", []) if m.get("role") == "user"]
+    lines = str(users[-1].get("content") or "").splitlines() if users else []
+    asked = [ln.strip()[len("Question:") :].strip() for ln in lines if ln.strip().startswith("Question:")]
+    return asked[0] if asked else None
+
+
 def good_answer(body: dict[str, Any], k: int = 3) -> str:
-    """``k`` numbered, well-formed variants of the prompt's sentence."""
+    """``k`` numbered, well-formed variants of the prompt's sentence (or, for a verification
+    prompt, "yes")."""
+    if verify_question(body) is not None:
+        return "yes"
     line = prompt_line(body)
     if is_context_prompt(line):
         variants = [context_variant(line, i) for i in range(k)]

@@ -13,6 +13,7 @@ from fake_openai import malformed_script, stable_fraction
 
 from anchoralign.cli import run_cli
 from augment.cli import build_parser
+from augment.runner import UNUSABLE_AFTER_SOURCES
 from augment.testing import FakeOpenAIServer, Reply, good_answer, good_script
 
 CANARY = "sk-canary-7f3a9c1e5b2d4068"
@@ -130,6 +131,93 @@ def test_an_unreachable_endpoint_is_one_clear_message_at_once(shared_data, tmp_p
     assert rc == 2
     assert f"cannot connect to {url}" in err and "check --base-url" in err and "Traceback" not in err
     assert elapsed < 10
+
+
+def test_a_refused_endpoint_leaves_no_corpus_files(shared_data, tmp_path, capsys):
+    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    assert cli(*run_args(shared_data, url, tmp_path / "new" / "out")) == 2
+    assert not (tmp_path / "new").exists()  # nothing that looks like a result, not even the folder
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    assert cli(*run_args(shared_data, url, existing)) == 2
+    assert list(existing.iterdir()) == []
+
+
+def test_a_refused_key_leaves_no_corpus_files(shared_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    with FakeOpenAIServer(lambda body, attempt: Reply(status=401, message="invalid key")) as srv:
+        assert cli(*run_args(shared_data, srv.url, out)) == 2
+    assert not out.exists()
+
+
+def test_an_endpoint_whose_every_answer_is_unusable_exits_non_zero_with_one_line(
+    shared_data, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    with FakeOpenAIServer(lambda body, attempt: Reply(text="Sorry, I cannot rewrite that sentence.")) as srv:
+        rc = cli(*run_args(shared_data, srv.url, out))
+        n = len(srv.requests)
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert "Traceback" not in captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert (
+        lines[0].startswith("error: no samples: none of the ")
+        and "passed validation (unparsable " in lines[0]
+    )
+    assert "so the run stopped there" in lines[0] and f"augment rejects --out {out}" in lines[0]
+    # It gave up after the first sources instead of sending the whole training set.
+    assert n <= 2 * (UNUSABLE_AFTER_SOURCES + 4)
+    assert not (out / "unmasked.jsonl").exists() and not (out / "masked.jsonl").exists()
+    stats = json.loads((out / "stats.json").read_text())  # the diagnostics stay, for `augment rejects`
+    assert stats["status"] == "no_samples" and stats["samples"]["selected"] == 0
+    assert cli("rejects", "--out", str(out), "--reason", "unparsable", "--limit", "1") == 0
+
+
+def test_an_endpoint_whose_every_body_is_unusable_exits_non_zero_with_one_line(shared_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    with FakeOpenAIServer(lambda body, attempt: Reply(body=b"<html>502 Bad Gateway</html>")) as srv:
+        rc = cli(*run_args(shared_data, srv.url, out, "--max-retries", "1"))
+        n = len(srv.requests)
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "none of the first 4 requests got a usable answer" in lines[0]
+    assert n <= 2 * 8  # the first wave and its retries
+    assert not out.exists()
+
+
+def test_a_run_with_no_sample_is_an_error_even_when_few_sources_were_asked(shared_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    with FakeOpenAIServer(lambda body, attempt: Reply(text="1. no placeholders here")) as srv:
+        rc = cli(*run_args(shared_data, srv.url, out, "--max-sources", "3"))
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert captured.err.strip().startswith("error: no samples: none of the ")
+    assert "so the run stopped there" not in captured.err  # it did not give up: 3 was all it asked
+    assert not (out / "unmasked.jsonl").exists()
+
+
+def test_the_start_says_the_goal_and_the_bound_only_when_given(shared_data, tmp_path, capsys):
+    with FakeOpenAIServer(good_script()) as srv:
+        assert cli(*run_args(shared_data, srv.url, tmp_path / "a", "--cap", "30")) == 0
+        first = capsys.readouterr().out.splitlines()[0]
+        assert cli(*run_args(shared_data, srv.url, tmp_path / "b", "--cap", "30", "--max-sources", "5")) == 0
+        second = capsys.readouterr().out.splitlines()[0]
+    assert "goal 30 samples" in first and "--max-sources" not in first
+    assert "goal 30 samples, or fewer if the first 5 sources (--max-sources)" in second
+
+
+def test_the_summary_rate_is_answers_over_the_runs_time(shared_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    with FakeOpenAIServer(good_script(delay=0.05)) as srv:
+        assert cli(*run_args(shared_data, srv.url, out, "--cap", "60")) == 0
+    printed = capsys.readouterr().out
+    stats = json.loads((out / "stats.json").read_text())
+    answered, elapsed = stats["requests"]["answered"], stats["elapsed_s"]
+    assert stats["requests_per_s"] == pytest.approx(answered / elapsed, rel=1e-3)
+    assert f"{answered} requests answered, {answered / elapsed:.1f} req/s" in printed
 
 
 def test_an_endpoint_that_dies_mid_run_is_reported_after_the_retries(shared_data, tmp_path, capsys):

@@ -119,7 +119,8 @@ def test_mention_messages_end_with_the_marked_up_sentence():
     assert (
         "- Peop (People)" in last and "- Other\n" in last
     )  # a description equal to its label is not repeated
-    assert prompts.mention_version == "mention_rewrite.v1"
+    assert "Write 4 versions, each with 4 items and new text in every item:" in last
+    assert prompts.mention_version == "mention_rewrite.v2"
 
 
 def test_context_messages_list_placeholders_and_relations():
@@ -129,7 +130,9 @@ def test_context_messages_list_placeholders_and_relations():
     assert last.splitlines()[-1] == markup_context(sample)
     assert "- <mask3>: Peop (People)" in last
     assert "- <mask1> OrgBased_In <mask2> (Organization based in)" in last
-    assert prompts.context_version == "context_rewrite.v1"
+    assert "Placeholders, all 4 in every sentence:" in last
+    assert "Write 3 new sentences, each with <mask0>, <mask1>, <mask2> and <mask3>:" in last
+    assert prompts.context_version == "context_rewrite.v2"
 
 
 def test_few_shot_examples_are_chosen_by_language():
@@ -151,11 +154,14 @@ def _example_pairs(template: PromptTemplate, language: str) -> list[tuple[str, s
 EXAMPLES = {
     "en": Sample(
         id="ex-en",
-        tokens=words("Anna Berg , a captain with the Nordic Ferry Company in Bergen , retired on Friday ."),
+        tokens=words(
+            "Anna Berg , a captain with the Nordic Ferry Company in Bergen , retired on Friday after 31 years ."
+        ),
         entities=[
             Entity(start=0, end=2, type="Peop"),
             Entity(start=6, end=10, type="Org"),
             Entity(start=11, end=12, type="Loc"),
+            Entity(start=15, end=16, type="Other"),
         ],
         relations=[Relation(head=0, tail=1, type="Work_For"), Relation(head=1, tail=2, type="OrgBased_In")],
     ),
@@ -252,3 +258,16 @@ def test_unknown_template_lists_the_available_ones(tmp_path):
 def test_shipped_templates_exist_for_both_kinds():
     assert (PROMPTS_DIR / "mention_rewrite.v1.txt").is_file()
     assert (PROMPTS_DIR / "context_rewrite.v1.txt").is_file()
+
+
+def test_a_template_may_end_with_another_line_when_its_loader_says_so(tmp_path):
+    _write(
+        tmp_path,
+        "q.v1",
+        "=== system ===\nsys\n=== user ===\nSentence: {{sentence}}\nQuestion: {{question}}\n",
+    )
+    with pytest.raises(
+        UserError, match=r"q.v1.txt:3: the last line of the final user section must be \{\{sentence\}\}"
+    ):
+        PromptTemplate.load("q.v1", tmp_path)
+    assert PromptTemplate.load("q.v1", tmp_path, last_line="Question: {{question}}").name == "q.v1"

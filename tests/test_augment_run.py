@@ -325,13 +325,16 @@ def test_failed_requests_are_listed_and_retried_by_the_next_run(shared_data, tmp
         return good_script()(body, attempt)
 
     out = tmp_path / "out"
-    with FakeOpenAIServer(script) as srv:
-        first = run(_config(shared_data, srv.url, out, cap=30, max_retries=1, max_sources=5))
+    # Every source failed: a run with no sample is an error, which says how to retry.
+    with (
+        FakeOpenAIServer(script) as srv,
+        pytest.raises(UserError, match=r"no samples: 5 requests failed .* run the same command again"),
+    ):
+        run(_config(shared_data, srv.url, out, cap=30, max_retries=1, max_sources=5))
     failed = _records(out / "failed.jsonl")
     assert len(failed) == 5 and {f["kind"] for f in failed} == {"context"}
     assert "HTTP 500" in failed[0]["message"]
-    assert first.stats["sources"] == {"failed": 5, "not_tried": 917}
-    assert any("failed after all retries" in w for w in first.warnings)
+    assert json.loads((out / "stats.json").read_text())["sources"] == {"failed": 5, "not_tried": 917}
     broken["on"] = False
     with FakeOpenAIServer(script) as srv:
         second = run(_config(shared_data, srv.url, out, cap=30, max_retries=1, max_sources=5))
@@ -349,7 +352,7 @@ def test_every_reason_code_is_recorded_with_the_raw_answer(shared_data, tmp_path
     assert summary.status == "source_limit"
     assert any("fewer than the cap" in w for w in summary.warnings)
     rejected = _records(out / "rejected.jsonl")
-    assert {r["reason"] for r in rejected} == set(ALL_REASONS)
+    assert {r["reason"] for r in rejected} == set(ALL_REASONS) - {"failed_verification"}  # --verify only
     for r in rejected:
         assert r["detail"] and r["kind"] in ("mention", "context") and r["source_id"]
         if r["reason"] == "request_rejected":
@@ -490,7 +493,7 @@ def test_processing_child_answers_and_reports_failures(shared_data, tmp_path):
 
 
 def test_a_processing_failure_stops_the_run_instead_of_hanging(shared_data, tmp_path, monkeypatch):
-    def broken(self, source, outcomes):
+    def broken(self, source, outcomes, verdicts=None):
         future = asyncio.get_running_loop().create_future()
         future.set_exception(ProcessingError("synthesis bug"))
         return future
@@ -498,3 +501,31 @@ def test_a_processing_failure_stops_the_run_instead_of_hanging(shared_data, tmp_
     monkeypatch.setattr(ProcessingChild, "submit", broken)
     with FakeOpenAIServer(good_script()) as srv, pytest.raises(ProcessingError, match="synthesis bug"):
         run(_config(shared_data, srv.url, tmp_path / "out", cap=50))
+
+
+def test_auto_max_tokens_sizes_each_answer_to_its_sentence(shared_data, tmp_path):
+    from augment.plan import answer_budget
+
+    assert answer_budget("x" * 100, 3) == 3 * (50 + 12) + 16  # half a token a character, per variant
+    auto = make_plan(_config(shared_data, "http://127.0.0.1:9/v1", tmp_path, max_tokens="auto").resolved())
+    fixed = make_plan(_config(shared_data, "http://127.0.0.1:9/v1", tmp_path, max_tokens=256).resolved())
+    budgets = set()
+    for index in auto.order[:20]:
+        for a, f in zip(auto.requests(index), fixed.requests(index), strict=True):
+            line = a.messages[-1]["content"].splitlines()[-1]
+            assert a.max_tokens == answer_budget(line, 3) and f.max_tokens == 256
+            assert a.key != f.key  # the answer's length limit shapes it: part of the request key
+            budgets.add(a.max_tokens)
+    assert len(budgets) > 10
+
+
+def test_progress_leaves_what_the_journal_gave_out_of_the_pace(shared_data, tmp_path):
+    out = tmp_path / "out"
+    with FakeOpenAIServer(good_script()) as srv:
+        first = run(_config(shared_data, srv.url, out, cap=10_000, max_sources=6))
+        seen = []
+        run(_config(shared_data, srv.url, out, cap=10_000, max_sources=10), on_progress=seen.append)
+    last = seen[-1]
+    assert (last.sources_from_journal, last.samples_from_journal) == (6, first.stats["samples"]["in_prefix"])
+    assert last.sources_done == 10 and last.goal.unit == "sources" and last.eta_s is None  # done
+    assert last.requests_cached == 12 and last.requests_sent == 8
