@@ -17,7 +17,6 @@ import contextlib
 import io
 import logging
 import os
-import socket
 import warnings
 from collections.abc import Mapping, MutableMapping
 from typing import Any
@@ -25,16 +24,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from anchoralign.net import free_port
+
 RENDEZVOUS_KEYS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 # Set by MPI launchers; DeepSpeed reads these itself, so they count as "a launcher was used".
 _MPI_KEYS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def single_process_env(environ: Mapping[str, str], port: int) -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,17 @@ from anchoralign.errors import UserError
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename, so that a reader (or a
     run killed midway) sees the old file or the new one, never half of one."""
+    atomic_write_lines(path, [text], end="")
+
+
+def atomic_write_lines(path: str | Path, lines: Iterable[str], end: str = "\n") -> None:
+    """:func:`atomic_write_text` of ``lines`` streamed one by one, each followed by ``end``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    with tmp.open("w", encoding="utf-8") as f:
+        for line in lines:
+            f.write(line + end)
     tmp.replace(path)
 
 

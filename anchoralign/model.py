@@ -57,11 +57,10 @@ from anchoralign.batching import Collator, special_ids
 from anchoralign.errors import UserError
 from anchoralign.files import read_json_object
 from anchoralign.linearize import LabelSet, Paradigm, as_paradigm
-from anchoralign.schema import DatasetMeta
+from anchoralign.schema import N_MASK_TOKENS, DatasetMeta, mask_token
 
 FORMAT_VERSION = 1
 DECODER_INPUTS = ("token", "pointer")
-N_MASK_TOKENS = 64
 SEP_TOKEN = "<sep>"
 CONFIG_FILE, LABELS_FILE, WEIGHTS_FILE = "config.json", "labels.json", "model.safetensors"
 TOKENIZER_DIR, TRAIN_CONFIG_FILE = "tokenizer", "train_config.yaml"
@@ -73,10 +72,6 @@ def entity_token(label: str) -> str:
 
 def relation_token(label: str) -> str:
     return f"<rel:{label}>"
-
-
-def mask_token(i: int) -> str:
-    return f"<mask{i}>"
 
 
 def masked_fill_value(dtype: torch.dtype) -> float:

@@ -85,6 +85,18 @@ class Sample(BaseModel):
         return self.model_dump(exclude_none=True)
 
 
+# The masked corpus writes entity i of a sentence as the single token <mask{i}>; a model's tokenizer
+# holds N_MASK_TOKENS of them (anchoralign.model), so augment skips a sentence with more entities
+# (augment.prompts.eligibility) rather than write a placeholder no model can read as one token.
+N_MASK_TOKENS = 64
+
+
+def mask_token(i: int) -> str:
+    """The placeholder of entity ``i`` in context prompts and in the masked corpus (also how an LLM's
+    placeholder of any number is spelt back, so no range check here: eligibility bounds the corpus)."""
+    return f"<mask{i}>"
+
+
 @dataclass(frozen=True)
 class DatasetMeta:
     """What a dataset is: its labels with readable descriptions and how it is scored.

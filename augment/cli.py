@@ -23,6 +23,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from anchoralign import config_tree
 from anchoralign.cli import run_cli
 from anchoralign.errors import UserError
 from anchoralign.schema import Sample, iter_jsonl
@@ -48,75 +49,15 @@ def _add_target(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="corpus folder (instead of --dataset)")
 
 
-def _max_tokens(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="augment", description="Build an LLM-augmented NER+RE corpus.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    r = sub.add_parser("run", help="rewrite a training set through an LLM into a corpus")
+    r = sub.add_parser("run", help="rewrite a training set through an LLM into a corpus", allow_abbrev=False)
     r.add_argument("--config", help="YAML or JSON file of options (flags override it)")
-    r.add_argument("--dataset", help="dataset name (e.g. conll04) or path to your records")
-    r.add_argument("--data-dir", help="folder holding <dataset>/ (default $ANCHORALIGN_DATA or ./data)")
-    r.add_argument("--split", help="split to rewrite (default train)")
-    r.add_argument("--fold", type=int, help="cross-validation fold (ADE)")
-    r.add_argument("--cap", type=int, help="samples in the corpus (default 10000)")
-    r.add_argument("--variants", type=int, help="variants asked for per request, K (default 3)")
-    r.add_argument("--concurrency", type=int, help="requests in flight (default 32; 2 with --llm local)")
-    r.add_argument("--timeout", type=float, help="seconds allowed for one attempt (default 120)")
-    r.add_argument("--max-retries", type=int, help="retries of a failed request (default 6)")
-    r.add_argument("--backoff", type=float, help="base of the exponential backoff in seconds (default 1)")
-    r.add_argument("--base-url", help="OpenAI-compatible endpoint (default DeepSeek)")
-    r.add_argument("--model", help="model name (default deepseek-chat)")
-    r.add_argument(
-        "--api-key-env",
-        help="environment variable holding the key (default DEEPSEEK_API_KEY / OPENAI_API_KEY)",
-    )
-    r.add_argument(
-        "--temperature", type=float, help="sampling temperature (default 1.0; 0.7 with --llm local)"
-    )
-    r.add_argument(
-        "--max-tokens",
-        type=_max_tokens,
-        help="longest answer in tokens, or 'auto' to size it to the variants asked for "
-        "(default 1024; auto with --llm local)",
-    )
-    r.add_argument("--seed", type=int, help="order of the sources and of the selection (default 0)")
-    r.add_argument("--out", help="output folder (default corpus/<dataset>)")
-    r.add_argument(
-        "--llm", choices=["api", "local"], help="'local' runs the embedded llama.cpp model offline"
-    )
-    r.add_argument(
-        "--local-model",
-        choices=["qwen", "smollm2"],
-        help="model of --llm local: 'qwen' (default; Qwen2.5-Coder-1.5B-Instruct) or 'smollm2' "
-        "(a 135M model: fast, but most rewrites fail; a smoke test)",
-    )
-    r.add_argument("--gguf", help="any GGUF model file for --llm local, instead of --local-model")
-    r.add_argument(
-        "--local-threads",
-        type=int,
-        help="llama.cpp threads for --llm local (default: half the cores, so 1 on 2 cores: "
-        "more threads than free cores stall llama.cpp)",
-    )
-    r.add_argument("--price-in", type=float, help="USD per million prompt tokens (for the cost)")
-    r.add_argument("--price-out", type=float, help="USD per million completion tokens")
-    r.add_argument("--max-sources", type=int, help="try at most this many source sentences")
-    r.add_argument(
-        "--verify",
-        action="store_true",
-        default=None,
-        help="ask the LLM, one request per accepted variant, whether its entities and relations "
-        "still hold; reject it (failed_verification) if not",
-    )
     r.add_argument("--dry-run", action="store_true", help="show the first prompts and the plan; send nothing")
+    # Every field of AugmentConfig, with its description as help (anchoralign.config_tree).
+    config_tree.add_flags(r, AugmentConfig)
     r.set_defaults(func=cmd_run)
 
     j = sub.add_parser("rejects", help="table of rejected rewrites")
@@ -142,37 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------
 # run
 
-_CONFIG_FLAGS = [
-    "dataset",
-    "data_dir",
-    "split",
-    "fold",
-    "cap",
-    "variants",
-    "concurrency",
-    "timeout",
-    "max_retries",
-    "backoff",
-    "base_url",
-    "model",
-    "api_key_env",
-    "temperature",
-    "max_tokens",
-    "seed",
-    "out",
-    "llm",
-    "local_model",
-    "local_threads",
-    "gguf",
-    "price_in",
-    "price_out",
-    "max_sources",
-    "verify",
-]
-
 
 def config_from_args(args: argparse.Namespace) -> AugmentConfig:
-    return load_config(args.config, {name: getattr(args, name) for name in _CONFIG_FLAGS})
+    return load_config(args.config, config_tree.given_overrides(args))
 
 
 def _fmt_s(seconds: float | None) -> str:

@@ -14,10 +14,11 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from anchoralign import config_tree
 from anchoralign.errors import UserError
+from anchoralign.files import atomic_write_text
 from augment.local_models import DEFAULT_LOCAL_MODEL
 
 DEEPSEEK_URL = "https://api.deepseek.com"
@@ -42,44 +43,78 @@ LOCAL_DEFAULTS: dict[str, Any] = {
 
 
 class AugmentConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Flag values are read as YAML: "--model 7" must stay the string "7".
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
-    dataset: str = Field(min_length=1, description="dataset name or path to a record file")
-    data_dir: str | None = None
-    split: str = "train"
-    fold: int | None = Field(default=None, ge=0)
-    cap: int = Field(default=10_000, ge=1, description="number of samples in the corpus")
+    dataset: str = Field(min_length=1, description="dataset name (e.g. conll04) or path to your records")
+    data_dir: str | None = Field(
+        default=None, description="folder holding <dataset>/ (default $ANCHORALIGN_DATA or ./data)"
+    )
+    split: str = Field(default="train", description="split to rewrite")
+    fold: int | None = Field(default=None, ge=0, description="cross-validation fold (ADE)")
+    cap: int = Field(default=10_000, ge=1, description="samples in the corpus")
     variants: int = Field(default=3, ge=1, le=20, description="variants asked for per request (K)")
-    concurrency: int = Field(default=32, ge=1, le=1024)
-    timeout: float = Field(default=120.0, gt=0, description="seconds for one attempt")
-    max_retries: int = Field(default=6, ge=0, le=50)
+    concurrency: int = Field(
+        default=32, ge=1, le=1024, description="requests in flight (2 with --llm local unless given)"
+    )
+    timeout: float = Field(
+        default=120.0, gt=0, description="seconds allowed for one attempt (600 with --llm local unless given)"
+    )
+    max_retries: int = Field(default=6, ge=0, le=50, description="retries of a failed request")
     backoff: float = Field(default=1.0, ge=0, description="base of the exponential backoff, seconds")
-    backoff_max: float = Field(default=60.0, ge=0)
-    base_url: str | None = None
-    model: str | None = None
-    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    temperature: float = Field(default=1.0, ge=0, le=2)
-    # A number, or "auto": sized per request to the k variants asked for (the local default).
-    max_tokens: int | Literal["auto"] = Field(default=1024)
-    seed: int = 0
-    out: str | None = None
-    llm: Literal["api", "local"] = "api"
-    gguf: str | None = None
+    backoff_max: float = Field(default=60.0, ge=0, description="longest wait between two retries, seconds")
+    base_url: str | None = Field(default=None, description="OpenAI-compatible endpoint (default DeepSeek)")
+    model: str | None = Field(default=None, description="model name (default deepseek-chat)")
+    api_key_env: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="environment variable holding the key (default DEEPSEEK_API_KEY / OPENAI_API_KEY)",
+    )
+    temperature: float = Field(
+        default=1.0, ge=0, le=2, description="sampling temperature (0.7 with --llm local unless given)"
+    )
+    max_tokens: int | Literal["auto"] = Field(
+        default=1024,
+        description="longest answer in tokens, or 'auto' to size it to the variants asked for "
+        "(auto with --llm local unless given)",
+    )
+    seed: int = Field(default=0, description="order of the sources and of the selection")
+    out: str | None = Field(default=None, description="output folder (default corpus/<dataset>)")
+    llm: Literal["api", "local"] = Field(
+        default="api", description="'local' runs the embedded llama.cpp model offline"
+    )
+    gguf: str | None = Field(
+        default=None, description="any GGUF model file for --llm local, instead of --local-model"
+    )
     local_model: str | None = Field(
-        default=None, description="model of llm 'local' (see augment.local_models)"
+        default=None,
+        description="model of --llm local: 'qwen' (the default; Qwen2.5-Coder-1.5B-Instruct) or 'smollm2' "
+        "(a 135M model: fast, but most rewrites fail; a smoke test)",
     )
     local_threads: int | None = Field(
-        default=None, ge=1, le=256, description="llama.cpp threads for llm 'local'"
+        default=None,
+        ge=1,
+        le=256,
+        description="llama.cpp threads for --llm local (default: half the cores, so 1 on 2 cores: "
+        "more threads than free cores stall llama.cpp)",
     )
-    price_in: float | None = Field(default=None, ge=0, description="USD per million prompt tokens")
+    price_in: float | None = Field(
+        default=None, ge=0, description="USD per million prompt tokens (for the cost)"
+    )
     price_out: float | None = Field(default=None, ge=0, description="USD per million completion tokens")
     max_sources: int | None = Field(default=None, ge=1, description="try at most this many source sentences")
-    mention_prompt: str | None = None
-    context_prompt: str | None = None
-    # Ask the LLM, one request per accepted variant, whether its entities and relations still hold
-    # (augment/verify.py); a denied variant is rejected as failed_verification.
-    verify: bool = False
-    verify_prompt: str | None = None
+    mention_prompt: str | None = Field(
+        default=None, description="template file of the mention rewrite (default prompts/, newest version)"
+    )
+    context_prompt: str | None = Field(
+        default=None, description="template file of the context rewrite (default prompts/, newest version)"
+    )
+    verify: bool = Field(
+        default=False,
+        description="ask the LLM, one question per relation of each accepted variant, whether it still "
+        "holds; reject the variant (failed_verification) if not (augment/verify.py)",
+    )
+    verify_prompt: str | None = Field(default=None, description="template file of the verification question")
 
     @model_validator(mode="after")
     def _compatible(self) -> AugmentConfig:
@@ -170,37 +205,12 @@ def resolve_api_key(cfg: AugmentConfig, environ: dict[str, str] | None = None) -
     )
 
 
-def _read_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"{path}: config file not found")
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise UserError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({err})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping of option names to values, got {type(data).__name__}")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
-
-
 def load_config(path: str | Path | None, overrides: dict[str, Any]) -> AugmentConfig:
     """File values, then ``overrides`` (None values are ignored: the flag was not given)."""
-    values: dict[str, Any] = _read_file(Path(path)) if path is not None else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    where = f"{path}: " if path is not None else ""
-    try:
-        return AugmentConfig.model_validate(values)
-    except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "config"
-        msg = first["msg"].removeprefix("Value error, ")
-        raise UserError(f"{where}field '{field}': {msg}") from None
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return config_tree.load(AugmentConfig, path, given)
 
 
 def save_config(cfg: AugmentConfig, path: Path) -> None:
-    """Write the resolved config atomically (it holds the key's variable name, never the key)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(cfg.model_dump(), indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    """Write the resolved config (it holds the key's variable name, never the key)."""
+    atomic_write_text(path, json.dumps(cfg.model_dump(), indent=2) + "\n")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from types import TracebackType
 import httpx
 
 from anchoralign.errors import UserError
+from anchoralign.net import free_port
 
 MODEL_ALIAS = "local"
 INSTALL_HINT = (
@@ -60,13 +60,6 @@ def default_threads() -> int:
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
     return max(1, min(8, cores // 2))
-
-
-def free_port() -> int:
-    """A port that was free a moment ago (the server binds it right after)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def server_command(

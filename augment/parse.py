@@ -41,9 +41,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
-from anchoralign.schema import Sample
+from anchoralign.schema import Sample, mask_token
 from anchoralign.tokenize import detokenize, tokenize
-from augment.prompts import MASK_PATTERN, markup_context, mask_token, position_order
+from augment.prompts import MASK_PATTERN, markup_context, position_order
 
 Kind = Literal["mention", "context"]
 Reason = Literal[

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Protocol
 
 from anchoralign.errors import UserError
-from anchoralign.schema import Sample
+from anchoralign.schema import N_MASK_TOKENS, Sample, mask_token
 from anchoralign.tokenize import detokenize
 
 
@@ -68,6 +68,7 @@ SKIP_REASONS: dict[str, str] = {
     "no_entities": "the sentence has no entity, so there is nothing to rewrite around",
     "nested_entities": "two entity spans overlap (nested or crossing) and cannot be marked up inline",
     "markup_in_source": "the sentence already contains markup characters ('{', '}' or a <mask> placeholder)",
+    "too_many_entities": f"more than {N_MASK_TOKENS} entities: the model has one mask token for each of at most that many",
 }
 
 
@@ -77,11 +78,6 @@ class LabelMeta(Protocol):
     language: str
     entity_types: Mapping[str, str]
     relation_types: Mapping[str, str]
-
-
-def mask_token(i: int) -> str:
-    """The placeholder of entity ``i`` in context prompts and in the masked corpus."""
-    return f"<mask{i}>"
 
 
 def position_order(sample: Sample) -> list[int]:
@@ -101,6 +97,8 @@ def eligibility(sample: Sample) -> str | None:
     """None when the sample can be sent to the LLM, else a skip reason (a key of SKIP_REASONS)."""
     if not sample.entities:
         return "no_entities"
+    if len(sample.entities) > N_MASK_TOKENS:
+        return "too_many_entities"
     try:
         position_order(sample)
     except ValueError:
@@ -298,6 +296,11 @@ def _parse_sections(raw: str, path: Path) -> tuple[Section, ...]:
     return tuple(sections)
 
 
+def _shared_values(sample: Sample, meta: LabelMeta, k: int) -> dict[str, str]:
+    """Template values of both rewrite prompts: variants asked for, entity count, the type list."""
+    return {"k": str(k), "count": str(len(sample.entities)), "entity_types": _entity_types_block(meta)}
+
+
 class PromptSet:
     """The two templates of one augmentation run and the messages built from them."""
 
@@ -324,10 +327,8 @@ class PromptSet:
         """Chat messages asking for ``k`` mention variants of ``sample`` (eligible samples only)."""
         language = language or meta.language
         values = {
-            "k": str(k),
-            "count": str(len(sample.entities)),
+            **_shared_values(sample, meta, k),
             "sentence": markup_mentions(sample, language),
-            "entity_types": _entity_types_block(meta),
             "relations": _relations_block(
                 sample, meta, lambda i: json.dumps(_mention_text(sample, i, language), ensure_ascii=False)
             ),
@@ -340,11 +341,9 @@ class PromptSet:
         """Chat messages asking for ``k`` context variants of ``sample`` (eligible samples only)."""
         language = language or meta.language
         values = {
-            "k": str(k),
-            "count": str(len(sample.entities)),
+            **_shared_values(sample, meta, k),
             "placeholder_list": _phrase([mask_token(i) for i in range(len(sample.entities))]),
             "sentence": markup_context(sample, language),
-            "entity_types": _entity_types_block(meta),
             "relations": _relations_block(sample, meta, mask_token),
             "placeholders": _bullets(
                 [

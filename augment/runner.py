@@ -54,12 +54,13 @@ import math
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from anchoralign.errors import UserError
+from anchoralign.files import atomic_write_lines, atomic_write_text
 from anchoralign.schema import write_jsonl
 from augment.client import (
     ClientSettings,
@@ -130,7 +131,7 @@ class RunSummary:
 
 
 # --------------------------------------------------------------------------------------------
-# The engine
+# The request scheduler
 
 # A run stops once this many sources have been answered without a single variant accepted.
 UNUSABLE_AFTER_SOURCES = 20
@@ -149,7 +150,7 @@ class _Slot:
             self._semaphore.release()
 
 
-class _Engine:
+class _RequestScheduler:
     def __init__(
         self,
         plan: Plan,
@@ -531,51 +532,41 @@ class _Engine:
 # Outputs
 
 
-def _write_lines(path: Path, lines: Iterable[str]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(line + "\n")
-    tmp.replace(path)
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def _status(engine: _Engine) -> str:
-    if engine.interrupted:
+def _status(scheduler: _RequestScheduler) -> str:
+    if scheduler.interrupted:
         return "interrupted"
-    if engine.fatal is not None:
+    if scheduler.fatal is not None:
         return "stopped"
-    if engine.prefix_yield == 0:
+    if scheduler.prefix_yield == 0:
         return "no_samples"
-    if engine.cap_reached():
+    if scheduler.cap_reached():
         return "cap_reached"
-    if engine.limit_hit:
+    if scheduler.limit_hit:
         return "source_limit"
     return "sources_exhausted"
 
 
-def _finish(engine: _Engine, journal_usage: Usage, elapsed: float) -> RunSummary:
-    plan, cfg = engine.plan, engine.cfg
+def _finish(scheduler: _RequestScheduler, journal_usage: Usage, elapsed: float) -> RunSummary:
+    plan, cfg = scheduler.plan, scheduler.cfg
     out = cfg.out_dir
-    groups = engine.prefix_groups
+    groups = scheduler.prefix_groups
     n_used = prefix_for_cap([len(g) for _, g in groups], cfg.cap)
     groups = groups[:n_used]
     selected = select_round_robin(groups, cfg.cap, cfg.seed)
-    status = _status(engine)
+    status = _status(scheduler)
     if not selected:
         # Empty corpus files would look like a result; the diagnostics below are still written.
         for name in ("unmasked.jsonl", "masked.jsonl"):
             (out / name).unlink(missing_ok=True)
     else:
-        _write_lines(out / "unmasked.jsonl", (r.unmasked for r in selected))
-        _write_lines(out / "masked.jsonl", (r.masked for r in selected))
+        atomic_write_lines(out / "unmasked.jsonl", (r.unmasked for r in selected))
+        atomic_write_lines(out / "masked.jsonl", (r.masked for r in selected))
 
-    used_results = [engine.results[p] for p in range(n_used)]
+    used_results = [scheduler.results[p] for p in range(n_used)]
     rejected = [rec for r in used_results for rec in r.rejections]
     write_jsonl(out / "rejected.jsonl", rejected)
 
@@ -601,14 +592,14 @@ def _finish(engine: _Engine, journal_usage: Usage, elapsed: float) -> RunSummary
             row["status"] = "not_tried"
         source_rows.append(row)
     write_jsonl(out / "sources.jsonl", source_rows)
-    write_jsonl(out / "failed.jsonl", (asdict(f) for f in engine.failures))
+    write_jsonl(out / "failed.jsonl", (asdict(f) for f in scheduler.failures))
 
     by_reason = Counter(rec["reason"] for rec in rejected)
     by_kind_rejected = Counter(rec["kind"] for rec in rejected)
     accepted = {k: sum(r.accepted[k] for r in used_results) for k in KINDS}
     request_time = (
-        engine.last_answer - engine.first_send
-        if engine.first_send is not None and engine.last_answer is not None
+        scheduler.last_answer - scheduler.first_send
+        if scheduler.first_send is not None and scheduler.last_answer is not None
         else 0.0
     )
     stats: dict[str, Any] = {
@@ -618,7 +609,7 @@ def _finish(engine: _Engine, journal_usage: Usage, elapsed: float) -> RunSummary
         "base_url": cfg.base_url,
         "status": status,
         # True when the run stopped early because no answer gave a usable variant.
-        "gave_up_unusable": engine.gave_up,
+        "gave_up_unusable": scheduler.gave_up,
         "cap": cfg.cap,
         "samples": {
             "selected": len(selected),
@@ -627,23 +618,23 @@ def _finish(engine: _Engine, journal_usage: Usage, elapsed: float) -> RunSummary
             "dropped_in_other_split": sum(r.dropped_other_split for r in used_results),
         },
         "requests": {
-            "answered": engine.sent,
-            "cached": engine.n_cached,
-            "failed": len(engine.failures),
+            "answered": scheduler.sent,
+            "cached": scheduler.n_cached,
+            "failed": len(scheduler.failures),
             "refused_by_server": sum(1 for rec in rejected if rec["reason"] == "request_rejected"),
-            "in_journal": engine.journal.appended + len(engine.cached),
+            "in_journal": scheduler.journal.appended + len(scheduler.cached),
         },
         "tokens": {
-            "prompt": engine.usage.prompt_tokens,
-            "completion": engine.usage.completion_tokens,
-            "total": engine.usage.total_tokens,
+            "prompt": scheduler.usage.prompt_tokens,
+            "completion": scheduler.usage.completion_tokens,
+            "total": scheduler.usage.total_tokens,
         },
-        "cost_usd": cost_usd(engine.usage, cfg.price_in, cfg.price_out),
+        "cost_usd": cost_usd(scheduler.usage, cfg.price_in, cfg.price_out),
         "tokens_all_runs": {
-            "prompt": journal_usage.prompt_tokens + engine.usage.prompt_tokens,
-            "completion": journal_usage.completion_tokens + engine.usage.completion_tokens,
+            "prompt": journal_usage.prompt_tokens + scheduler.usage.prompt_tokens,
+            "completion": journal_usage.completion_tokens + scheduler.usage.completion_tokens,
         },
-        "cost_usd_all_runs": cost_usd(journal_usage + engine.usage, cfg.price_in, cfg.price_out),
+        "cost_usd_all_runs": cost_usd(journal_usage + scheduler.usage, cfg.price_in, cfg.price_out),
         "variants": {k: {"accepted": accepted[k], "rejected": by_kind_rejected.get(k, 0)} for k in KINDS},
         "rejected_by_reason": dict(sorted(by_reason.items())),
         "sources": dict(sorted(Counter(row["status"] for row in source_rows).items())),
@@ -651,15 +642,15 @@ def _finish(engine: _Engine, journal_usage: Usage, elapsed: float) -> RunSummary
         # From the first request sent to the last answer journalled (the benchmark's figure);
         # the rate shown to the user is over the whole run, the same definition as live.
         "request_phase_s": round(request_time, 3),
-        "requests_per_s": round(rate(engine.sent, elapsed), 4),
+        "requests_per_s": round(rate(scheduler.sent, elapsed), 4),
     }
     if cfg.verify:
         checks = Counter()
         for r in used_results:
             checks.update(r.verification or {})
         stats["verification"] = {
-            "requests_answered": engine.verify_requests["answered"],
-            "requests_cached": engine.verify_requests["cached"],
+            "requests_answered": scheduler.verify_requests["answered"],
+            "requests_cached": scheduler.verify_requests["cached"],
             "variants_checked": checks["checked"],
             "variants_rejected": checks["rejected"],
             "unclear_answers": checks["unclear_answers"],
@@ -675,9 +666,9 @@ def _finish(engine: _Engine, journal_usage: Usage, elapsed: float) -> RunSummary
             else f"--max-sources {cfg.max_sources} reached"
         )
         warnings.append(f"the corpus has {len(selected)} samples, fewer than the cap of {cfg.cap}: {why}")
-    if engine.failures:
+    if scheduler.failures:
         warnings.append(
-            f"{len(engine.failures)} request(s) failed after all retries (listed in {out / 'failed.jsonl'}); "
+            f"{len(scheduler.failures)} request(s) failed after all retries (listed in {out / 'failed.jsonl'}); "
             "run the same command again to retry them"
         )
     return RunSummary(out, status, stats, warnings)
@@ -745,11 +736,11 @@ async def _run_async(
     client = LLMClient(settings, api_key)
     processor = ProcessingChild()
     await processor.start(plan.cfg.variants, plan.language, plan.forbidden, plan.labels)
-    engine = _Engine(plan, journal, contents.entries, client, processor)
+    scheduler = _RequestScheduler(plan, journal, contents.entries, client, processor)
     loop = asyncio.get_running_loop()
 
     def on_signal() -> None:
-        engine.request_stop(interrupted=True)
+        scheduler.request_stop(interrupted=True)
         # A second Ctrl-C falls back to the default handler: immediate KeyboardInterrupt.
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -767,11 +758,11 @@ async def _run_async(
         while True:
             await asyncio.sleep(progress_every_s)
             if on_progress is not None:
-                on_progress(engine.progress())
+                on_progress(scheduler.progress())
 
     tick = asyncio.create_task(ticker())
     try:
-        await engine.run()
+        await scheduler.run()
     finally:
         tick.cancel()
         for sig in installed:
@@ -781,16 +772,18 @@ async def _run_async(
         await journal.aclose()
         # The child's exit (interpreter teardown, ~0.1 s) overlaps writing the outputs.
         processor.close_input()
-    if engine.fatal is not None and not engine.interrupted:
+    if scheduler.fatal is not None and not scheduler.interrupted:
         # A failed run leaves nothing that looks like a result: no corpus, no stats. The answers
         # it got are kept (the journal), since the next run would otherwise pay for them again.
         await processor.close()
         _remove_if_empty(out / "journal.jsonl", created)
-        raise engine.fatal
+        raise scheduler.fatal
     try:
         if on_progress is not None:
-            on_progress(engine.progress())
-        summary = _finish(engine, _journal_usage(contents.entries), time.perf_counter() - engine.started)
+            on_progress(scheduler.progress())
+        summary = _finish(
+            scheduler, _journal_usage(contents.entries), time.perf_counter() - scheduler.started
+        )
     finally:
         await processor.close()
     summary.warnings[:0] = warnings

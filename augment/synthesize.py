@@ -29,10 +29,10 @@ from itertools import pairwise
 
 from pydantic import ValidationError
 
-from anchoralign.schema import Entity, Sample
+from anchoralign.schema import Entity, Sample, mask_token
 from anchoralign.tokenize import tokenize
 from augment.parse import ContextVariant, MentionVariant, split_template
-from augment.prompts import MASK_PATTERN, eligibility, mask_token, position_order
+from augment.prompts import MASK_PATTERN, eligibility, position_order
 
 Segment = list[str] | int  # tokens of context text, or the index of the entity placed there
 ORIGINS = {(True, False): "mention", (False, True): "context", (True, True): "cross"}

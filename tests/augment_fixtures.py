@@ -3,7 +3,10 @@ so each test module states what it uses)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from anchoralign.schema import Entity, Relation, Sample
+from augment.config import AugmentConfig
 
 
 def words(text: str) -> list[str]:
@@ -23,3 +26,20 @@ def conll_like() -> Sample:
         ],
         relations=[Relation(head=0, tail=1, type="Work_For"), Relation(head=1, tail=2, type="OrgBased_In")],
     )
+
+
+def run_config(data: Path, url: str, out: Path, **kw) -> AugmentConfig:
+    """A run against the loopback server at ``url``: small, fast retries."""
+    base = dict(
+        dataset="conll04",
+        data_dir=str(data),
+        base_url=url,
+        out=str(out),
+        cap=100,
+        concurrency=4,
+        timeout=5.0,
+        max_retries=4,
+        backoff=0.01,
+        backoff_max=0.05,
+    )
+    return AugmentConfig(**{**base, **kw})

@@ -354,3 +354,32 @@ def test_stats_and_show(rejected_run, capsys):
     assert cli("show", "--out", str(rejected_run), "no-such-id") == 2
     assert "no sentence with id" in capsys.readouterr().err
     assert cli("stats", "--out", str(rejected_run / "missing")) == 2
+
+
+def test_every_config_field_is_a_documented_run_flag(capsys):
+    from augment.cli import config_from_args
+    from augment.config import AugmentConfig
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--help"])
+    help_text = capsys.readouterr().out
+    for name in AugmentConfig.model_fields:
+        assert "--" + name.replace("_", "-") in help_text, name
+    assert "longest wait between two retries" in help_text  # --backoff-max, from its description
+    args = build_parser().parse_args(
+        [
+            "run",
+            "--dataset",
+            "conll04",
+            "--backoff-max",
+            "5",
+            "--mention-prompt",
+            "m.txt",
+            "--verify",
+            "--model",
+            "7",
+        ]
+    )
+    cfg = config_from_args(args)
+    assert (cfg.backoff_max, cfg.mention_prompt, cfg.verify, cfg.model) == (5.0, "m.txt", True, "7")
+    assert cfg.context_prompt is None and cfg.cap == 10_000  # flags not given keep their defaults

@@ -95,6 +95,26 @@ def test_eligibility(entities, tokens, reason):
     assert reason is None or reason in SKIP_REASONS
 
 
+def test_a_sentence_with_more_entities_than_mask_tokens_is_skipped():
+    from anchoralign.schema import N_MASK_TOKENS, mask_token
+
+    def sample(n: int) -> Sample:
+        return Sample(
+            id="m", tokens=["w"] * n, entities=[Entity(start=i, end=i + 1, type="Loc") for i in range(n)]
+        )
+
+    assert eligibility(sample(N_MASK_TOKENS)) is None
+    assert eligibility(sample(N_MASK_TOKENS + 1)) == "too_many_entities"
+    # ... so every placeholder of the masked corpus is one of the model's mask tokens.
+    from model_fixtures import TOY_META
+
+    from anchoralign.model import AnchorAlignModel
+
+    tokenizer = AnchorAlignModel.from_backbone("tiny", TOY_META).tokenizer
+    ids = tokenizer.convert_tokens_to_ids([mask_token(i) for i in range(N_MASK_TOKENS)])
+    assert tokenizer.unk_token_id not in ids and len(set(ids)) == N_MASK_TOKENS
+
+
 def test_markup_refuses_overlapping_entities():
     s = Sample(
         id="n",

@@ -1,4 +1,5 @@
-"""The journal and the run: selection, resume, faults, kill -9, index consistency of the corpus."""
+"""Runs against the loopback server (augment/runner.py): selection, resume, faults, kill -9, index
+consistency of the corpus."""
 
 from __future__ import annotations
 
@@ -12,17 +13,16 @@ import time
 from pathlib import Path
 
 import pytest
+from augment_fixtures import run_config
 from fake_openai import fault_script, malformed_script
 
 from anchoralign.datasets import load_split
-from anchoralign.errors import RecordError, UserError
-from anchoralign.schema import Entity, Relation, Sample
+from anchoralign.errors import UserError
+from anchoralign.schema import Relation, Sample
 from anchoralign.tokenize import detokenize, tokenize
-from augment.client import Usage
-from augment.config import AugmentConfig
-from augment.journal import Journal, JournalEntry, read_journal, request_key
-from augment.plan import by_position, make_plan, prefix_for_cap, select_round_robin
-from augment.processing import ALL_REASONS, ProcessingChild, ProcessingError, split_truncated
+from augment.journal import read_journal, request_key
+from augment.plan import make_plan
+from augment.processing import ALL_REASONS, ProcessingChild, ProcessingError
 from augment.prompts import DEFAULT_CONTEXT_PROMPT, DEFAULT_MENTION_PROMPT
 from augment.runner import run
 from augment.testing import (
@@ -30,7 +30,6 @@ from augment.testing import (
     FakeOpenAIServer,
     Reply,
     fake_mention,
-    good_answer,
     good_script,
     is_context_prompt,
     prompt_line,
@@ -40,168 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 CORPUS_FILES = ("unmasked.jsonl", "masked.jsonl", "rejected.jsonl")
 
 
-# -- journal ------------------------------------------------------------------------------------
-
-
-def _entry(i: int, text: str | None = "1. x") -> JournalEntry:
-    return JournalEntry(
-        key=f"k{i}", source_id=f"s{i}", kind="mention", text=text, usage=Usage(3, 4), time=1.0
-    )
-
-
-def test_request_key_depends_on_everything_that_shapes_the_answer():
-    msgs = [{"role": "user", "content": "a"}]
-    base = request_key("m", msgs, {"temperature": 1.0, "max_tokens": 9}, "v1")
-    assert base == request_key("m", msgs, {"max_tokens": 9, "temperature": 1.0}, "v1")  # dict order
-    assert (
-        len(
-            {
-                base,
-                request_key("m2", msgs, {"temperature": 1.0, "max_tokens": 9}, "v1"),
-                request_key(
-                    "m", [{"role": "user", "content": "b"}], {"temperature": 1.0, "max_tokens": 9}, "v1"
-                ),
-                request_key("m", msgs, {"temperature": 0.5, "max_tokens": 9}, "v1"),
-                request_key("m", msgs, {"temperature": 1.0, "max_tokens": 9}, "v2"),
-            }
-        )
-        == 5
-    )
-
-
-def test_journal_round_trip(tmp_path):
-    path = tmp_path / "journal.jsonl"
-
-    async def write():
-        journal, contents = Journal.open(path)
-        assert contents.entries == {}
-        await asyncio.gather(*(journal.append(_entry(i)) for i in range(5)))
-        await journal.append(
-            JournalEntry("k9", "s9", "context", None, error={"status": 400, "message": "too long"})
-        )
-        await journal.aclose()
-
-    asyncio.run(write())
-    got = read_journal(path)
-    assert sorted(got.entries) == ["k0", "k1", "k2", "k3", "k4", "k9"]
-    assert got.entries["k3"] == _entry(3)
-    assert got.entries["k9"].error == {"status": 400, "message": "too long"}
-    assert got.warnings == []
-
-
-def test_a_cut_short_last_line_is_skipped_and_cut_off(tmp_path):
-    path = tmp_path / "journal.jsonl"
-    path.write_text(_entry(0).to_json() + "\n" + _entry(1).to_json() + "\n" + _entry(2).to_json()[:25])
-    journal, contents = Journal.open(path)
-    assert sorted(contents.entries) == ["k0", "k1"]
-    assert len(contents.warnings) == 1 and ":3:" in contents.warnings[0]
-    journal.write(_entry(3))
-    journal.close()
-    again = read_journal(path)
-    assert sorted(again.entries) == ["k0", "k1", "k3"]
-    assert again.warnings == []
-
-
-def test_a_bad_line_in_the_middle_is_an_error_naming_it(tmp_path):
-    path = tmp_path / "journal.jsonl"
-    path.write_text(_entry(0).to_json() + "\n{not json\n" + _entry(1).to_json() + "\n")
-    with pytest.raises(RecordError, match=r"journal.jsonl:2"):
-        read_journal(path)
-
-
-def test_one_run_per_journal(tmp_path):
-    first, _ = Journal.open(tmp_path / "journal.jsonl")
-    with pytest.raises(UserError, match="in use by another augment run"):
-        Journal.open(tmp_path / "journal.jsonl")
-    first.close()
-    second, _ = Journal.open(tmp_path / "journal.jsonl")  # free again once the first is closed
-    second.close()
-
-
-def test_concurrent_appends_share_fsyncs(tmp_path, monkeypatch):
-    calls = []
-    real = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), time.sleep(0.01), real(fd)))
-
-    async def write():
-        journal, _ = Journal.open(tmp_path / "j.jsonl")
-        await asyncio.gather(*(journal.append(_entry(i)) for i in range(200)))
-        assert journal._synced == 200  # every append returned only once durable
-        await journal.aclose()
-
-    asyncio.run(write())
-    assert len(read_journal(tmp_path / "j.jsonl").entries) == 200
-    assert len(calls) < 20  # group commit: a handful of syncs, not one per line
-
-
-# -- pure pieces of the runner -----------------------------------------------------------------
-
-
-def _sample(i: str, n: int = 1) -> Sample:
-    return Sample(id=i, tokens=[f"w{i}"] * n)
-
-
-def test_prefix_for_cap():
-    assert prefix_for_cap([3, 0, 4, 5], 7) == 3
-    assert prefix_for_cap([3, 0, 4, 5], 3) == 1
-    assert prefix_for_cap([3, 0, 4, 5], 100) == 4
-    assert prefix_for_cap([], 5) == 0
-
-
-def test_round_robin_takes_one_per_source_per_round():
-    groups = [
-        ("a", [_sample("a1"), _sample("a2"), _sample("a3")]),
-        ("b", [_sample("b1")]),
-        ("c", [_sample("c1"), _sample("c2")]),
-    ]
-    picked = select_round_robin(groups, 4, seed=0)
-    assert [s.id[0] for s in picked] == ["a", "b", "c", "a"]
-    assert len(select_round_robin(groups, 100, seed=0)) == 6
-    # A source's own choice depends on the seed and its id only, not on the other sources.
-    alone = select_round_robin([groups[0]], 3, seed=0)
-    assert [s.id for s in picked if s.id[0] == "a"] == [s.id for s in alone[:2]]
-    orders = {tuple(s.id for s in select_round_robin([groups[0]], 3, seed=k)) for k in range(10)}
-    assert len(orders) > 1
-
-
-def test_by_position_sorts_entities_and_repoints_relations():
-    s = Sample(
-        id="x",
-        tokens=["Bob", "works", "for", "Acme", "in", "Rome"],
-        entities=[
-            Entity(start=5, end=6, type="Loc"),
-            Entity(start=0, end=1, type="Peop"),
-            Entity(start=3, end=4, type="Org"),
-        ],
-        relations=[Relation(head=1, tail=2, type="Work_For"), Relation(head=2, tail=0, type="OrgBased_In")],
-    )
-    got = by_position(s)
-    assert [e.type for e in got.entities] == ["Peop", "Org", "Loc"]
-    assert [(r.head, r.tail, r.type) for r in got.relations] == [(0, 1, "Work_For"), (1, 2, "OrgBased_In")]
-
-
-def test_split_truncated_only_for_length_stops():
-    assert split_truncated("1. a\n2. b", "stop") == ("1. a\n2. b", None)
-    assert split_truncated("1. a\n2. b is cu", "length") == ("1. a", "2. b is cu")
-
-
 # -- runs against the loopback server ------------------------------------------------------------
-
-
-def _config(data: Path, url: str, out: Path, **kw) -> AugmentConfig:
-    base = dict(
-        dataset="conll04",
-        data_dir=str(data),
-        base_url=url,
-        out=str(out),
-        cap=100,
-        concurrency=4,
-        timeout=5.0,
-        max_retries=4,
-        backoff=0.01,
-        backoff_max=0.05,
-    )
-    return AugmentConfig(**{**base, **kw})
 
 
 def _records(path: Path) -> list[dict]:
@@ -263,7 +101,7 @@ def _snapshot(out: Path) -> dict[str, bytes]:
 
 def test_capped_run_spreads_over_sources_and_pays_only_for_the_cap(shared_data, tmp_path):
     with FakeOpenAIServer(good_script()) as srv:
-        summary = run(_config(shared_data, srv.url, tmp_path / "a"))
+        summary = run(run_config(shared_data, srv.url, tmp_path / "a"))
         n_requests = len(srv.requests)
     out = tmp_path / "a"
     assert summary.status == "cap_reached"
@@ -288,14 +126,14 @@ def test_capped_run_spreads_over_sources_and_pays_only_for_the_cap(shared_data, 
     # The same command again: everything comes from the journal and the files are unchanged.
     before = _snapshot(out)
     with FakeOpenAIServer(good_script()) as srv:
-        again = run(_config(shared_data, srv.url, out))
+        again = run(run_config(shared_data, srv.url, out))
         assert srv.requests == []
     assert _snapshot(out) == before
     assert again.stats["requests"]["cached"] >= 2 * len(used)
 
     # A larger cap reuses every journalled answer and only asks for the rest.
     with FakeOpenAIServer(good_script()) as srv:
-        bigger = run(_config(shared_data, srv.url, out, cap=200))
+        bigger = run(run_config(shared_data, srv.url, out, cap=200))
         assert len(srv.requests) < n_requests + 2 * len(used) + 8
     assert bigger.stats["samples"]["selected"] == 200
     check_corpus(out, shared_data)
@@ -303,9 +141,9 @@ def test_capped_run_spreads_over_sources_and_pays_only_for_the_cap(shared_data, 
 
 def test_transport_faults_change_nothing_in_the_corpus(shared_data, tmp_path):
     with FakeOpenAIServer(good_script()) as srv:
-        run(_config(shared_data, srv.url, tmp_path / "clean", cap=150))
+        run(run_config(shared_data, srv.url, tmp_path / "clean", cap=150))
     with FakeOpenAIServer(fault_script(rate=0.3, slow_s=1.0)) as srv:
-        summary = run(_config(shared_data, srv.url, tmp_path / "faulty", cap=150, timeout=0.4))
+        summary = run(run_config(shared_data, srv.url, tmp_path / "faulty", cap=150, timeout=0.4))
         statuses = [r.status for r in srv.requests]
     assert summary.stats["requests"]["failed"] == 0
     assert statuses.count(429) and statuses.count(500) and statuses.count(503) and statuses.count(0)
@@ -330,14 +168,14 @@ def test_failed_requests_are_listed_and_retried_by_the_next_run(shared_data, tmp
         FakeOpenAIServer(script) as srv,
         pytest.raises(UserError, match=r"no samples: 5 requests failed .* run the same command again"),
     ):
-        run(_config(shared_data, srv.url, out, cap=30, max_retries=1, max_sources=5))
+        run(run_config(shared_data, srv.url, out, cap=30, max_retries=1, max_sources=5))
     failed = _records(out / "failed.jsonl")
     assert len(failed) == 5 and {f["kind"] for f in failed} == {"context"}
     assert "HTTP 500" in failed[0]["message"]
     assert json.loads((out / "stats.json").read_text())["sources"] == {"failed": 5, "not_tried": 917}
     broken["on"] = False
     with FakeOpenAIServer(script) as srv:
-        second = run(_config(shared_data, srv.url, out, cap=30, max_retries=1, max_sources=5))
+        second = run(run_config(shared_data, srv.url, out, cap=30, max_retries=1, max_sources=5))
         assert {is_context_prompt(prompt_line(r.body)) for r in srv.requests} == {
             True
         }  # only the failed ones
@@ -348,7 +186,7 @@ def test_failed_requests_are_listed_and_retried_by_the_next_run(shared_data, tmp
 def test_every_reason_code_is_recorded_with_the_raw_answer(shared_data, tmp_path):
     out = tmp_path / "out"
     with FakeOpenAIServer(malformed_script()) as srv:
-        summary = run(_config(shared_data, srv.url, out, cap=5000, max_sources=120))
+        summary = run(run_config(shared_data, srv.url, out, cap=5000, max_sources=120))
     assert summary.status == "source_limit"
     assert any("fewer than the cap" in w for w in summary.warnings)
     rejected = _records(out / "rejected.jsonl")
@@ -367,12 +205,12 @@ def test_every_reason_code_is_recorded_with_the_raw_answer(shared_data, tmp_path
 def test_a_cut_short_journal_line_is_tolerated(shared_data, tmp_path):
     out = tmp_path / "out"
     with FakeOpenAIServer(good_script()) as srv:
-        run(_config(shared_data, srv.url, out, cap=40))
+        run(run_config(shared_data, srv.url, out, cap=40))
     before = _snapshot(out)
     with (out / "journal.jsonl").open("a") as f:
         f.write('{"key": "abc", "source_id": "x", "ki')
     with FakeOpenAIServer(good_script()) as srv:
-        summary = run(_config(shared_data, srv.url, out, cap=40))
+        summary = run(run_config(shared_data, srv.url, out, cap=40))
         assert srv.requests == []
     assert any("cut-short" in w for w in summary.warnings)
     assert _snapshot(out) == before
@@ -459,7 +297,7 @@ def test_an_interrupted_run_resumes_to_the_same_corpus(shared_data, tmp_path, ho
         resent = [r for r in srv.requests[n_before:] if _key_of(r.body) in journalled]
         assert resent == [], "a journalled request was sent again"
     with FakeOpenAIServer(good_script()) as srv:
-        run(_config(shared_data, srv.url, clean, cap=cap))
+        run(run_config(shared_data, srv.url, clean, cap=cap))
     assert _snapshot(resumed) == _snapshot(clean)
     keys = [json.loads(line)["key"] for line in (resumed / "journal.jsonl").read_text().splitlines()]
     assert len(keys) == len(set(keys))
@@ -467,29 +305,6 @@ def test_an_interrupted_run_resumes_to_the_same_corpus(shared_data, tmp_path, ho
 
 
 # -- the processing child ----------------------------------------------------------------------
-
-
-def test_processing_child_answers_and_reports_failures(shared_data, tmp_path):
-    plan = make_plan(_config(shared_data, "http://127.0.0.1:9/v1", tmp_path).resolved())
-    index = plan.order[0]
-    source = plan.sources[index]
-    specs = plan.requests(index)
-    body = {"messages": specs[0].messages}
-    mention = JournalEntry(specs[0].key, source.id, "mention", good_answer(body))
-    context = JournalEntry(specs[1].key, source.id, "context", good_answer({"messages": specs[1].messages}))
-
-    async def go():
-        proc = ProcessingChild()
-        await proc.start(plan.cfg.variants, plan.language, plan.forbidden)
-        ok = await proc.submit(source, {"mention": mention, "context": context})
-        with pytest.raises(ProcessingError, match="KeyError"):
-            await proc.submit(source, {"mention": mention})  # a bug: an incomplete source
-        await proc.close()
-        return ok
-
-    result = asyncio.run(go())
-    assert result == plan.process(index, {"mention": mention, "context": context})
-    assert len(result.records) == 15 and result.accepted == {"mention": 3, "context": 3}
 
 
 def test_a_processing_failure_stops_the_run_instead_of_hanging(shared_data, tmp_path, monkeypatch):
@@ -500,15 +315,15 @@ def test_a_processing_failure_stops_the_run_instead_of_hanging(shared_data, tmp_
 
     monkeypatch.setattr(ProcessingChild, "submit", broken)
     with FakeOpenAIServer(good_script()) as srv, pytest.raises(ProcessingError, match="synthesis bug"):
-        run(_config(shared_data, srv.url, tmp_path / "out", cap=50))
+        run(run_config(shared_data, srv.url, tmp_path / "out", cap=50))
 
 
 def test_auto_max_tokens_sizes_each_answer_to_its_sentence(shared_data, tmp_path):
     from augment.plan import answer_budget
 
     assert answer_budget("x" * 100, 3) == 3 * (50 + 12) + 16  # half a token a character, per variant
-    auto = make_plan(_config(shared_data, "http://127.0.0.1:9/v1", tmp_path, max_tokens="auto").resolved())
-    fixed = make_plan(_config(shared_data, "http://127.0.0.1:9/v1", tmp_path, max_tokens=256).resolved())
+    auto = make_plan(run_config(shared_data, "http://127.0.0.1:9/v1", tmp_path, max_tokens="auto").resolved())
+    fixed = make_plan(run_config(shared_data, "http://127.0.0.1:9/v1", tmp_path, max_tokens=256).resolved())
     budgets = set()
     for index in auto.order[:20]:
         for a, f in zip(auto.requests(index), fixed.requests(index), strict=True):
@@ -522,9 +337,9 @@ def test_auto_max_tokens_sizes_each_answer_to_its_sentence(shared_data, tmp_path
 def test_progress_leaves_what_the_journal_gave_out_of_the_pace(shared_data, tmp_path):
     out = tmp_path / "out"
     with FakeOpenAIServer(good_script()) as srv:
-        first = run(_config(shared_data, srv.url, out, cap=10_000, max_sources=6))
+        first = run(run_config(shared_data, srv.url, out, cap=10_000, max_sources=6))
         seen = []
-        run(_config(shared_data, srv.url, out, cap=10_000, max_sources=10), on_progress=seen.append)
+        run(run_config(shared_data, srv.url, out, cap=10_000, max_sources=10), on_progress=seen.append)
     last = seen[-1]
     assert (last.sources_from_journal, last.samples_from_journal) == (6, first.stats["samples"]["in_prefix"])
     assert last.sources_done == 10 and last.goal.unit == "sources" and last.eta_s is None  # done

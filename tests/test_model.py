@@ -21,7 +21,8 @@ from anchoralign.backbones import BartBackbone, EncoderOnlyBackbone
 from anchoralign.errors import UserError
 from anchoralign.linearize import DECODERS
 from anchoralign.losses import CE_TERMS, loss_terms
-from anchoralign.model import AnchorAlignModel, entity_token, label_name, mask_token, relation_token
+from anchoralign.model import AnchorAlignModel, entity_token, label_name, relation_token
+from anchoralign.schema import mask_token
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,33 @@ def test_every_package_directory_is_listed_in_pyproject():
     assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
 
 
+# Import names that differ from their distribution's name.
+DISTRIBUTION_OF = {"yaml": "pyyaml", "llama_cpp": "llama-cpp-python"}
+
+
+def test_every_third_party_import_is_declared():
+    import ast
+    import re
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    specs = project["dependencies"] + [d for ds in project["optional-dependencies"].values() for d in ds]
+    declared = {re.split(r"[\[<>=!~; ]", s, maxsplit=1)[0].lower() for s in specs}
+    local = {"anchoralign", "augment", "pretrain", "sft"}
+    imported = set()
+    for root in local:
+        for path in (REPO / root).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Import):
+                    imported |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported - local - set(sys.stdlib_module_names) if m != "__future__"}
+    undeclared = {
+        m for m in third_party if DISTRIBUTION_OF.get(m, m).lower().replace("_", "-") not in declared
+    }
+    assert not undeclared, f"imported but not declared in pyproject.toml: {sorted(undeclared)}"
+
+
 def test_the_wheel_holds_templates_metadata_and_configs(tmp_path):
     subprocess.run(
         [
