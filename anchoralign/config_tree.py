@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
@@ -238,14 +239,19 @@ def add_flags(
     prefix: str = "",
     skip: Sequence[str] = (),
     alias_prefix: str = "",
+    short_names: bool = False,
 ) -> None:
     """One flag per leaf field of ``cls`` (under ``prefix``), except the dotted paths in ``skip``;
-    with ``alias_prefix`` each flag is also accepted under it (``--beam`` and ``--decode.beam``).
+    with ``alias_prefix`` each flag is also accepted under it (``--beam`` and ``--decode.beam``);
+    with ``short_names`` a key whose last part no other key of the tree has is also accepted by that
+    part alone (``--backbone`` for ``--model.backbone``; ``--lr`` is ambiguous only if two sections
+    have one).
 
     A flag's default is "not given", so only what the user typed overrides the config file. The
     parser should be made with ``allow_abbrev=False``: a shortened key must be an unknown key.
     """
     groups: dict[str, Any] = {}
+    last_parts = Counter(path.rsplit(".", 1)[-1] for path, _ in leaves(cls))
     for path, field in leaves(cls):
         if path in skip:
             continue
@@ -259,6 +265,9 @@ def add_flags(
             names.append("--" + full)  # the other spelling
         if alias_prefix:
             names.append(flag_name(alias_prefix + full))
+        last = path.rsplit(".", 1)[-1]
+        if short_names and "." in path and last_parts[last] == 1:
+            names += [flag_name(last)] + (["--" + last] if "_" in last else [])
         bool_flag = _is_bool(field.annotation)
         target.add_argument(
             *names,

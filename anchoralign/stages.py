@@ -56,7 +56,7 @@ def parse_args(cls: type[C], argv: Sequence[str] | None, prog: str) -> C:
     )
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON config (flags override its keys)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    config_tree.add_flags(parser, cls)
+    config_tree.add_flags(parser, cls, short_names=True)
     args = config_tree.parse_known_or_fail(parser, sys.argv[1:] if argv is None else argv, cls)
     return config_tree.load(cls, args.config, config_tree.given_overrides(args))
 

@@ -105,6 +105,36 @@ def test_flags_cover_every_field_in_both_spellings_and_forms() -> None:
     assert '(one of a|b; default "a")' in help_text
 
 
+class Other(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mode: str = "x"
+    seed_count: int = 1
+
+
+class TwoSections(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    inner: Inner = Field(default_factory=Inner)
+    other: Other = Field(default_factory=Other)
+
+
+def test_short_flags_for_keys_whose_last_part_is_unique() -> None:
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    config_tree.add_flags(parser, TwoSections, short_names=True)
+    args = parser.parse_args(["--alpha=0.5", "--seed_count", "3", "--use-it=false"])
+    assert config_tree.given_overrides(args) == {
+        "inner.alpha": 0.5,
+        "other.seed_count": 3,
+        "inner.use_it": False,
+    }
+    with pytest.raises(SystemExit):  # 'mode' is in both sections: no short flag
+        parser.parse_args(["--mode=a"])
+    assert "--inner.mode" in parser.format_help() and "--other.mode" in parser.format_help()
+    plain = argparse.ArgumentParser(allow_abbrev=False)
+    config_tree.add_flags(plain, TwoSections)
+    with pytest.raises(SystemExit):  # off by default
+        plain.parse_args(["--alpha=0.5"])
+
+
 def test_unknown_flags_are_one_line_with_a_suggestion() -> None:
     with pytest.raises(
         UserError,
