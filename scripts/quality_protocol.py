@@ -271,26 +271,40 @@ def rescore(predictions: Path, gold: dict[str, tuple[set, set]]) -> tuple[float,
 
 
 def summary(args: argparse.Namespace) -> None:
+    """Mean ± sd over seeds of each setting, each seed's relation F1, and the difference from
+    ``full`` paired by seed (the settings of one seed share its cross-entropy checkpoint, so the
+    paired difference is the comparison the protocol is built for)."""
     gold = gold_test(args.data_dir)
-    print("| setting | seeds | NER F1 | relation strict F1 | relation boundary F1 |")
-    print("|---|---|---|---|---|")
+    results: dict[str, dict[str, tuple[float, float, float]]] = {}
     for folder in sorted(p for p in args.out.iterdir() if p.is_dir()):
-        rows = []
         for seed_dir in sorted(folder.glob("seed*")):
             metrics = json.loads((seed_dir / "metrics.json").read_text(encoding="utf-8"))
             ner, rel = rescore(seed_dir / "predictions.jsonl", gold)
             if abs(ner - metrics["ner_f1"]) > 0.01 or abs(rel - metrics["rel_strict_f1"]) > 0.01:
                 raise SystemExit(f"{seed_dir}: re-scored {ner:.2f}/{rel:.2f} differ from metrics.json")
-            rows.append((ner, rel, metrics["rel_boundary_f1"]))
-        if not rows:
-            continue
+            results.setdefault(folder.name, {})[seed_dir.name] = (ner, rel, metrics["rel_boundary_f1"])
 
-        def cell(values: list[float]) -> str:
-            sd = statistics.stdev(values) if len(values) > 1 else 0.0
-            return f"{statistics.mean(values):.2f} ± {sd:.2f}"
+    def cell(values: list[float]) -> str:
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.2f} ± {sd:.2f}"
 
-        cols = list(zip(*rows, strict=True))
-        print(f"| {folder.name} | {len(rows)} | {cell(cols[0])} | {cell(cols[1])} | {cell(cols[2])} |")
+    print(
+        "| setting | seeds | NER F1 | relation strict F1 | relation boundary F1 | relation strict F1 by seed | vs full, paired |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    full = results.get("full", {})
+    for name, by_seed in results.items():
+        cols = list(zip(*by_seed.values(), strict=True))
+        seeds = ", ".join(f"{s.removeprefix('seed')}: {v[1]:.2f}" for s, v in by_seed.items())
+        shared = [s for s in by_seed if s in full]
+        paired = (
+            cell([by_seed[s][1] - full[s][1] for s in shared]) + f" ({len(shared)})"
+            if shared and name != "full"
+            else ""
+        )
+        print(
+            f"| {name} | {len(by_seed)} | {cell(cols[0])} | {cell(cols[1])} | {cell(cols[2])} | {seeds} | {paired} |"
+        )
 
 
 def main() -> None:
