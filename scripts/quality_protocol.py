@@ -284,9 +284,9 @@ def summary(args: argparse.Namespace) -> None:
                 raise SystemExit(f"{seed_dir}: re-scored {ner:.2f}/{rel:.2f} differ from metrics.json")
             results.setdefault(folder.name, {})[seed_dir.name] = (ner, rel, metrics["rel_boundary_f1"])
 
-    def cell(values: list[float]) -> str:
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.2f} ± {sd:.2f}"
+    def cell(values: list[float]) -> str:  # one seed: no spread to show
+        sd = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+        return f"{statistics.mean(values):.2f}{sd}"
 
     print(
         "| setting | seeds | NER F1 | relation strict F1 | relation boundary F1 | relation strict F1 by seed | vs full, paired |"
