@@ -276,7 +276,8 @@ def summary(args: argparse.Namespace) -> None:
     paired difference is the comparison the protocol is built for)."""
     gold = gold_test(args.data_dir)
     results: dict[str, dict[str, tuple[float, float, float]]] = {}
-    for folder in sorted(p for p in args.out.iterdir() if p.is_dir()):
+    # no_pretrain is a link to full (issue 10's name for it): not a setting of its own.
+    for folder in sorted(p for p in args.out.iterdir() if p.is_dir() and not p.is_symlink()):
         for seed_dir in sorted(folder.glob("seed*")):
             metrics = json.loads((seed_dir / "metrics.json").read_text(encoding="utf-8"))
             ner, rel = rescore(seed_dir / "predictions.jsonl", gold)
