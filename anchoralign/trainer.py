@@ -16,10 +16,9 @@ parameters the backbone did not provide); it is set on the optimizer before ever
 follows from the step and the phase alone and a resumed run needs no scheduler state.
 
 Data order is a seeded permutation per epoch (length-bucketed with ``data.bucket_batches``), so a
-resumed run replays it exactly. Training sets are indexed, never loaded whole: a
-``TrainingSet`` (``anchoralign.training_set``) turns only the rows of a batch into samples, and
-gives the lengths for bucketing from a column. Logging, metrics and exports happen on rank 0; the
-run folder is created when ``fit`` starts.
+resumed run replays it exactly. Training sets are indexed, never loaded whole (``TrainingSet``
+turns only a batch's rows into samples). Logging, metrics and exports happen on rank 0; the run
+folder is created when ``fit`` starts.
 """
 
 from __future__ import annotations
