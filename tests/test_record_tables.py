@@ -7,20 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
+from schema_fixtures import PEOP_ORG_META
 
 from anchoralign.errors import RecordError, UserError
 from anchoralign.record_tables import batch_of, record_batches, samples_of, surely_valid
 from anchoralign.schema import DatasetMeta, Sample, read_jsonl, read_records, to_hf_dataset, write_jsonl
 
-META = DatasetMeta(
-    name="toy",
-    language="en",
-    entity_types={"Peop": "person", "Org": "organization"},
-    relation_types={"Work_For": "works for"},
-    symmetric_relations=frozenset(),
-    boundary_only=False,
-    splits=("train",),
-)
+META = PEOP_ORG_META
 
 
 def record(**kw) -> dict:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from schema_fixtures import PEOP_ORG_META
 
 from anchoralign.backbones import minilm_dir
 from anchoralign.batching import Collator, WordPieces
@@ -21,15 +22,7 @@ from anchoralign.schema import DatasetMeta, Sample, to_hf_dataset, write_jsonl
 from anchoralign.training_set import CACHE_ENV, TrainingSet, in_memory, open_cached, sample_lengths
 
 REPO = Path(__file__).resolve().parent.parent
-META = DatasetMeta(
-    name="toy",
-    language="en",
-    entity_types={"Peop": "person", "Org": "organization"},
-    relation_types={"Work_For": "works for"},
-    symmetric_relations=frozenset(),
-    boundary_only=False,
-    splits=("train",),
-)
+META = PEOP_ORG_META
 WORDS = [
     "Ann",
     "Lee",
@@ -227,7 +220,7 @@ from transformers import AutoTokenizer
 from anchoralign.backbones import minilm_dir
 from anchoralign.schedule import epoch_order
 from anchoralign.training_set import open_cached
-from tests.test_training_set import META
+from tests.schema_fixtures import PEOP_ORG_META as META
 tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
 data = open_cached(Path(sys.argv[1]), tok, META)
 order = epoch_order(0, 0, len(data), data.word_counts, 64 * 8, 8)
