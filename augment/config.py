@@ -27,6 +27,9 @@ DEEPSEEK_KEY_ENV = "DEEPSEEK_API_KEY"
 OTHER_KEY_ENV = "OPENAI_API_KEY"
 # Local servers (llama.cpp, vLLM, Ollama) accept any key; the SDK insists on a non-empty one.
 PLACEHOLDER_KEY = "no-key-needed"
+# The model name of --llm rules: part of every request key, so its answers never mix with an
+# LLM's in one journal (a new rule set gets a new version).
+RULES_MODEL = "rules:v1"
 # The embedded server answers one request at a time: two in flight keep it busy while the
 # runner journals and parses the other. Answers are sized to what was asked (see
 # augment.plan.answer_budget). No bound on the sources: a run says its goal at start and shows a
@@ -80,8 +83,10 @@ class AugmentConfig(BaseModel):
     )
     seed: int = Field(default=0, description="order of the sources and of the selection")
     out: str | None = Field(default=None, description="output folder (default corpus/<dataset>)")
-    llm: Literal["api", "local"] = Field(
-        default="api", description="'local' runs the embedded llama.cpp model offline"
+    llm: Literal["api", "local", "rules"] = Field(
+        default="api",
+        description="'api': the endpoint of --base-url; 'local': the embedded llama.cpp model, offline; "
+        "'rules': no LLM, invented names and unchanged contexts (augment/rules.py), offline in seconds",
     )
     gguf: str | None = Field(
         default=None, description="any GGUF model file for --llm local, instead of --local-model"
@@ -118,10 +123,12 @@ class AugmentConfig(BaseModel):
 
     @model_validator(mode="after")
     def _compatible(self) -> AugmentConfig:
-        if self.llm == "local" and self.base_url is not None:
+        if self.llm != "api" and self.base_url is not None:
             raise ValueError(
-                "base_url cannot be combined with llm 'local' (the embedded server picks its own)"
+                f"base_url cannot be combined with llm '{self.llm}' (its embedded server picks its own)"
             )
+        if self.llm == "rules" and self.verify:
+            raise ValueError("verify needs an LLM to ask: it cannot be combined with llm 'rules'")
         if self.gguf is not None and self.llm != "local":
             raise ValueError("gguf is only used with llm 'local'")
         if self.local_model is not None:
@@ -157,6 +164,8 @@ class AugmentConfig(BaseModel):
             # The model name is part of every request key, so answers of different GGUFs never mix.
             if self.model is None:
                 values["model"] = f"local:{self.local_gguf_name(values['local_model'])}"
+        elif self.llm == "rules":
+            values["model"] = self.model or RULES_MODEL
         else:
             values["base_url"] = self.base_url or DEEPSEEK_URL
             values["model"] = self.model or DEEPSEEK_MODEL
@@ -190,7 +199,7 @@ def resolve_api_key(cfg: AugmentConfig, environ: dict[str, str] | None = None) -
     named a variable with ``api_key_env``; the default DeepSeek endpoint always needs one.
     """
     env = os.environ if environ is None else environ
-    if cfg.llm == "local":
+    if cfg.llm != "api":
         return PLACEHOLDER_KEY
     name = api_key_variable(cfg)
     key = env.get(name, "").strip()

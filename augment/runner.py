@@ -680,7 +680,16 @@ def _finish(scheduler: _RequestScheduler, journal_usage: Usage, elapsed: float) 
 
 @contextlib.contextmanager
 def _endpoint(cfg: AugmentConfig, say: Callable[[str], None]) -> Iterator[str]:
-    """The base URL to send to: the embedded llama.cpp server's for ``llm: local``."""
+    """The base URL to send to: the embedded llama.cpp server's for ``llm: local``, the
+    rule-based server's for ``llm: rules``."""
+    if cfg.llm == "rules":
+        from augment.rules import rewrite_answer
+        from augment.scripted_server import Reply, ScriptedServer
+
+        say("no LLM (--llm rules): mentions get invented names, contexts an opener phrase")
+        with ScriptedServer(lambda body, _attempt: Reply(text=rewrite_answer(body, cfg.variants))) as srv:
+            yield srv.url
+        return
     if cfg.llm != "local":
         yield cfg.base_url or ""
         return

@@ -38,10 +38,18 @@ REPO = Path(__file__).resolve().parent.parent
 
 @contextmanager
 def delay_server(latency: float, variants: int):
-    """``python -m augment.testing`` in a child process; yields its base URL."""
+    """``python -m augment.scripted_server`` in a child process; yields its base URL."""
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "augment.testing", "--delay", str(latency), "--variants", str(variants)],
+        [
+            sys.executable,
+            "-m",
+            "augment.scripted_server",
+            "--delay",
+            str(latency),
+            "--variants",
+            str(variants),
+        ],
         stdout=subprocess.PIPE,
         text=True,
         env=env,

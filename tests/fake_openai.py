@@ -1,4 +1,4 @@
-"""Test scripts for ``augment.testing.FakeOpenAIServer``: faults and malformed rewrites.
+"""Test scripts for ``augment.scripted_server.ScriptedServer``: faults and malformed rewrites.
 
 A script maps (request body, attempt number of this prompt) to a ``Reply``. Every choice here is
 a function of the prompt text, so two runs of the same script get the same answers and their
@@ -13,16 +13,15 @@ import re
 import threading
 from typing import Any
 
-from augment.testing import (
+from augment.rules import (
     MASK,
     MENTION_MARKUP,
-    Reply,
     context_variant,
-    good_answer,
     is_context_prompt,
     mention_variant,
     prompt_line,
 )
+from augment.scripted_server import Reply, good_answer
 
 
 def stable_fraction(body: dict[str, Any], salt: str = "") -> float:

@@ -12,9 +12,10 @@ import pytest
 from fake_openai import malformed_script, stable_fraction
 
 from anchoralign.cli import run_cli
+from anchoralign.datasets import load_split
 from augment.cli import build_parser
 from augment.runner import UNUSABLE_AFTER_SOURCES
-from augment.testing import FakeOpenAIServer, Reply, good_answer, good_script
+from augment.scripted_server import Reply, ScriptedServer, good_answer, good_script
 
 CANARY = "sk-canary-7f3a9c1e5b2d4068"
 
@@ -59,7 +60,7 @@ def _closed_port() -> int:
 
 
 def test_run_prints_a_summary(shared_data, tmp_path, capsys):
-    with FakeOpenAIServer(good_script()) as srv:
+    with ScriptedServer(good_script()) as srv:
         assert cli(*run_args(shared_data, srv.url, tmp_path / "out", "--cap", "40")) == 0
     out = capsys.readouterr().out
     assert "cap_reached" in out and "40 of cap 40" in out
@@ -74,11 +75,11 @@ def test_the_key_is_sent_but_never_written_or_printed(shared_data, tmp_path, cap
         return Reply(text=good_answer(body))
 
     out = tmp_path / "out"
-    with FakeOpenAIServer(script) as srv:
+    with ScriptedServer(script) as srv:
         rc = cli(*run_args(shared_data, srv.url, out, "--cap", "60", "--api-key-env", "MY_CANARY_KEY"))
         assert {r.authorization for r in srv.requests} == {f"Bearer {CANARY}"}
     assert rc == 0
-    with FakeOpenAIServer(
+    with ScriptedServer(
         lambda body, attempt: Reply(status=401, message=f"Incorrect API key {CANARY}")
     ) as srv:
         rc401 = cli(*run_args(shared_data, srv.url, tmp_path / "out401", "--api-key-env", "MY_CANARY_KEY"))
@@ -94,7 +95,7 @@ def test_the_key_is_sent_but_never_written_or_printed(shared_data, tmp_path, cap
 
 
 def test_a_refused_key_stops_at_once_with_one_line(shared_data, tmp_path, capsys):
-    with FakeOpenAIServer(lambda body, attempt: Reply(status=401, message="invalid key")) as srv:
+    with ScriptedServer(lambda body, attempt: Reply(status=401, message="invalid key")) as srv:
         rc = cli(*run_args(shared_data, srv.url, tmp_path / "out"))
         n = len(srv.requests)
     err = capsys.readouterr().err
@@ -111,7 +112,7 @@ def test_a_refused_request_is_a_rejection_and_the_run_goes_on(shared_data, tmp_p
         return Reply(text=good_answer(body))
 
     out = tmp_path / "out"
-    with FakeOpenAIServer(script) as srv:
+    with ScriptedServer(script) as srv:
         assert cli(*run_args(shared_data, srv.url, out, "--cap", "300")) == 0
     refused = [json.loads(x) for x in (out / "rejected.jsonl").read_text().splitlines()]
     refused = [r for r in refused if r["reason"] == "request_rejected"]
@@ -145,7 +146,7 @@ def test_a_refused_endpoint_leaves_no_corpus_files(shared_data, tmp_path, capsys
 
 def test_a_refused_key_leaves_no_corpus_files(shared_data, tmp_path, capsys):
     out = tmp_path / "out"
-    with FakeOpenAIServer(lambda body, attempt: Reply(status=401, message="invalid key")) as srv:
+    with ScriptedServer(lambda body, attempt: Reply(status=401, message="invalid key")) as srv:
         assert cli(*run_args(shared_data, srv.url, out)) == 2
     assert not out.exists()
 
@@ -154,7 +155,7 @@ def test_an_endpoint_whose_every_answer_is_unusable_exits_non_zero_with_one_line
     shared_data, tmp_path, capsys
 ):
     out = tmp_path / "out"
-    with FakeOpenAIServer(lambda body, attempt: Reply(text="Sorry, I cannot rewrite that sentence.")) as srv:
+    with ScriptedServer(lambda body, attempt: Reply(text="Sorry, I cannot rewrite that sentence.")) as srv:
         rc = cli(*run_args(shared_data, srv.url, out))
         n = len(srv.requests)
     captured = capsys.readouterr()
@@ -177,7 +178,7 @@ def test_an_endpoint_whose_every_answer_is_unusable_exits_non_zero_with_one_line
 
 def test_an_endpoint_whose_every_body_is_unusable_exits_non_zero_with_one_line(shared_data, tmp_path, capsys):
     out = tmp_path / "out"
-    with FakeOpenAIServer(lambda body, attempt: Reply(body=b"<html>502 Bad Gateway</html>")) as srv:
+    with ScriptedServer(lambda body, attempt: Reply(body=b"<html>502 Bad Gateway</html>")) as srv:
         rc = cli(*run_args(shared_data, srv.url, out, "--max-retries", "1"))
         n = len(srv.requests)
     err = capsys.readouterr().err
@@ -190,7 +191,7 @@ def test_an_endpoint_whose_every_body_is_unusable_exits_non_zero_with_one_line(s
 
 def test_a_run_with_no_sample_is_an_error_even_when_few_sources_were_asked(shared_data, tmp_path, capsys):
     out = tmp_path / "out"
-    with FakeOpenAIServer(lambda body, attempt: Reply(text="1. no placeholders here")) as srv:
+    with ScriptedServer(lambda body, attempt: Reply(text="1. no placeholders here")) as srv:
         rc = cli(*run_args(shared_data, srv.url, out, "--max-sources", "3"))
     captured = capsys.readouterr()
     assert rc == 2
@@ -200,7 +201,7 @@ def test_a_run_with_no_sample_is_an_error_even_when_few_sources_were_asked(share
 
 
 def test_the_start_says_the_goal_and_the_bound_only_when_given(shared_data, tmp_path, capsys):
-    with FakeOpenAIServer(good_script()) as srv:
+    with ScriptedServer(good_script()) as srv:
         assert cli(*run_args(shared_data, srv.url, tmp_path / "a", "--cap", "30")) == 0
         first = capsys.readouterr().out.splitlines()[0]
         assert cli(*run_args(shared_data, srv.url, tmp_path / "b", "--cap", "30", "--max-sources", "5")) == 0
@@ -211,7 +212,7 @@ def test_the_start_says_the_goal_and_the_bound_only_when_given(shared_data, tmp_
 
 def test_the_summary_rate_is_answers_over_the_runs_time(shared_data, tmp_path, capsys):
     out = tmp_path / "out"
-    with FakeOpenAIServer(good_script(delay=0.05)) as srv:
+    with ScriptedServer(good_script(delay=0.05)) as srv:
         assert cli(*run_args(shared_data, srv.url, out, "--cap", "60")) == 0
     printed = capsys.readouterr().out
     stats = json.loads((out / "stats.json").read_text())
@@ -224,7 +225,7 @@ def test_the_summary_rate_is_answers_over_the_runs_time(shared_data, tmp_path, c
 
 def test_an_endpoint_that_dies_mid_run_is_reported_after_the_retries(shared_data, tmp_path, capsys):
     # Reachable at the start (the check passes), then every request is dropped.
-    with FakeOpenAIServer(lambda body, attempt: Reply(drop=True)) as srv:
+    with ScriptedServer(lambda body, attempt: Reply(drop=True)) as srv:
         rc = cli(*run_args(shared_data, srv.url, tmp_path / "out", "--max-retries", "1"))
     err = capsys.readouterr().err
     assert rc == 2
@@ -233,7 +234,7 @@ def test_an_endpoint_that_dies_mid_run_is_reported_after_the_retries(shared_data
 
 def test_a_run_served_wholly_from_the_journal_needs_no_endpoint(shared_data, tmp_path, capsys):
     out = tmp_path / "out"
-    with FakeOpenAIServer(good_script()) as srv:
+    with ScriptedServer(good_script()) as srv:
         assert cli(*run_args(shared_data, srv.url, out, "--max-sources", "6")) == 0
     first = (out / "unmasked.jsonl").read_bytes()
     url = f"http://127.0.0.1:{_closed_port()}/v1"
@@ -247,8 +248,57 @@ def test_no_key_for_deepseek_is_a_user_error(shared_data, tmp_path, capsys):
     assert rc == 2 and "DEEPSEEK_API_KEY" in err
 
 
+def test_rules_build_a_corpus_offline_with_invented_names_and_no_key(shared_data, tmp_path, capsys):
+    out = tmp_path / "rules"
+    argv = [
+        "run",
+        "--dataset",
+        "conll04",
+        "--data-dir",
+        str(shared_data),
+        "--llm",
+        "rules",
+        "--variants",
+        "1",
+    ]
+    assert cli(*argv, "--max-sources", "10", "--out", str(out)) == 0
+    said = capsys.readouterr()
+    assert "no LLM (--llm rules)" in said.err + said.out
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["model"] == "rules:v1" and stats["samples"]["selected"] == 30
+    assert stats["samples"]["by_origin"] == {"mention": 10, "context": 10, "cross": 10}
+    sources = {s.id: s for s in load_split("conll04", "train", str(shared_data))}
+    for line in (out / "unmasked.jsonl").open():
+        sample = json.loads(line)
+        source = sources[sample["source_id"]]
+        names = {" ".join(sample["tokens"][e["start"] : e["end"]]) for e in sample["entities"]}
+        originals = {" ".join(source.tokens[e.start : e.end]) for e in source.entities}
+        # The labels carry over unchanged.
+        assert sorted(e["type"] for e in sample["entities"]) == sorted(e.type for e in source.entities)
+        assert len(sample["relations"]) == len(source.relations)
+        # A mention rewrite invents every name; a context rewrite keeps them behind an opener.
+        if sample["origin"] == "mention":
+            assert not names & originals, sample
+        if sample["origin"] == "context":
+            assert names == originals and sample["tokens"][0] in {"Reportedly", "According", "As", "In"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--base-url", "http://127.0.0.1:9/v1"], "base_url cannot be combined with llm 'rules'"),
+        (["--verify"], "verify needs an LLM to ask"),
+    ],
+)
+def test_rules_refuse_what_needs_an_llm(shared_data, tmp_path, capsys, extra, message):
+    argv = ["run", "--dataset", "conll04", "--data-dir", str(shared_data), "--llm", "rules", *extra]
+    assert cli(*argv, "--out", str(tmp_path / "o")) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_missing_data_is_a_user_error(tmp_path, capsys):
-    with FakeOpenAIServer() as srv:
+    with ScriptedServer() as srv:
         rc = cli(*run_args(tmp_path / "nowhere", srv.url, tmp_path / "out"))
         assert srv.requests == []
     assert rc == 2
@@ -258,7 +308,7 @@ def test_missing_data_is_a_user_error(tmp_path, capsys):
 def test_config_file_with_flag_overrides_and_field_errors(shared_data, tmp_path, capsys):
     good = tmp_path / "run.yaml"
     good.write_text(f"dataset: conll04\ndata_dir: {shared_data}\ncap: 999\nvariants: 2\n")
-    with FakeOpenAIServer(good_script(k=2)) as srv:
+    with ScriptedServer(good_script(k=2)) as srv:
         args = [
             "run",
             "--config",
@@ -283,14 +333,14 @@ def test_config_file_with_flag_overrides_and_field_errors(shared_data, tmp_path,
 
 
 def test_dry_run_shows_prompts_and_sends_nothing(shared_data, tmp_path, capsys):
-    with FakeOpenAIServer() as srv:
+    with ScriptedServer() as srv:
         assert cli(*run_args(shared_data, srv.url, tmp_path / "o", "--dry-run", "--cap", "100")) == 0
         assert srv.requests == []
     out = capsys.readouterr().out
     assert "mention prompt" in out and "context prompt" in out and "<mask0>" in out
     assert "requests: at most 1844 (2 per source)" in out and "nothing was sent" in out
     assert "already journalled: 0 of" in out
-    with FakeOpenAIServer() as srv:
+    with ScriptedServer() as srv:
         assert cli(*run_args(shared_data, srv.url, tmp_path / "o", "--cap", "100")) == 0
         n_sent = len(srv.requests)
         capsys.readouterr()
@@ -311,7 +361,7 @@ def rejected_run(shared_data, tmp_path) -> Path:
         return malformed_script()(body, attempt)
 
     out = tmp_path / "out"
-    with FakeOpenAIServer(script) as srv:
+    with ScriptedServer(script) as srv:
         assert cli(*run_args(shared_data, srv.url, out, "--cap", "5000", "--max-sources", "80")) == 0
     return out
 

@@ -23,7 +23,7 @@ from augment.client import (
     parse_retry_after,
     redact,
 )
-from augment.testing import FakeOpenAIServer, Reply
+from augment.scripted_server import Reply, ScriptedServer
 
 MESSAGES = [{"role": "user", "content": 'Rewrite:\n{"Peop": "Ann Lee"} works for {"Org": "Acme"} .'}]
 KEY = "sk-test-client-0123456789"
@@ -96,7 +96,7 @@ def test_transient_faults_are_retried_until_an_answer(fault):
     def script(body, attempt):
         return fault if attempt <= 2 else Reply(text="1. fine")
 
-    with FakeOpenAIServer(script) as srv:
+    with ScriptedServer(script) as srv:
         got = _complete(srv.url, timeout_s=0.3)
     assert got.text == "1. fine"
     assert got.attempts == 3
@@ -110,7 +110,7 @@ def test_retry_after_is_honoured_instead_of_the_backoff():
             return Reply(status=429, headers={"Retry-After": "1"})
         return Reply(text="1. ok")
 
-    with FakeOpenAIServer(script) as srv:
+    with ScriptedServer(script) as srv:
         got = _complete(srv.url, backoff_s=30.0, backoff_max_s=30.0)
     gap = srv.requests[1].time - srv.requests[0].time
     assert got.attempts == 2
@@ -120,7 +120,7 @@ def test_retry_after_is_honoured_instead_of_the_backoff():
 @pytest.mark.parametrize("status", [400, 413, 422])
 def test_a_refused_request_is_not_retried(status):
     script = lambda body, attempt: Reply(status=status, message="context too long")  # noqa: E731
-    with FakeOpenAIServer(script) as srv, pytest.raises(RequestRejected) as err:
+    with ScriptedServer(script) as srv, pytest.raises(RequestRejected) as err:
         _complete(srv.url)
     assert err.value.status == status
     assert "context too long" in err.value.message
@@ -131,7 +131,7 @@ def test_a_refused_request_is_not_retried(status):
 def test_auth_and_missing_model_stop_at_once_without_leaking_the_key(status):
     echo = f"Incorrect API key provided: {KEY}"
     with (
-        FakeOpenAIServer(lambda body, attempt: Reply(status=status, message=echo)) as srv,
+        ScriptedServer(lambda body, attempt: Reply(status=status, message=echo)) as srv,
         pytest.raises(FatalLLMError) as err,
     ):
         _complete(srv.url)
@@ -143,7 +143,7 @@ def test_auth_and_missing_model_stop_at_once_without_leaking_the_key(status):
 
 def test_retries_are_bounded_and_reported():
     with (
-        FakeOpenAIServer(lambda body, attempt: Reply(status=500, message="down")) as srv,
+        ScriptedServer(lambda body, attempt: Reply(status=500, message="down")) as srv,
         pytest.raises(RequestFailed) as err,
     ):
         _complete(srv.url, max_retries=2)
@@ -189,7 +189,7 @@ def test_concurrency_is_bounded_and_reached(concurrency):
             msgs = [[{"role": "user", "content": f"sentence {i}"}] for i in range(4 * concurrency)]
             return await asyncio.gather(*(c.complete(m) for m in msgs))
 
-    with FakeOpenAIServer(script) as srv:
+    with ScriptedServer(script) as srv:
         answers = asyncio.run(go(srv.url))
     assert len(answers) == 4 * concurrency
     assert peak == concurrency

@@ -10,9 +10,7 @@ from augment_fixtures import run_config
 from augment.journal import JournalEntry
 from augment.plan import make_plan
 from augment.processing import ProcessingChild, ProcessingError, split_truncated
-from augment.testing import (
-    good_answer,
-)
+from augment.scripted_server import good_answer
 
 
 def test_split_truncated_only_for_length_stops():

@@ -24,16 +24,9 @@ from augment.journal import read_journal, request_key
 from augment.plan import make_plan
 from augment.processing import ALL_REASONS, ProcessingChild, ProcessingError
 from augment.prompts import DEFAULT_CONTEXT_PROMPT, DEFAULT_MENTION_PROMPT
+from augment.rules import OPENERS, fake_mention, is_context_prompt, prompt_line
 from augment.runner import run
-from augment.testing import (
-    OPENERS,
-    FakeOpenAIServer,
-    Reply,
-    fake_mention,
-    good_script,
-    is_context_prompt,
-    prompt_line,
-)
+from augment.scripted_server import Reply, ScriptedServer, good_script
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS_FILES = ("unmasked.jsonl", "masked.jsonl", "rejected.jsonl")
@@ -100,7 +93,7 @@ def _snapshot(out: Path) -> dict[str, bytes]:
 
 
 def test_capped_run_spreads_over_sources_and_pays_only_for_the_cap(shared_data, tmp_path):
-    with FakeOpenAIServer(good_script()) as srv:
+    with ScriptedServer(good_script()) as srv:
         summary = run(run_config(shared_data, srv.url, tmp_path / "a"))
         n_requests = len(srv.requests)
     out = tmp_path / "a"
@@ -125,14 +118,14 @@ def test_capped_run_spreads_over_sources_and_pays_only_for_the_cap(shared_data, 
 
     # The same command again: everything comes from the journal and the files are unchanged.
     before = _snapshot(out)
-    with FakeOpenAIServer(good_script()) as srv:
+    with ScriptedServer(good_script()) as srv:
         again = run(run_config(shared_data, srv.url, out))
         assert srv.requests == []
     assert _snapshot(out) == before
     assert again.stats["requests"]["cached"] >= 2 * len(used)
 
     # A larger cap reuses every journalled answer and only asks for the rest.
-    with FakeOpenAIServer(good_script()) as srv:
+    with ScriptedServer(good_script()) as srv:
         bigger = run(run_config(shared_data, srv.url, out, cap=200))
         assert len(srv.requests) < n_requests + 2 * len(used) + 8
     assert bigger.stats["samples"]["selected"] == 200
@@ -140,9 +133,9 @@ def test_capped_run_spreads_over_sources_and_pays_only_for_the_cap(shared_data, 
 
 
 def test_transport_faults_change_nothing_in_the_corpus(shared_data, tmp_path):
-    with FakeOpenAIServer(good_script()) as srv:
+    with ScriptedServer(good_script()) as srv:
         run(run_config(shared_data, srv.url, tmp_path / "clean", cap=150))
-    with FakeOpenAIServer(fault_script(rate=0.3, slow_s=1.0)) as srv:
+    with ScriptedServer(fault_script(rate=0.3, slow_s=1.0)) as srv:
         summary = run(run_config(shared_data, srv.url, tmp_path / "faulty", cap=150, timeout=0.4))
         statuses = [r.status for r in srv.requests]
     assert summary.stats["requests"]["failed"] == 0
@@ -165,7 +158,7 @@ def test_failed_requests_are_listed_and_retried_by_the_next_run(shared_data, tmp
     out = tmp_path / "out"
     # Every source failed: a run with no sample is an error, which says how to retry.
     with (
-        FakeOpenAIServer(script) as srv,
+        ScriptedServer(script) as srv,
         pytest.raises(UserError, match=r"no samples: 5 requests failed .* run the same command again"),
     ):
         run(run_config(shared_data, srv.url, out, cap=30, max_retries=1, max_sources=5))
@@ -174,7 +167,7 @@ def test_failed_requests_are_listed_and_retried_by_the_next_run(shared_data, tmp
     assert "HTTP 500" in failed[0]["message"]
     assert json.loads((out / "stats.json").read_text())["sources"] == {"failed": 5, "not_tried": 917}
     broken["on"] = False
-    with FakeOpenAIServer(script) as srv:
+    with ScriptedServer(script) as srv:
         second = run(run_config(shared_data, srv.url, out, cap=30, max_retries=1, max_sources=5))
         assert {is_context_prompt(prompt_line(r.body)) for r in srv.requests} == {
             True
@@ -185,7 +178,7 @@ def test_failed_requests_are_listed_and_retried_by_the_next_run(shared_data, tmp
 
 def test_every_reason_code_is_recorded_with_the_raw_answer(shared_data, tmp_path):
     out = tmp_path / "out"
-    with FakeOpenAIServer(malformed_script()) as srv:
+    with ScriptedServer(malformed_script()) as srv:
         summary = run(run_config(shared_data, srv.url, out, cap=5000, max_sources=120))
     assert summary.status == "source_limit"
     assert any("fewer than the cap" in w for w in summary.warnings)
@@ -204,12 +197,12 @@ def test_every_reason_code_is_recorded_with_the_raw_answer(shared_data, tmp_path
 
 def test_a_cut_short_journal_line_is_tolerated(shared_data, tmp_path):
     out = tmp_path / "out"
-    with FakeOpenAIServer(good_script()) as srv:
+    with ScriptedServer(good_script()) as srv:
         run(run_config(shared_data, srv.url, out, cap=40))
     before = _snapshot(out)
     with (out / "journal.jsonl").open("a") as f:
         f.write('{"key": "abc", "source_id": "x", "ki')
-    with FakeOpenAIServer(good_script()) as srv:
+    with ScriptedServer(good_script()) as srv:
         summary = run(run_config(shared_data, srv.url, out, cap=40))
         assert srv.requests == []
     assert any("cut-short" in w for w in summary.warnings)
@@ -269,7 +262,7 @@ def _key_of(body: dict) -> str:
 def test_an_interrupted_run_resumes_to_the_same_corpus(shared_data, tmp_path, how):
     cap = 500
     clean, resumed = tmp_path / "clean", tmp_path / "resumed"
-    with FakeOpenAIServer(good_script(delay=0.05)) as srv:
+    with ScriptedServer(good_script(delay=0.05)) as srv:
         proc = subprocess.Popen(
             _cli(shared_data, srv.url, resumed, cap),
             env=_env(),
@@ -296,7 +289,7 @@ def test_an_interrupted_run_resumes_to_the_same_corpus(shared_data, tmp_path, ho
         assert done.returncode == 0, done.stderr.decode()
         resent = [r for r in srv.requests[n_before:] if _key_of(r.body) in journalled]
         assert resent == [], "a journalled request was sent again"
-    with FakeOpenAIServer(good_script()) as srv:
+    with ScriptedServer(good_script()) as srv:
         run(run_config(shared_data, srv.url, clean, cap=cap))
     assert _snapshot(resumed) == _snapshot(clean)
     keys = [json.loads(line)["key"] for line in (resumed / "journal.jsonl").read_text().splitlines()]
@@ -314,7 +307,7 @@ def test_a_processing_failure_stops_the_run_instead_of_hanging(shared_data, tmp_
         return future
 
     monkeypatch.setattr(ProcessingChild, "submit", broken)
-    with FakeOpenAIServer(good_script()) as srv, pytest.raises(ProcessingError, match="synthesis bug"):
+    with ScriptedServer(good_script()) as srv, pytest.raises(ProcessingError, match="synthesis bug"):
         run(run_config(shared_data, srv.url, tmp_path / "out", cap=50))
 
 
@@ -336,7 +329,7 @@ def test_auto_max_tokens_sizes_each_answer_to_its_sentence(shared_data, tmp_path
 
 def test_progress_leaves_what_the_journal_gave_out_of_the_pace(shared_data, tmp_path):
     out = tmp_path / "out"
-    with FakeOpenAIServer(good_script()) as srv:
+    with ScriptedServer(good_script()) as srv:
         first = run(run_config(shared_data, srv.url, out, cap=10_000, max_sources=6))
         seen = []
         run(run_config(shared_data, srv.url, out, cap=10_000, max_sources=10), on_progress=seen.append)

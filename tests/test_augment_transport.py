@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 import httpx2
 import pytest
 
-from augment.testing import FakeOpenAIServer
+from augment.scripted_server import ScriptedServer
 from augment.transport import LeanTransport, wants_default_transport
 
 # A connection handler gets (reader, writer, connection number from 0) and says what it likes.
@@ -266,7 +266,7 @@ def test_the_openai_server_stand_in_is_reached_through_the_transport():
         assert all(r.json()["data"][0]["id"] == "fake" for r in results)
         assert transport.connections_opened == 8  # concurrent requests: one connection each
 
-    with FakeOpenAIServer() as srv:
+    with ScriptedServer() as srv:
         asyncio.run(test(srv.url))
 
 

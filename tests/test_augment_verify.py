@@ -12,8 +12,9 @@ from fake_openai import stable_fraction
 from augment.config import AugmentConfig
 from augment.plan import make_plan
 from augment.prompts import PromptTemplate
+from augment.rules import OPENERS
 from augment.runner import run
-from augment.testing import OPENERS, FakeOpenAIServer, Reply, good_answer, verify_question
+from augment.scripted_server import Reply, ScriptedServer, good_answer, verify_question
 from augment.verify import (
     DEFAULT_VERIFY_PROMPT,
     LAST_LINE,
@@ -120,7 +121,7 @@ def _closed_port() -> int:
 
 def test_verify_rejects_denied_variants_and_journals_every_answer(shared_data, tmp_path):
     plain, checked = tmp_path / "plain", tmp_path / "checked"
-    with FakeOpenAIServer(_deny_some) as srv:
+    with ScriptedServer(_deny_some) as srv:
         run(_config(shared_data, srv.url, plain, cap=10_000, max_sources=6))
         summary = run(_config(shared_data, srv.url, checked, cap=10_000, max_sources=6, verify=True))
         sent = srv.completions()
@@ -174,11 +175,11 @@ def test_a_variant_is_rejected_only_for_what_its_source_was_said_to_state(shared
     def never(body, attempt):  # every question is denied, the sources' own included
         return Reply(text=good_answer(body) if verify_question(body) is None else "No.")
 
-    with FakeOpenAIServer(script) as srv:
+    with ScriptedServer(script) as srv:
         st = run(_config(shared_data, srv.url, tmp_path / "a", cap=10_000, max_sources=3, verify=True)).stats
     assert st["verification"]["variants_rejected"] == st["variants"]["context"]["rejected"] == 9
     assert st["variants"]["mention"]["accepted"] == 9 and st["variants"]["context"]["accepted"] == 0
-    with FakeOpenAIServer(never) as srv:
+    with ScriptedServer(never) as srv:
         st = run(_config(shared_data, srv.url, tmp_path / "b", cap=10_000, max_sources=3, verify=True)).stats
     assert st["verification"]["variants_rejected"] == 0  # the sources got "no" too: nothing to judge by
 
@@ -189,7 +190,7 @@ def test_the_summary_says_what_verification_did(shared_data, tmp_path, capsys, m
 
     monkeypatch.setenv("COLUMNS", "250")
     out = tmp_path / "out"
-    with FakeOpenAIServer(_deny_some) as srv:
+    with ScriptedServer(_deny_some) as srv:
         args = ["run", "--dataset", "conll04", "--data-dir", str(shared_data), "--base-url", srv.url]
         assert run_cli(build_parser(), [*args, "--out", str(out), "--max-sources", "3", "--verify"]) == 0
     printed = capsys.readouterr().out
@@ -202,7 +203,7 @@ def test_the_summary_says_what_verification_did(shared_data, tmp_path, capsys, m
 
 def test_verify_added_to_a_finished_run_reuses_its_rewrites(shared_data, tmp_path):
     out = tmp_path / "out"
-    with FakeOpenAIServer(_deny_some) as srv:
+    with ScriptedServer(_deny_some) as srv:
         run(_config(shared_data, srv.url, out, cap=10_000, max_sources=4))
         n_before = len(srv.completions())
         run(_config(shared_data, srv.url, out, cap=10_000, max_sources=4, verify=True))

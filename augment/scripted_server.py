@@ -1,15 +1,16 @@
-"""A scriptable OpenAI-compatible HTTP server on loopback, for tests and the benchmark.
+"""A scriptable OpenAI-compatible HTTP server on loopback: it serves ``--llm rules``, the tests
+and the benchmark.
 
 It speaks just enough of the chat-completions API for the corpus builder: ``GET /v1/models``
 and ``POST /v1/chat/completions``. What it answers is decided by a *script*, a function of the
 request body and how many times this exact prompt has been asked (1 on the first request), so a
 test can fail the first attempt of some prompts and answer the retry. The default script,
-:func:`good_answer`, reads the markup of the prompt's last user line (see DESIGN.md, "Prompt
-markup") and returns well-formed variants, deterministically, so two runs get the same answers.
+:func:`good_answer`, gives the rule-based rewrites of :mod:`augment.rules` (well-formed variants,
+deterministic, so two runs get the same answers).
 
 Run it on its own (the benchmark does, so that its threads do not share the runner's GIL)::
 
-    python -m augment.testing --delay 0.2      # prints "listening http://127.0.0.1:PORT/v1"
+    python -m augment.scripted_server --delay 0.2      # prints "listening http://127.0.0.1:PORT/v1"
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import re
 import socket
 import sys
 import threading
@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from augment.rules import rewrite_answer
 
 
 @dataclass(frozen=True)
@@ -60,64 +62,6 @@ class LoggedRequest:
     time: float
 
 
-def prompt_line(body: dict[str, Any]) -> str:
-    """The sentence to rewrite: the last line of the last user message (DESIGN.md markup)."""
-    users = [m for m in body.get("messages", []) if m.get("role") == "user"]
-    if not users:
-        return ""
-    content = users[-1].get("content") or ""
-    lines = [ln for ln in str(content).splitlines() if ln.strip()]
-    return lines[-1].strip() if lines else ""
-
-
-# One inline entity of a mention-rewriting prompt: {"<type>": "<mention>"} with JSON escapes.
-MENTION_MARKUP = re.compile(r'\{\s*"((?:[^"\\]|\\.)*)"\s*:\s*"((?:[^"\\]|\\.)*)"\s*\}')
-MASK = re.compile(r"<mask(\d+)>")
-
-# Made-up words, so that a rewritten mention never collides with the rest of a sentence and an
-# independent check can recognise what the server put in.
-_SYLLABLES = ["zor", "vel", "qua", "mir", "tes", "dol", "kan", "bri", "ulo", "fen", "gar", "pim"]
-OPENERS = ["Reportedly ,", "According to the report ,", "As noted earlier ,", "In this account ,"]
-
-
-def _digest(*parts: object) -> int:
-    return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:8], "big")
-
-
-def fake_mention(entity_type: str, original: str, variant: int) -> str:
-    """A deterministic made-up mention of one to two capitalised words (one token each)."""
-    h = _digest(entity_type, original, variant)
-    n_words = 1 + h % 2
-    words = []
-    for w in range(n_words):
-        hw = _digest(h, w)
-        word = "".join(_SYLLABLES[(hw >> (4 * s)) % len(_SYLLABLES)] for s in range(3))
-        words.append(word.capitalize())
-    return " ".join(words)
-
-
-def is_context_prompt(line: str) -> bool:
-    return MASK.search(line) is not None
-
-
-def mention_variant(line: str, variant: int) -> tuple[str, list[str]]:
-    """Rewrite every inline entity of ``line``; returns the variant text and the new mentions."""
-    mentions: list[str] = []
-
-    def swap(m: re.Match[str]) -> str:
-        etype, original = json.loads(f'"{m.group(1)}"'), json.loads(f'"{m.group(2)}"')
-        new = fake_mention(etype, original, variant)
-        mentions.append(new)
-        return json.dumps({etype: new}, ensure_ascii=False)
-
-    return MENTION_MARKUP.sub(swap, line), mentions
-
-
-def context_variant(line: str, variant: int) -> str:
-    """Keep every ``<maskN>`` and change the words around them (an opener phrase)."""
-    return f"{OPENERS[variant % len(OPENERS)]} {line}"
-
-
 def verify_question(body: dict[str, Any]) -> str | None:
     """The question of a verification prompt (``--verify``), or None for a rewrite prompt.
     Verification prompts ask it on a ``Question:`` line of the last user message."""
@@ -128,16 +72,11 @@ def verify_question(body: dict[str, Any]) -> str | None:
 
 
 def good_answer(body: dict[str, Any], k: int = 3) -> str:
-    """``k`` numbered, well-formed variants of the prompt's sentence (or, for a verification
-    prompt, "yes")."""
+    """``k`` numbered, well-formed variants of the prompt's sentence (the rule-based rewrites of
+    :mod:`augment.rules`), or, for a verification prompt, "yes"."""
     if verify_question(body) is not None:
         return "yes"
-    line = prompt_line(body)
-    if is_context_prompt(line):
-        variants = [context_variant(line, i) for i in range(k)]
-    else:
-        variants = [mention_variant(line, i)[0] for i in range(k)]
-    return "\n".join(f"{i + 1}. {v}" for i, v in enumerate(variants))
+    return rewrite_answer(body, k)
 
 
 def good_script(k: int = 3, delay: float = 0.0) -> Script:
@@ -152,7 +91,7 @@ def prompt_digest(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body.get("messages"), sort_keys=True).encode()).hexdigest()
 
 
-class FakeOpenAIServer:
+class ScriptedServer:
     """A ThreadingHTTPServer on 127.0.0.1 in a background thread; use it as a context manager."""
 
     def __init__(self, script: Script | None = None, host: str = "127.0.0.1", port: int = 0):
@@ -172,7 +111,7 @@ class FakeOpenAIServer:
         """The base URL an OpenAI client takes (with ``/v1``)."""
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def start(self) -> FakeOpenAIServer:
+    def start(self) -> ScriptedServer:
         # A short poll interval so that stop() returns at once (tests start many servers).
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True, name="fake-openai"
@@ -186,7 +125,7 @@ class FakeOpenAIServer:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def __enter__(self) -> FakeOpenAIServer:
+    def __enter__(self) -> ScriptedServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -245,7 +184,7 @@ def _completion_body(body: dict[str, Any], reply: Reply) -> bytes:
     return json.dumps(payload).encode()
 
 
-def _make_handler(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
+def _make_handler(server: ScriptedServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as real endpoints do
         # Headers and body go out in separate writes; with Nagle's algorithm on, the second
@@ -316,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
     parser.add_argument("--variants", type=int, default=3)
     args = parser.parse_args(argv)
-    server = FakeOpenAIServer(good_script(args.variants, args.delay), port=args.port)
+    server = ScriptedServer(good_script(args.variants, args.delay), port=args.port)
     server.start()
     print(f"listening {server.url}", flush=True)
     try:
