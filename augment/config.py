@@ -86,7 +86,7 @@ class AugmentConfig(BaseModel):
     llm: Literal["api", "local", "rules"] = Field(
         default="api",
         description="'api': the endpoint of --base-url; 'local': the embedded llama.cpp model, offline; "
-        "'rules': no LLM, invented names and unchanged contexts (augment/rules.py), offline in seconds",
+        "'rules': no LLM, invented names and an opener phrase (augment/rules.py), offline in seconds",
     )
     gguf: str | None = Field(
         default=None, description="any GGUF model file for --llm local, instead of --local-model"
