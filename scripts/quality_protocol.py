@@ -14,7 +14,8 @@ Per seed:
    ``benchmarks/quality/conll04/<setting>/seed<k>/predictions.jsonl`` and ``metrics.json``, and the
    decoding ablations on the ``full`` checkpoints (``no_constraint``: no anchor-guided filter;
    ``no_aggregation``: forward relations only; ``no_both``; ``span_anchor``: the constraint on
-   mention spans only) and on the ``ce`` checkpoints (``ce_only``: the shared starting point).
+   mention spans only) and on the ``ce`` checkpoints (``ce_only``: the shared starting point;
+   after pretraining only this one, ``pretrain_NAME_ce_only``).
 
 Every step is a command of the product (printed before it runs) and is skipped when its output
 exists, so the protocol can be stopped and started again; training steps resume from their
@@ -351,9 +352,10 @@ def main() -> None:
                 train(args, setting, seed)
             if "eval" in steps:
                 evaluate(args, setting, setting, seed, [])
-        if "eval" in steps and not args.prefix:
+        if "eval" in steps:
             for name, (trained, flags) in DECODING.items():
-                if trained == "ce" or trained in settings:
+                # After pretraining only ce_only: what the second stage adds from that start.
+                if trained == "ce" or (trained in settings and not args.prefix):
                     evaluate(args, name, trained, seed, flags)
 
 
