@@ -70,8 +70,8 @@ CE_STOP_AFTER_EPOCH = 24
 # corpus, then the unmasked one without and with alignment), at a constant learning rate as in the
 # paper; the cross-entropy stage then starts from its final model.
 PRETRAIN_CONFIG = "pretrain/configs/conll04.yaml"
+PRETRAIN_EPOCHS = "2,3,5"  # of the 1,000-sample corpora; a larger corpus is given fewer (--pretrain-epochs)
 PRETRAIN = [
-    "--phases.epochs=[2,3,5]",
     "--optim.lr=1e-4",
     "--optim.schedule=constant",
     "--optim.warmup_ratio=0.06",
@@ -187,7 +187,13 @@ def pretrain(args: argparse.Namespace, seed: int) -> None:
     if (out / "final").is_dir():
         return
     cmd = [sys.executable, "pretrain/run.py", "--config", PRETRAIN_CONFIG, f"--data-dir={args.data_dir}"]
-    cmd += [*COMMON, *PRETRAIN, f"--data.corpus-dir={args.corpus}", f"--seed={seed}", f"--output-dir={out}"]
+    cmd += [
+        *COMMON,
+        *PRETRAIN,
+        f"--phases.epochs=[{args.pretrain_epochs}]",
+        f"--data.corpus-dir={args.corpus}",
+    ]
+    cmd += [f"--seed={seed}", f"--output-dir={out}"]
     run(cmd, args.dry_run)
 
 
@@ -323,6 +329,11 @@ def main() -> None:
         "--pretrain",
         metavar="NAME=DIR",
         help="pretrain on the augment corpus in DIR first; runs and results are named pretrain_NAME",
+    )
+    p.add_argument(
+        "--pretrain-epochs",
+        default=PRETRAIN_EPOCHS,
+        help=f"epochs of the three pretraining phases (default {PRETRAIN_EPOCHS}, for 1,000 samples)",
     )
     p.add_argument("--runs", type=Path, default=REPO / "runs" / "quality" / "conll04", help="run folders")
     p.add_argument(
