@@ -4,7 +4,8 @@ the config comparison on resume, and the export of a model directory.
 Run folder::
 
     checkpoints/<tag>/        the DeepSpeed state (model, optimizer), train_state.json (phase, epoch,
-                              step, switch, best score), train_config.yaml, rng-rank<R>.pt
+                              step, switch, best score), train_config.yaml, rng-rank<R>.pt, and
+                              ema.pt (the moving average of the weights, with optim.ema_decay)
     checkpoints/latest        the tag to resume from (written last by DeepSpeed, so a run killed
                               mid-save resumes from the previous checkpoint)
     best/, final/             model directories (``AnchorAlignModel.save_pretrained``; loadable
@@ -30,6 +31,7 @@ from torch import nn
 
 from anchoralign import distributed
 from anchoralign.config import CONFIG_FILE, TrainConfig, config_differences, load_config, save_config
+from anchoralign.ema import EMA_FILE, WeightAverage
 from anchoralign.errors import UserError
 from anchoralign.files import atomic_write_text
 
@@ -74,8 +76,9 @@ class Checkpointer:
         engine: Any,
         out: Path,
         reload: Callable[[Path], nn.Module] | None = None,
+        ema: WeightAverage | None = None,
     ):
-        self.cfg, self.engine, self.out = cfg, engine, out
+        self.cfg, self.engine, self.out, self.ema = cfg, engine, out, ema
         self.dir = out / CHECKPOINTS
         self.reload = reload  # directory -> model, for evaluating under ZeRO-3
         self.rank = distributed.rank()
@@ -90,6 +93,8 @@ class Checkpointer:
         if distributed.is_main():
             save_config(self.cfg, path / CONFIG_FILE)
             atomic_write_text(path / STATE_FILE, json.dumps(asdict(state), indent=2) + "\n")
+            if self.ema is not None:  # the same on every rank: the weights are
+                self.ema.save(path / EMA_FILE)
         self.engine.save_checkpoint(str(self.dir), tag=tag, client_state={"train_state": asdict(state)})
         distributed.barrier()
         if distributed.is_main():
@@ -122,6 +127,12 @@ class Checkpointer:
         if not rng_file.is_file():
             raise UserError(f"{rng_file}: missing; delete {self.dir} or pass --checkpoint.resume=false")
         set_rng_state(torch.load(rng_file, weights_only=True))
+        if self.ema is not None:
+            if not (path / EMA_FILE).is_file():
+                raise UserError(
+                    f"{path / EMA_FILE}: missing; delete {self.dir} or pass --checkpoint.resume=false"
+                )
+            self.ema.load(path / EMA_FILE)
         return TrainState.from_dict(client["train_state"])
 
     def _check_same_config(self, saved: Path) -> None:

@@ -133,6 +133,13 @@ class OptimConfig(Section):
     )
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="decay ends at lr * min_lr_ratio")
     clip: float = Field(1.0, ge=0, description="gradient-norm clipping (0: off)")
+    ema_decay: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="evaluate, select and export a moving average of the weights kept with this decay "
+        "per optimizer step, e.g. 0.99 (0: off; anchoralign.ema)",
+    )
     micro_batch_size: int = Field(8, ge=1, description="samples per rank per forward pass")
     grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
 
@@ -186,6 +193,12 @@ class DecodeConfig(Section):
         "and type (typed), the same span (span, the relation keeps its own types), or keep all (off)",
     )
     constrained: bool = Field(True, description="decode within the output grammar")
+    eos_penalty: float = Field(
+        0.0,
+        description="subtracted from the logit of <eos> at every step of every decoder: above 0 the "
+        "decoders stop later and write more mentions and relations (recall for precision), below 0 "
+        "fewer; choose it on dev",
+    )
 
     @field_validator("anchor", mode="before")
     @classmethod

@@ -280,6 +280,10 @@ def _advance(
 ) -> None:
     """One decoding step of one decoder over all its rows."""
     logits = model.decoder_logits(name, r.tokens[:, -1:], state, r.cache)[:, -1].float()
+    if cfg.eos_penalty:
+        # Generative extractors stop early: precision runs well above recall. A finished row
+        # has <eos> as its only legal id, so the shift costs it nothing after the step it ended.
+        logits[:, EOS] -= cfg.eos_penalty
     if cfg.constrained:
         legal = grammar.mask(r.state, r.last, state.vocab_mask, r.anchor)
         legal[:, EOS] |= ~legal.any(1)  # a state with no legal id (a label set without relations) ends

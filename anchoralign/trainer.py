@@ -10,6 +10,9 @@ reached the threshold) or ``plateau`` (the dev score has not improved for ``pati
 evaluations); its remaining epochs then run with alignment on, so the number of steps is fixed in
 advance. The alignment terms grow in over ``loss.ramp_steps`` steps.
 
+With ``optim.ema_decay`` the evaluations, ``best/`` and ``final/`` use the moving average of the
+weights (``anchoralign.ema``); training continues from the raw weights.
+
 The learning rate of a step is the phase's (``optim.lr``, one value or one per phase) times the
 warm-up/decay factor of the stage times the parameter's multiplier (``optim.new_lr_mult`` for the
 parameters the backbone did not provide); it is set on the optimizer before every update, so it
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -34,7 +38,8 @@ from anchoralign import distributed
 from anchoralign.batching import Item
 from anchoralign.checkpoint import Checkpointer, TrainState
 from anchoralign.config import TrainConfig
-from anchoralign.deepspeed_config import deepspeed_config, describe_zero
+from anchoralign.deepspeed_config import deepspeed_config, describe_zero, effective_zero_stage
+from anchoralign.ema import WeightAverage
 from anchoralign.errors import UserError
 from anchoralign.evaluation import Collate, EvalResult, Evaluate, LossFn, to_device
 from anchoralign.losses import LOSS_KEYS, describe_terms, ramp_factor, term_weights
@@ -98,8 +103,13 @@ class Trainer:
         planned = sum(self.epoch_steps)
         self.total_steps = min(planned, cfg.trainer.max_steps) if cfg.trainer.max_steps else planned
         self.warmup = warmup_steps_for(self.total_steps, optim.warmup_ratio)
+        if cfg.optim.ema_decay and effective_zero_stage(cfg, self.world) == 3:
+            raise UserError(
+                "optim.ema_decay needs whole parameters on every rank: use trainer.zero_stage 0, 1 or 2"
+            )
         self.engine = self._deepspeed_engine()
-        self.checkpoints = Checkpointer(cfg, self.engine, self.out, reload)
+        self.ema = self._weight_average()
+        self.checkpoints = Checkpointer(cfg, self.engine, self.out, reload, self.ema)
 
     def _deepspeed_engine(self):
         import deepspeed
@@ -113,6 +123,14 @@ class Trainer:
             # buffer and back (a tenth of a MiniLM step on CPU).
             engine.enable_backward_allreduce = False
         return engine
+
+    def _weight_average(self) -> WeightAverage | None:
+        decay = self.cfg.optim.ema_decay
+        return WeightAverage(self.engine.module, decay) if decay else None
+
+    def averaged(self) -> AbstractContextManager[object]:
+        """The module with the averaged weights in place (``optim.ema_decay``), or as it is."""
+        return self.ema.applied(self.engine.module) if self.ema is not None else nullcontext()
 
     @property
     def device(self) -> torch.device:
@@ -163,6 +181,8 @@ class Trainer:
             self.engine.step()
             for k in LOSS_KEYS:
                 sums[k] += terms[k].detach().float()
+        if self.ema is not None:
+            self.ema.update(self.engine.module)
         return {k: v / len(micro_batches) for k, v in sums.items()}
 
     def _teacher(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
@@ -205,9 +225,14 @@ class Trainer:
 
     def evaluate(self) -> EvalResult | None:
         """Score the eval split, log it, keep the best model and maybe end the gate phase."""
-        st, cfg = self.state, self.cfg
+        st = self.state
         if self.evaluator is None or st.last_eval_step == st.global_step:
             return None
+        with self.averaged():
+            return self._evaluate()
+
+    def _evaluate(self) -> EvalResult:
+        st, cfg = self.state, self.cfg
         self.engine.eval()
         try:
             # The free-running validity matters only until the gate phase has ended.
@@ -304,7 +329,8 @@ class Trainer:
         if st.done:
             # Killed between the last checkpoint and the export: export now.
             if not distributed.broadcast_object(final.is_dir()):
-                self.checkpoints.export(final)
+                with self.averaged():
+                    self.checkpoints.export(final)
             self.log.info(f"{self.cfg.stage}: this run already finished; the model is in {final}")
             return final
         self.log.keep_metrics(st.metrics_rows if resumed else 0)
@@ -336,7 +362,8 @@ class Trainer:
         self.evaluate()
         st.done = True
         self.save_checkpoint()
-        self.checkpoints.export(final)
+        with self.averaged():
+            self.checkpoints.export(final)
         best = (
             f"; best {self.cfg.eval.split} score {st.best_score:.2f} at step {st.best_step}"
             if st.best_step
@@ -406,7 +433,13 @@ class Trainer:
             f"{cfg.stage}: {self.world} rank(s), global batch {self.global_batch} "
             f"(micro {o.micro_batch_size} x accumulation {o.grad_accum} x {self.world}), {describe_zero(self.cfg, self.world, self.engine.zero_optimization_stage())}, "
             f"{cfg.trainer.precision}, {self.total_steps} steps, warm-up {self.warmup}, {o.schedule} schedule, "
-            f"lr {lrs} by phase" + (f" (x{o.new_lr_mult:g} for new parameters)" if o.new_lr_mult != 1 else "")
+            f"lr {lrs} by phase"
+            + (f" (x{o.new_lr_mult:g} for new parameters)" if o.new_lr_mult != 1 else "")
+            + (
+                f"; evaluated and exported: the moving average of the weights, decay {o.ema_decay:g}"
+                if self.ema
+                else ""
+            )
         )
         for i, p in enumerate(self.phases):
             n = len(self.train_sets[p.data]) if p.data in self.train_sets else 0

@@ -94,6 +94,8 @@ SETTINGS = {
     "no_ner_re": ["--loss.ner_re=false"],
     "no_fwd_rev": ["--loss.fwd_rev=false"],
     "no_suppress": ["--loss.suppress=false"],
+    # The full method with its evaluations, best/ and final/ on the moving average of the weights.
+    "ema": ["--trainer.grad_norm_every=58", "--optim.ema_decay=0.99"],
 }
 # Weight choices tried on dev (seed 1): alpha = beta = w, gamma = w / 10.
 SWEEP = {

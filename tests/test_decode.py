@@ -154,15 +154,17 @@ def model():
     return tiny_model().eval()
 
 
-def reference_greedy(model, batch, name: str, steps: int) -> list[list[int]]:
-    """Greedy constrained decoding that re-reads the whole prefix at every step (no cache)."""
+def reference_greedy(model, batch, name: str, steps: int, eos_shift: float = 0.0) -> list[list[int]]:
+    """Greedy constrained decoding that re-reads the whole prefix at every step (no cache), with
+    ``eos_shift`` subtracted from the logit of <eos>."""
     state = model.encode(batch)
     g = Grammar.for_decoder(name, model.labels, model.paradigm, CPU)
     n = batch["input_ids"].shape[0]
     ids = torch.zeros(n, 1, dtype=torch.long)
     gstate, last, anchor = torch.full((n,), START), torch.full((n,), -1), torch.full((n,), -1)
     for _ in range(steps):
-        logits = model.decoder_logits(name, ids, state)[:, -1]
+        logits = model.decoder_logits(name, ids, state)[:, -1].clone()
+        logits[:, EOS] -= eos_shift
         legal = g.mask(gstate, last, state.vocab_mask, anchor)
         nxt = logits.masked_fill(~legal, float("-inf")).argmax(-1)
         gstate, last, anchor = g.step(gstate, nxt, anchor)
@@ -181,6 +183,25 @@ def test_cached_batched_greedy_matches_decoding_without_cache(model):
             n = len(got)
             assert got == want[:n]
             assert got[-1] == EOS or n == steps
+
+
+@torch.no_grad()
+def test_eos_penalty_moves_only_the_decision_to_stop(model):
+    batch = model.collator().inputs(toy_samples())
+    steps = 12
+    plain = generate(model, batch, DecodeConfig(max_len=steps))
+    shifted = generate(model, batch, DecodeConfig(max_len=steps, eos_penalty=2.0))
+    for name in ("ner", "fwd", "rev"):
+        ref = reference_greedy(model, batch, name, steps, eos_shift=2.0)
+        for got, want in zip(shifted[name][0], ref, strict=True):
+            assert got == want[: len(got)]
+            assert got[-1] == EOS or len(got) == steps
+        for longer, base in zip(shifted[name][0], plain[name][0], strict=True):
+            assert len(longer) >= len(base)  # the same greedy path until it would have stopped
+            assert longer[: len(base) - 1] == base[:-1]
+    # A penalty below 0 stops every decoder where it may first stop: before writing anything.
+    eager = generate(model, batch, DecodeConfig(max_len=steps, eos_penalty=-1e4))
+    assert all(ids == [EOS] for name in ("ner", "fwd", "rev") for ids in eager[name][0])
 
 
 def sequence_log_prob(model, batch, row: int, name: str, ids: list[int]) -> float:
