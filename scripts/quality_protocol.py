@@ -9,7 +9,8 @@ Per seed:
    checkpoint of the seed;
 2. one alignment phase per setting, each from that same checkpoint, so that only the alignment
    phase differs: ``full`` (alignment and suppression), ``no_alignment`` (the same epochs with
-   cross-entropy only), ``no_ner_re``, ``no_fwd_rev``, ``no_suppress``; ``best/`` by dev again;
+   cross-entropy only), ``no_ner_re``, ``no_fwd_rev``, ``no_suppress``, ``ema`` (``full``
+   evaluated, selected and exported on the moving average of the weights); ``best/`` by dev again;
 3. ``anchoralign evaluate`` of each ``best/`` on test, written as
    ``benchmarks/quality/conll04/<setting>/seed<k>/predictions.jsonl`` and ``metrics.json``, and the
    decoding ablations on the ``full`` checkpoints (``no_constraint``: no anchor-guided filter;
