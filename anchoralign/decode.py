@@ -22,6 +22,9 @@ output unparseable, so every output parses with nothing dropped (``linearize`` r
 ``constrained=False`` (ablation) allows every valid id at every step; the parser then recovers
 what it can and ``Prediction.valid`` says whether it had to drop anything.
 
+Stopping: ``eos_penalty`` is subtracted from the logit of ``<eos>`` at every step, so that the
+decoders go on writing where ending was only slightly more likely (recall for precision).
+
 Length: a decoder may write at most ``max_len`` tokens, by default ``3 * n_words + 16`` for a
 sentence of ``n_words`` (every target of the bundled datasets' training sets fits in
 ``3 * n_words + 1``), and never more than the decoder's positions. A row that reaches its bound
