@@ -24,7 +24,8 @@ checkpoints. ``--summary`` prints the table of means and standard deviations fro
 metrics, re-scored from the committed predictions against the gold test file read directly.
 
 With ``--pretrain NAME=DIR`` every seed is first pretrained on the augment corpus in DIR, and the
-cross-entropy stage starts from that model: the settings ``pretrain_NAME`` (and
+cross-entropy stage starts from that model (with ``--ce-epochs N``, a stage 1 of N epochs on its
+own full schedule instead of 24 of 30): the settings ``pretrain_NAME`` (and
 ``pretrain_NAME_<setting>`` for others than ``full``) compare with ``full``, which has no pretraining.
 
     python scripts/quality_protocol.py --data-dir ../shared/data --seeds 1,2,3
@@ -65,8 +66,10 @@ COMMON = [
 # 1. Cross-entropy until convergence: 2 curriculum epochs, then 28 on the whole training set, on
 # that schedule, but stopped after epoch CE_STOP_AFTER_EPOCH (the learning rate is then still at
 # a fifth of its peak: the schedule is not shortened).
-CE = ["--phases.epochs=[2,28,0]", "--optim.lr=1e-4", "--optim.warmup_ratio=0.06"]
+CE = ["--optim.lr=1e-4", "--optim.warmup_ratio=0.06"]
 CE_STOP_AFTER_EPOCH = 24
+# With --ce-epochs N (after pretraining, stage 1 is flat from about epoch 3-5): 2 + (N - 2) epochs,
+# the whole schedule, nothing stopped.
 # 0. With --pretrain: stage 1 on an augmented corpus first (Entity Type Understanding on the masked
 # corpus, then the unmasked one without and with alignment), at a constant learning rate as in the
 # paper; the cross-entropy stage then starts from its final model.
@@ -205,7 +208,8 @@ def train(args: argparse.Namespace, setting: str, seed: int) -> None:
     if (out / "final").is_dir() or (out / "stopped.txt").is_file():
         return
     start = run_dir(args, "pretrain", seed) / "final" if args.prefix else None
-    ce = [f"--init-from={start or 'null'}", *CE]
+    epochs = "2,28" if args.ce_epochs is None else f"2,{args.ce_epochs - 2}"
+    ce = [f"--init-from={start or 'null'}", f"--phases.epochs=[{epochs},0]", *CE]
     stage = ce if setting == "ce" else [f"--init-from={run_dir(args, 'ce', seed) / 'best'}", *ALIGN]
     extra = [] if setting == "ce" else {**SETTINGS, **SWEEP}[setting]
     cmd = [
@@ -218,7 +222,7 @@ def train(args: argparse.Namespace, setting: str, seed: int) -> None:
         *stage,
     ]
     cmd = [*cmd, *extra, f"--seed={seed}", f"--output-dir={out}"]
-    if setting == "ce":
+    if setting == "ce" and args.ce_epochs is None:
         run_until_epoch(cmd, out, CE_STOP_AFTER_EPOCH, args.dry_run)
     else:
         run(cmd, args.dry_run)
@@ -338,6 +342,12 @@ def main() -> None:
         default=PRETRAIN_EPOCHS,
         help=f"epochs of the three pretraining phases (default {PRETRAIN_EPOCHS}, for 1,000 samples)",
     )
+    p.add_argument(
+        "--ce-epochs",
+        type=int,
+        help=f"stage 1 in N epochs, schedule and all (default: {CE_STOP_AFTER_EPOCH} of a 30-epoch schedule); "
+        "give the runs their own name (--pretrain NAME=DIR)",
+    )
     p.add_argument("--runs", type=Path, default=REPO / "runs" / "quality" / "conll04", help="run folders")
     p.add_argument(
         "--out", type=Path, default=REPO / "benchmarks" / "quality" / "conll04", help="committed results"
@@ -346,6 +356,8 @@ def main() -> None:
     p.add_argument("--summary", action="store_true", help="print the table of the committed results")
     args = p.parse_args()
     args.data_dir = args.data_dir.resolve()
+    if args.ce_epochs is not None and args.ce_epochs < 3:
+        p.error("--ce-epochs: at least 3 (2 of curriculum warm-up, then the whole training set)")
     args.prefix, args.corpus = "", None
     if args.pretrain:
         name, _, corpus = args.pretrain.partition("=")
