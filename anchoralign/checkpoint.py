@@ -93,7 +93,7 @@ class Checkpointer:
         if distributed.is_main():
             save_config(self.cfg, path / CONFIG_FILE)
             atomic_write_text(path / STATE_FILE, json.dumps(asdict(state), indent=2) + "\n")
-            if self.ema is not None:  # the same on every rank: the weights are
+            if self.ema is not None:  # equal on every rank, as the whole weights it follows are
                 self.ema.save(path / EMA_FILE)
         self.engine.save_checkpoint(str(self.dir), tag=tag, client_state={"train_state": asdict(state)})
         distributed.barrier()

@@ -284,8 +284,8 @@ def _advance(
     """One decoding step of one decoder over all its rows."""
     logits = model.decoder_logits(name, r.tokens[:, -1:], state, r.cache)[:, -1].float()
     if cfg.eos_penalty:
-        # Generative extractors stop early: precision runs well above recall. A finished row
-        # has <eos> as its only legal id, so the shift costs it nothing after the step it ended.
+        # A finished row has <eos> as its only legal id, so the shift costs it nothing after
+        # the step it ended at: only the decision to stop moves.
         logits[:, EOS] -= cfg.eos_penalty
     if cfg.constrained:
         legal = grammar.mask(r.state, r.last, state.vocab_mask, r.anchor)
