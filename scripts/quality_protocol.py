@@ -68,8 +68,8 @@ COMMON = [
 # a fifth of its peak: the schedule is not shortened).
 CE = ["--optim.lr=1e-4", "--optim.warmup_ratio=0.06"]
 CE_STOP_AFTER_EPOCH = 24
-# With --ce-epochs N (after pretraining, stage 1 is flat from about epoch 3-5): 2 + (N - 2) epochs,
-# the whole schedule, nothing stopped.
+# With --ce-epochs N: 2 + (N - 2) epochs on their own schedule, nothing stopped (12 after
+# pretraining scored below 24 of 30: BENCHMARKS.md).
 # 0. With --pretrain: stage 1 on an augmented corpus first (Entity Type Understanding on the masked
 # corpus, then the unmasked one without and with alignment), at a constant learning rate as in the
 # paper; the cross-entropy stage then starts from its final model.
