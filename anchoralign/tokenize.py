@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 
 # Abbreviations that keep their period, as in the PTB-tokenised benchmarks (Sen. Smith, Acme Inc.).
-_ABBREVIATIONS = (  # noqa: SIM905 (a word list reads better as one string)
+ABBREVIATIONS = (  # noqa: SIM905 (a word list reads better as one string)
     "Mr Mrs Ms Dr Prof Sen Rep Gov Gen Lt Col Capt Sgt Rev St Jr Sr Inc Corp Co Ltd Bros No vs etc al "
     "Jan Feb Mar Apr Jun Jul Aug Sep Sept Oct Nov Dec "
     "Ala Ariz Ark Calif Colo Conn Del Fla Ga Ill Ind Kan Ky La Md Mass Mich Minn Miss Mo Mont Neb Nev "
@@ -27,7 +27,7 @@ _WORD = re.compile(
     r"""
     (?:[^\W_]\.){2,}            # abbreviations like U.S. or e.g.
   | (?i:"""
-    + "|".join(_ABBREVIATIONS)
+    + "|".join(ABBREVIATIONS)
     + r""")\.(?!\w)             # known abbreviations keep their period
   | [A-Z]\.(?=\s)              # initials: John F. Kennedy
   | ``|''|--|\.\.\.|and/or       # PTB quotes, dashes and ellipses stay one token

@@ -20,6 +20,7 @@ from anchoralign import config_tree
 from anchoralign.errors import UserError
 from anchoralign.files import atomic_write_text
 from augment.local_models import DEFAULT_LOCAL_MODEL
+from augment.rules import NameStyle
 
 DEEPSEEK_URL = "https://api.deepseek.com"
 DEEPSEEK_MODEL = "deepseek-chat"
@@ -27,9 +28,9 @@ DEEPSEEK_KEY_ENV = "DEEPSEEK_API_KEY"
 OTHER_KEY_ENV = "OPENAI_API_KEY"
 # Local servers (llama.cpp, vLLM, Ollama) accept any key; the SDK insists on a non-empty one.
 PLACEHOLDER_KEY = "no-key-needed"
-# The model name of --llm rules: part of every request key, so its answers never mix with an
-# LLM's in one journal (a new rule set gets a new version).
-RULES_MODEL = "rules:v1"
+# The model name of --llm rules, by name style: part of every request key, so its answers never
+# mix with an LLM's or the other style's in one journal (a new rule set gets a new version).
+RULES_MODELS = {"invented": "rules:v1", "shaped": "rules:shaped-v1"}
 # The embedded server answers one request at a time: two in flight keep it busy while the
 # runner journals and parses the other. Answers are sized to what was asked (see
 # augment.plan.answer_budget). No bound on the sources: a run says its goal at start and shows a
@@ -88,6 +89,11 @@ class AugmentConfig(BaseModel):
         description="'api': the endpoint of --base-url; 'local': the embedded llama.cpp model, offline; "
         "'rules': no LLM, invented names and an opener phrase (augment/rules.py), offline in seconds",
     )
+    rules_names: NameStyle | None = Field(
+        default=None,
+        description="mentions of --llm rules: 'invented' (the default; one or two made-up words) or "
+        "'shaped' (the original's shape kept: words, case, digits, punctuation; augment/rules.py)",
+    )
     gguf: str | None = Field(
         default=None, description="any GGUF model file for --llm local, instead of --local-model"
     )
@@ -129,6 +135,8 @@ class AugmentConfig(BaseModel):
             )
         if self.llm == "rules" and self.verify:
             raise ValueError("verify needs an LLM to ask: it cannot be combined with llm 'rules'")
+        if self.rules_names is not None and self.llm != "rules":
+            raise ValueError("rules_names is only used with llm 'rules'")
         if self.gguf is not None and self.llm != "local":
             raise ValueError("gguf is only used with llm 'local'")
         if self.local_model is not None:
@@ -165,7 +173,8 @@ class AugmentConfig(BaseModel):
             if self.model is None:
                 values["model"] = f"local:{self.local_gguf_name(values['local_model'])}"
         elif self.llm == "rules":
-            values["model"] = self.model or RULES_MODEL
+            values["rules_names"] = self.rules_names or "invented"
+            values["model"] = self.model or RULES_MODELS[values["rules_names"]]
         else:
             values["base_url"] = self.base_url or DEEPSEEK_URL
             values["model"] = self.model or DEEPSEEK_MODEL

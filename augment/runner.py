@@ -686,8 +686,10 @@ def _endpoint(cfg: AugmentConfig, say: Callable[[str], None]) -> Iterator[str]:
         from augment.rules import rewrite_answer
         from augment.scripted_server import Reply, ScriptedServer
 
-        say("no LLM (--llm rules): mentions get invented names, contexts an opener phrase")
-        with ScriptedServer(lambda body, _attempt: Reply(text=rewrite_answer(body, cfg.variants))) as srv:
+        style = cfg.rules_names or "invented"
+        say(f"no LLM (--llm rules): mentions get {style} names, contexts an opener phrase")
+        answer = lambda body, _attempt: Reply(text=rewrite_answer(body, cfg.variants, style))  # noqa: E731
+        with ScriptedServer(answer) as srv:
             yield srv.url
         return
     if cfg.llm != "local":

@@ -13,6 +13,7 @@ from fake_openai import malformed_script, stable_fraction
 
 from anchoralign.cli import run_cli
 from anchoralign.datasets import load_split
+from anchoralign.tokenize import tokenize
 from augment.cli import build_parser
 from augment.runner import UNUSABLE_AFTER_SOURCES
 from augment.scripted_server import Reply, ScriptedServer, good_answer, good_script
@@ -283,6 +284,36 @@ def test_rules_build_a_corpus_offline_with_invented_names_and_no_key(shared_data
             assert names == originals and sample["tokens"][0] in {"Reportedly", "According", "As", "In"}
 
 
+def test_rules_shaped_names_keep_each_mention_shape_under_their_own_model_name(shared_data, tmp_path):
+    out = tmp_path / "shaped"
+    argv = ["run", "--dataset", "conll04", "--data-dir", str(shared_data), "--llm", "rules"]
+    assert (
+        cli(*argv, "--rules-names", "shaped", "--variants", "1", "--max-sources", "10", "--out", str(out))
+        == 0
+    )
+    stats = json.loads((out / "stats.json").read_text())
+    # Its own model name: a journal never answers one style's request with the other's.
+    assert stats["model"] == "rules:shaped-v1" and stats["samples"]["selected"] == 30
+    assert json.loads((out / "config.json").read_text())["rules_names"] == "shaped"
+    sources = {s.id: s for s in load_split("conll04", "train", str(shared_data))}
+    n_mentions = 0
+    for line in (out / "unmasked.jsonl").open():
+        sample = json.loads(line)
+        if sample["origin"] != "mention":
+            continue
+        source = sources[sample["source_id"]]
+        news = sorted(sample["entities"], key=lambda e: e["start"])
+        for e, o in zip(news, sorted(source.entities, key=lambda e: e.start), strict=True):
+            new = sample["tokens"][e["start"] : e["end"]]
+            original = tokenize(" ".join(source.tokens[o.start : o.end]))
+            assert e["type"] == o.type and len(new) == len(original), (new, original)
+            # Lower-case words and punctuation stay; a name or a number does not.
+            for a, b in zip(new, original, strict=True):
+                assert a == b or b[:1].isupper() or any(c.isdigit() for c in b), (new, original)
+            n_mentions += 1
+    assert n_mentions >= 20
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -295,6 +326,12 @@ def test_rules_refuse_what_needs_an_llm(shared_data, tmp_path, capsys, extra, me
     assert cli(*argv, "--out", str(tmp_path / "o")) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_rules_names_need_the_rules(shared_data, tmp_path, capsys):
+    argv = ["run", "--dataset", "conll04", "--data-dir", str(shared_data), "--rules-names", "shaped"]
+    assert cli(*argv, "--out", str(tmp_path / "o")) == 2
+    assert "rules_names is only used with llm 'rules'" in capsys.readouterr().err
 
 
 def test_missing_data_is_a_user_error(tmp_path, capsys):
