@@ -329,7 +329,10 @@ def main() -> None:
     p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds")
     p.add_argument(
-        "--settings", default=",".join(SETTINGS), help=f"training settings ({', '.join([*SETTINGS, *SWEEP])})"
+        "--settings",
+        default=",".join(SETTINGS),
+        help=f"training settings ({', '.join([*SETTINGS, *SWEEP])}) or decoding ablations to evaluate "
+        f"on their checkpoints ({', '.join(DECODING)}; without pretraining they follow their setting)",
     )
     p.add_argument("--steps", default="ce,align,eval", help="pretrain, ce, align, eval (comma-separated)")
     p.add_argument(
@@ -367,6 +370,11 @@ def main() -> None:
         return
     seeds = [int(s) for s in args.seeds.split(",")]
     settings = [s for s in args.settings.split(",") if s]
+    unknown = [s for s in settings if s not in {**SETTINGS, **SWEEP, **DECODING}]
+    if unknown:
+        p.error(
+            f"--settings: unknown {', '.join(unknown)} (known: {', '.join([*SETTINGS, *SWEEP, *DECODING])})"
+        )
     steps = set(args.steps.split(","))
     for seed in seeds:
         if "pretrain" in steps and args.prefix:
@@ -374,14 +382,16 @@ def main() -> None:
         if "ce" in steps:
             train(args, "ce", seed)
         for setting in settings:
+            if setting in DECODING:  # asked for by name: evaluated below
+                continue
             if "align" in steps:
                 train(args, setting, seed)
             if "eval" in steps:
                 evaluate(args, setting, setting, seed, [])
         if "eval" in steps:
             for name, (trained, flags) in DECODING.items():
-                # After pretraining only ce_only: what the second stage adds from that start.
-                if trained == "ce" or (trained in settings and not args.prefix):
+                # After pretraining only ce_only unless asked for: what the second stage adds.
+                if name in settings or trained == "ce" or (trained in settings and not args.prefix):
                     evaluate(args, name, trained, seed, flags)
 
 
