@@ -293,6 +293,12 @@ def summary(args: argparse.Namespace) -> None:
     # no_pretrain is a link to full (issue 10's name for it): not a setting of its own.
     for folder in sorted(p for p in args.out.iterdir() if p.is_dir() and not p.is_symlink()):
         for seed_dir in sorted(folder.glob("seed*")):
+            if not (seed_dir / "metrics.json").is_file():  # metrics.json is written last
+                print(
+                    f"{seed_dir}: no metrics.json (an evaluation running or stopped): left out",
+                    file=sys.stderr,
+                )
+                continue
             metrics = json.loads((seed_dir / "metrics.json").read_text(encoding="utf-8"))
             ner, rel = rescore(seed_dir / "predictions.jsonl", gold)
             if abs(ner - metrics["ner_f1"]) > 0.01 or abs(rel - metrics["rel_strict_f1"]) > 0.01:
