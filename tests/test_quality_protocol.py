@@ -1,0 +1,75 @@
+"""scripts/quality_protocol.py's read-only commands on hand-made results: --summary and --compare."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _write(folder: Path, records: list[dict], metrics: dict | None) -> None:
+    folder.mkdir(parents=True)
+    lines = [json.dumps(r) for r in records]
+    (folder / "predictions.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    if metrics is not None:
+        (folder / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+
+
+def _protocol(shared_data: Path, out: Path, *argv: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "scripts/quality_protocol.py", "--data-dir", str(shared_data), "--out", str(out)]
+    return subprocess.run([*cmd, *argv], cwd=REPO, capture_output=True, text=True, check=False)
+
+
+def test_compare_and_summary_rescore_hand_made_predictions(shared_data, tmp_path):
+    gold = json.loads((shared_data / "conll04" / "conll04_test.json").read_text(encoding="utf-8"))
+    perfect = [
+        {"id": f"conll04-test-{s['orig_id']}", **{k: s[k] for k in ("tokens", "entities", "relations")}}
+        for s in gold
+    ]
+    # Entities right, relations only in the first half of the sentences: recall ~1/2, precision 1.
+    half = [
+        {**r, "relations": r["relations"] if i < len(perfect) // 2 else []} for i, r in enumerate(perfect)
+    ]
+
+    def n_relations(records: list[dict]) -> int:  # as scored: distinct (mention, type) triples
+        def m(r: dict, e: int) -> tuple[str, str]:
+            return " ".join(r["tokens"][r["entities"][e]["start"] : r["entities"][e]["end"]]), r["entities"][
+                e
+            ]["type"]
+
+        return sum(
+            len({(m(r, x["head"]), m(r, x["tail"]), x["type"]) for x in r["relations"]}) for r in records
+        )
+
+    n_gold, n_half = n_relations(perfect), n_relations(half)
+    half_f1 = 100 * 2 * n_half / (n_half + n_gold)
+    full_metrics = {"ner_f1": 100.0, "rel_strict_f1": 100.0, "rel_boundary_f1": 100.0}
+    for seed in (1, 2):
+        _write(tmp_path / "full" / f"seed{seed}", perfect, full_metrics)
+        _write(tmp_path / "half" / f"seed{seed}", half, {**full_metrics, "rel_strict_f1": half_f1})
+    _write(tmp_path / "half" / "seed3", half, None)  # an evaluation still running: no metrics.json
+
+    compared = _protocol(shared_data, tmp_path, "--compare", "full,half")
+    assert compared.returncode == 0, compared.stderr
+    line = compared.stdout.strip()
+    assert line.startswith(f"full - half: relation strict F1 {100 - half_f1:+.2f} (mean of 2 seeds paired)")
+    low, high = (float(x) for x in line.split("interval over test sentences ")[1].split(" to "))
+    assert low < 100 - half_f1 < high and high - low < 20  # the resampled halves vary, the sign does not
+
+    table = _protocol(shared_data, tmp_path, "--summary")
+    assert table.returncode == 0, table.stderr
+    rows = {r.split(" | ")[0].strip("| "): r for r in table.stdout.splitlines() if r.startswith("| ")}
+    assert rows["half"].startswith(f"| half | 2 | 100.00 ± 0.00 | {half_f1:.2f} ± 0.00")
+    assert f"{half_f1 - 100:.2f} ± 0.00 (2)" in rows["half"]
+    assert "half/seed3: no metrics.json" in table.stderr
+
+    # A metrics.json that the predictions do not reproduce stops the summary.
+    (tmp_path / "half" / "seed1" / "metrics.json").write_text(json.dumps(full_metrics), encoding="utf-8")
+    wrong = _protocol(shared_data, tmp_path, "--summary")
+    assert wrong.returncode != 0 and "differ from metrics.json" in wrong.stderr
+
+    missing = _protocol(shared_data, tmp_path, "--compare", "full,nothing")
+    assert missing.returncode != 0 and "no seed has predictions under both full and nothing" in missing.stderr
