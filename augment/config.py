@@ -20,7 +20,7 @@ from anchoralign import config_tree
 from anchoralign.errors import UserError
 from anchoralign.files import atomic_write_text
 from augment.local_models import DEFAULT_LOCAL_MODEL
-from augment.rules import NameStyle
+from augment.rules import DEFAULT_NAME_STYLE, NameStyle
 
 DEEPSEEK_URL = "https://api.deepseek.com"
 DEEPSEEK_MODEL = "deepseek-chat"
@@ -173,7 +173,7 @@ class AugmentConfig(BaseModel):
             if self.model is None:
                 values["model"] = f"local:{self.local_gguf_name(values['local_model'])}"
         elif self.llm == "rules":
-            values["rules_names"] = self.rules_names or "invented"
+            values["rules_names"] = self.rules_names or DEFAULT_NAME_STYLE
             values["model"] = self.model or RULES_MODELS[values["rules_names"]]
         else:
             values["base_url"] = self.base_url or DEEPSEEK_URL

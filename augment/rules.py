@@ -31,7 +31,7 @@ from typing import Any, Literal
 from anchoralign.tokenize import ABBREVIATIONS
 
 NameStyle = Literal["invented", "shaped"]
-NAME_STYLES: tuple[NameStyle, ...] = ("invented", "shaped")
+DEFAULT_NAME_STYLE: NameStyle = "invented"
 
 
 def prompt_line(body: dict[str, Any]) -> str:
@@ -124,7 +124,7 @@ def is_context_prompt(line: str) -> bool:
     return MASK.search(line) is not None
 
 
-def mention_variant(line: str, variant: int, style: NameStyle = "invented") -> tuple[str, list[str]]:
+def mention_variant(line: str, variant: int, style: NameStyle = DEFAULT_NAME_STYLE) -> tuple[str, list[str]]:
     """Rewrite every inline entity of ``line``; returns the variant text and the new mentions."""
     mentions: list[str] = []
 
@@ -142,7 +142,7 @@ def context_variant(line: str, variant: int) -> str:
     return f"{OPENERS[variant % len(OPENERS)]} {line}"
 
 
-def rewrite_answer(body: dict[str, Any], k: int = 3, style: NameStyle = "invented") -> str:
+def rewrite_answer(body: dict[str, Any], k: int = 3, style: NameStyle = DEFAULT_NAME_STYLE) -> str:
     """``k`` numbered variants of the prompt's sentence, as an LLM is asked to write them."""
     line = prompt_line(body)
     if is_context_prompt(line):

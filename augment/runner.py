@@ -683,10 +683,10 @@ def _endpoint(cfg: AugmentConfig, say: Callable[[str], None]) -> Iterator[str]:
     """The base URL to send to: the embedded llama.cpp server's for ``llm: local``, the
     rule-based server's for ``llm: rules``."""
     if cfg.llm == "rules":
-        from augment.rules import rewrite_answer
+        from augment.rules import DEFAULT_NAME_STYLE, rewrite_answer
         from augment.scripted_server import Reply, ScriptedServer
 
-        style = cfg.rules_names or "invented"
+        style = cfg.rules_names or DEFAULT_NAME_STYLE
         say(f"no LLM (--llm rules): mentions get {style} names, contexts an opener phrase")
         answer = lambda body, _attempt: Reply(text=rewrite_answer(body, cfg.variants, style))  # noqa: E731
         with ScriptedServer(answer) as srv:

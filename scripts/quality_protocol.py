@@ -273,13 +273,19 @@ def f1(pred: list[set], gold: list[set]) -> float:
     return 100 * 2 * p * r / (p + r) if p + r else 0.0
 
 
-def rescore(predictions: Path, gold: dict[str, tuple[set, set]]) -> tuple[float, float]:
-    """NER F1 and relation strict F1 of a predictions file (ids ``conll04-test-<orig_id>``)."""
+def predicted(predictions: Path, gold: dict[str, tuple[set, set]]) -> list[tuple[set, set]]:
+    """The (entities, strict relations) of a predictions file (ids ``conll04-test-<orig_id>``) in
+    the order of ``gold``; a sentence it lacks predicts nothing."""
     found = {}
     for line in predictions.read_text(encoding="utf-8").splitlines():
         rec = json.loads(line)
         found[rec["id"].rsplit("-", 1)[1]] = keys(rec["tokens"], rec["entities"], rec["relations"])
-    pred = [found.get(orig, (set(), set())) for orig in gold]
+    return [found.get(orig, (set(), set())) for orig in gold]
+
+
+def rescore(predictions: Path, gold: dict[str, tuple[set, set]]) -> tuple[float, float]:
+    """NER F1 and relation strict F1 of a predictions file."""
+    pred = predicted(predictions, gold)
     gold_sets = list(gold.values())
     return f1([p[0] for p in pred], [g[0] for g in gold_sets]), f1(
         [p[1] for p in pred], [g[1] for g in gold_sets]
@@ -291,19 +297,10 @@ def compare(args: argparse.Namespace, a: str, b: str, resamples: int = 2000) -> 
     resampling the test sentences (the same resample for every seed): how much of a difference
     the 288 test sentences alone could make, which the seed-to-seed spread does not show."""
     gold = gold_test(args.data_dir)
-    ids = list(gold)
 
     def counts(setting: str, seed: str) -> np.ndarray:  # per sentence: tp, n_pred, n_gold
-        found = {}
-        for line in (
-            (args.out / setting / seed / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
-        ):
-            rec = json.loads(line)
-            found[rec["id"].rsplit("-", 1)[1]] = keys(rec["tokens"], rec["entities"], rec["relations"])[1]
-        rows = []
-        for orig in ids:
-            pred, g = found.get(orig, set()), gold[orig][1]
-            rows.append((len(pred & g), len(pred), len(g)))
+        pred = predicted(args.out / setting / seed / "predictions.jsonl", gold)
+        rows = [(len(p[1] & g[1]), len(p[1]), len(g[1])) for p, g in zip(pred, gold.values(), strict=True)]
         return np.array(rows, dtype=np.int64)
 
     seeds = sorted(
@@ -315,14 +312,14 @@ def compare(args: argparse.Namespace, a: str, b: str, resamples: int = 2000) -> 
         raise SystemExit(f"--compare: no seed has predictions under both {a} and {b}")
     pairs = [(counts(a, s), counts(b, s)) for s in seeds]
 
-    def f1(c: np.ndarray) -> np.ndarray:  # c: (..., sentences, 3) -> micro F1 over the sentences
+    def micro_f1(c: np.ndarray) -> np.ndarray:  # (..., sentences, 3) -> F1 over the sentences
         tp, n_pred, n_gold = c[..., 0].sum(-1), c[..., 1].sum(-1), c[..., 2].sum(-1)
         return 100 * 2 * tp / np.maximum(n_pred + n_gold, 1)
 
-    diff = np.mean([f1(x) - f1(y) for x, y in pairs])
+    diff = np.mean([micro_f1(x) - micro_f1(y) for x, y in pairs])
     rng = np.random.default_rng(0)
-    picks = rng.integers(0, len(ids), size=(resamples, len(ids)))
-    boot = np.mean([f1(x[picks]) - f1(y[picks]) for x, y in pairs], axis=0)
+    picks = rng.integers(0, len(gold), size=(resamples, len(gold)))
+    boot = np.mean([micro_f1(x[picks]) - micro_f1(y[picks]) for x, y in pairs], axis=0)
     low, high = np.percentile(boot, [2.5, 97.5])
     print(
         f"{a} - {b}: relation strict F1 {diff:+.2f} (mean of {len(seeds)} seeds paired); "
