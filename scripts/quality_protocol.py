@@ -85,8 +85,8 @@ PRETRAIN = [
 ]
 # 2. The alignment phase from the converged checkpoint: 6 epochs at a lower learning rate, the
 # alignment terms ramped in over the first epoch (58 steps). Weights chosen on dev (BENCHMARKS.md).
+ALIGN_EPOCHS = 6
 ALIGN = [
-    "--phases.epochs=[0,0,6]",
     "--optim.lr=3e-5",
     "--optim.warmup_ratio=0.1",
     "--loss.ramp_steps=58",
@@ -108,6 +108,11 @@ SWEEP = {
     f"weights_{w}": [f"--loss.alpha={w}", f"--loss.beta={w}", f"--loss.gamma={float(w) / 10:g}"]
     for w in ("0.1", "0.3", "3")
 }
+# Stage 2 with other data or length, same loss as `full`: twice the epochs (`long`), or half the
+# epochs over the training set joined by the pretraining corpus's unmasked samples (`mix`, with
+# --pretrain; about as many steps as `long`).
+ALIGN_VARIANTS = {"long": ["--trainer.grad_norm_every=58"], "mix": ["--trainer.grad_norm_every=58"]}
+VARIANT_EPOCHS = {"long": 2 * ALIGN_EPOCHS, "mix": ALIGN_EPOCHS // 2}
 # Decoding ablations: evaluate flags on the checkpoints of a training setting.
 DECODING = {
     "no_constraint": ("full", ["--anchor", "off"]),
@@ -205,6 +210,16 @@ def pretrain(args: argparse.Namespace, seed: int) -> None:
     run(cmd, args.dry_run)
 
 
+def align_flags(args: argparse.Namespace, setting: str) -> list[str]:
+    """Stage 2's flags: its length, and for ``mix`` the corpus's unmasked samples as extra training data."""
+    flags = [f"--phases.epochs=[0,0,{VARIANT_EPOCHS.get(setting, ALIGN_EPOCHS)}]", *ALIGN]
+    if setting == "mix":
+        if not args.prefix:
+            raise SystemExit("--settings mix needs --pretrain NAME=CORPUS: it trains on that corpus too")
+        flags.append(f"--data.extra-train=[{args.corpus / 'unmasked.jsonl'}]")
+    return flags
+
+
 def train(args: argparse.Namespace, setting: str, seed: int) -> None:
     out = run_dir(args, setting, seed)
     if (out / "final").is_dir() or (out / "stopped.txt").is_file():
@@ -212,8 +227,8 @@ def train(args: argparse.Namespace, setting: str, seed: int) -> None:
     start = run_dir(args, "pretrain", seed) / "final" if args.prefix else None
     epochs = "2,28" if args.ce_epochs is None else f"2,{args.ce_epochs - 2}"
     ce = [f"--init-from={start or 'null'}", f"--phases.epochs=[{epochs},0]", *CE]
-    stage = ce if setting == "ce" else [f"--init-from={run_dir(args, 'ce', seed) / 'best'}", *ALIGN]
-    extra = [] if setting == "ce" else {**SETTINGS, **SWEEP}[setting]
+    stage = ce if setting == "ce" else [f"--init-from={run_dir(args, 'ce', seed) / 'best'}", *align_flags(args, setting)]
+    extra = [] if setting == "ce" else {**SETTINGS, **SWEEP, **ALIGN_VARIANTS}[setting]
     cmd = [
         sys.executable,
         "sft/run.py",
@@ -380,7 +395,7 @@ def main() -> None:
     p.add_argument(
         "--settings",
         default=",".join(SETTINGS),
-        help=f"training settings ({', '.join([*SETTINGS, *SWEEP])}) or decoding ablations to evaluate "
+        help=f"training settings ({', '.join([*SETTINGS, *SWEEP, *ALIGN_VARIANTS])}) or decoding ablations to evaluate "
         f"on their checkpoints ({', '.join(DECODING)}; without pretraining they follow their setting)",
     )
     p.add_argument("--steps", default="ce,align,eval", help="pretrain, ce, align, eval (comma-separated)")
@@ -428,10 +443,10 @@ def main() -> None:
         return
     seeds = [int(s) for s in args.seeds.split(",")]
     settings = [s for s in args.settings.split(",") if s]
-    unknown = [s for s in settings if s not in {**SETTINGS, **SWEEP, **DECODING}]
+    unknown = [s for s in settings if s not in {**SETTINGS, **SWEEP, **ALIGN_VARIANTS, **DECODING}]
     if unknown:
         p.error(
-            f"--settings: unknown {', '.join(unknown)} (known: {', '.join([*SETTINGS, *SWEEP, *DECODING])})"
+            f"--settings: unknown {', '.join(unknown)} (known: {', '.join([*SETTINGS, *SWEEP, *ALIGN_VARIANTS, *DECODING])})"
         )
     steps = set(args.steps.split(","))
     for seed in seeds:
