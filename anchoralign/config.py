@@ -85,6 +85,12 @@ class PretrainDataConfig(DataConfig):
 class SFTDataConfig(DataConfig):
     train_split: str = "train"
     curriculum_max_relations: int = Field(1, ge=0, description="K: warm-up samples have at most K relations")
+    extra_train: list[str] = Field(
+        default_factory=list,
+        description="records sources (jsonl files or saved datasets folders, e.g. an augment corpus's "
+        "unmasked.jsonl) whose samples join the training split in the full-data phases; the curriculum "
+        "warm-up keeps to the training split",
+    )
 
 
 PhaseTriple = tuple[float, float, float]

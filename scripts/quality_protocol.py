@@ -111,7 +111,11 @@ SWEEP = {
 # Stage 2 with other data or length, same loss as `full`: twice the epochs (`long`), or half the
 # epochs over the training set joined by the pretraining corpus's unmasked samples (`mix`, with
 # --pretrain; about as many steps as `long`).
-ALIGN_VARIANTS = {"long": ["--trainer.grad_norm_every=58"], "mix": ["--trainer.grad_norm_every=58"]}
+# `mix` also scores dev every 58 steps, so that best/ is chosen among as many points as in `long`.
+ALIGN_VARIANTS = {
+    "long": ["--trainer.grad_norm_every=58"],
+    "mix": ["--trainer.grad_norm_every=58", "--eval.every=58"],
+}
 VARIANT_EPOCHS = {"long": 2 * ALIGN_EPOCHS, "mix": ALIGN_EPOCHS // 2}
 # Decoding ablations: evaluate flags on the checkpoints of a training setting.
 DECODING = {
@@ -227,7 +231,11 @@ def train(args: argparse.Namespace, setting: str, seed: int) -> None:
     start = run_dir(args, "pretrain", seed) / "final" if args.prefix else None
     epochs = "2,28" if args.ce_epochs is None else f"2,{args.ce_epochs - 2}"
     ce = [f"--init-from={start or 'null'}", f"--phases.epochs=[{epochs},0]", *CE]
-    stage = ce if setting == "ce" else [f"--init-from={run_dir(args, 'ce', seed) / 'best'}", *align_flags(args, setting)]
+    stage = (
+        ce
+        if setting == "ce"
+        else [f"--init-from={run_dir(args, 'ce', seed) / 'best'}", *align_flags(args, setting)]
+    )
     extra = [] if setting == "ce" else {**SETTINGS, **SWEEP, **ALIGN_VARIANTS}[setting]
     cmd = [
         sys.executable,

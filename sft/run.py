@@ -6,7 +6,8 @@ Starts from a pretrained model (``init_from: <pretrain output_dir>/final``) or, 
 
 1. ``curriculum`` - warm-up on the training samples with at most ``curriculum_max_relations``
    relations (cross-entropy only);
-2. ``full-ce`` - the whole training set, cross-entropy only;
+2. ``full-ce`` - the whole training set, cross-entropy only (joined by the samples of
+   ``data.extra_train``, e.g. an augmented corpus, in this phase and the next);
 3. ``full-align`` - the whole training set with the alignment and suppression terms, switched
    on as in pretraining (after the configured epochs, or once the dev outputs are valid).
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,9 +29,9 @@ from anchoralign.datasets import load_split
 from anchoralign.errors import UserError
 from anchoralign.runlog import RunLog
 from anchoralign.schedule import Phase
-from anchoralign.schema import DatasetMeta
+from anchoralign.schema import DatasetMeta, is_records_source
 from anchoralign.stages import LoadSets, stage_main, take
-from anchoralign.training_set import TrainingSet, in_memory
+from anchoralign.training_set import TrainingSet, concat, in_memory, open_cached
 
 
 def curriculum_subset(samples: TrainingSet, max_relations: int) -> TrainingSet:
@@ -55,9 +57,21 @@ def plan(cfg: SFTConfig, meta: DatasetMeta, log: RunLog) -> tuple[list[Phase], L
                 "raise it or set the first phases.epochs entry to 0"
             )
 
+    extra = [Path(p) for p in data.extra_train]
+    for path in extra:
+        if not is_records_source(path):
+            raise UserError(f"data.extra_train: {path} is neither a jsonl file nor a saved datasets folder")
+
     def load(tokenizer: Any) -> dict[str, TrainingSet]:
         train = in_memory(samples, tokenizer, f"{meta.name} {data.train_split}")
-        return {"simple": curriculum_subset(train, data.curriculum_max_relations), "train": train}
+        simple = curriculum_subset(train, data.curriculum_max_relations)
+        if extra:
+            # Validated against the dataset's labels and tokenised once, like a pretraining corpus.
+            added = [open_cached(path, tokenizer, meta, log.info) for path in extra]
+            names = " + ".join([train.name, *(s.name for s in added)])
+            train = concat([train, *added], names)
+            log.info(f"full-data phases train on {names}: {len(train)} samples")
+        return {"simple": simple, "train": train}
 
     phases = [
         Phase("curriculum", "simple", warmup, align=False),

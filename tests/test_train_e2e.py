@@ -203,6 +203,70 @@ def test_curriculum_subset() -> None:
     assert [s.sample.id for s in curriculum_subset(train[1:], 1)] == ["1"]
 
 
+def test_extra_train_joins_the_full_data_phases_only(tmp_path: Path, shared_data: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from anchoralign.backbones import minilm_dir
+    from anchoralign.config import SFTConfig, load_config
+    from anchoralign.datasets import get_meta
+    from anchoralign.runlog import RunLog
+    from sft.run import plan
+
+    rel = {"head": 0, "tail": 1, "type": "Kill"}
+    ents = [{"start": 0, "end": 1, "type": "Peop"}, {"start": 1, "end": 2, "type": "Peop"}]
+    # Corpus samples with 0 and 1 relations: they would qualify for the warm-up, yet must stay out.
+    extra = [Sample(id=f"x{n}", tokens=["Zorb", "Quil"], entities=ents, relations=[rel] * n) for n in (0, 1)]
+    write_jsonl(tmp_path / "unmasked.jsonl", extra)
+    flags = [f"--output_dir={tmp_path / 'o'}", f"--data_dir={shared_data}", "--data.limit_train=5"]
+    cfg = load_config(
+        SFTConfig,
+        REPO / "sft/configs/conll04.yaml",
+        [*flags, f"--data.extra_train=[{tmp_path / 'unmasked.jsonl'}]"],
+    )
+    meta = get_meta("conll04", str(shared_data))
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    phases, load = plan(cfg, meta, RunLog(tmp_path / "o"))
+    sets = load(tokenizer)
+    assert [(p.name, p.data) for p in phases] == [
+        ("curriculum", "simple"),
+        ("full-ce", "train"),
+        ("full-align", "train"),
+    ]
+    assert len(sets["train"]) == 5 + 2
+    assert [e.sample.id for e in sets["train"]][5:] == ["x0", "x1"]
+    assert sets["train"][5].pieces == [
+        tokenizer("Zorb", add_special_tokens=False)["input_ids"],
+        tokenizer("Quil", add_special_tokens=False)["input_ids"],
+    ]
+    assert not any(e.sample.id.startswith("x") for e in sets["simple"])
+    assert f"{tmp_path / 'unmasked.jsonl'}" in sets["train"].name
+
+    cfg = load_config(
+        SFTConfig,
+        REPO / "sft/configs/conll04.yaml",
+        [*flags, f"--data.extra_train=[{tmp_path / 'nope.jsonl'}]"],
+    )
+    with pytest.raises(UserError, match=r"data.extra_train: .*nope.jsonl is neither a jsonl file"):
+        plan(cfg, meta, RunLog(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_concat_keeps_order_and_selections() -> None:
+    from transformers import AutoTokenizer
+
+    from anchoralign.backbones import minilm_dir
+    from anchoralign.training_set import concat, in_memory
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    a = in_memory([Sample(id=f"a{i}", tokens=["w"] * (i + 1)) for i in range(4)], tokenizer, "a")
+    b = in_memory([Sample(id=f"b{i}", tokens=["v"] * (i + 1)) for i in range(3)], tokenizer, "b")
+    both = concat([a.select([3, 1]), b], "a+b")
+    assert [e.sample.id for e in both] == ["a3", "a1", "b0", "b1", "b2"]
+    assert both.word_counts.tolist() == [4, 2, 1, 2, 3]
+    assert [e.sample.id for e in both.select([4, 0])] == ["b2", "a3"]
+    assert concat([a], "a") is a
+
+
 def test_zero3_trains_like_zero0_and_evaluates(tmp_path: Path, shared_data: Path, gloo: None) -> None:
     """The real model under ZeRO-3 (weights read outside module calls, a tied embedding table)
     takes the same steps as without ZeRO, and is evaluated through the reloaded export."""
