@@ -326,13 +326,14 @@ def compare(args: argparse.Namespace, a: str, b: str, resamples: int = 2000) -> 
         rows = [(len(p[1] & g[1]), len(p[1]), len(g[1])) for p, g in zip(pred, gold.values(), strict=True)]
         return np.array(rows, dtype=np.int64)
 
+    # metrics.json is written after predictions.jsonl: a seed without it is still being evaluated.
     seeds = sorted(
         d.name
         for d in (args.out / a).glob("seed*")
-        if (args.out / b / d.name / "predictions.jsonl").is_file()
+        if (d / "metrics.json").is_file() and (args.out / b / d.name / "metrics.json").is_file()
     )
     if not seeds:
-        raise SystemExit(f"--compare: no seed has predictions under both {a} and {b}")
+        raise SystemExit(f"--compare: no seed has finished results under both {a} and {b}")
     pairs = [(counts(a, s), counts(b, s)) for s in seeds]
 
     def micro_f1(c: np.ndarray) -> np.ndarray:  # (..., sentences, 3) -> F1 over the sentences

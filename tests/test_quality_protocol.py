@@ -50,6 +50,7 @@ def test_compare_and_summary_rescore_hand_made_predictions(shared_data, tmp_path
     for seed in (1, 2):
         _write(tmp_path / "full" / f"seed{seed}", perfect, full_metrics)
         _write(tmp_path / "half" / f"seed{seed}", half, {**full_metrics, "rel_strict_f1": half_f1})
+    _write(tmp_path / "full" / "seed3", perfect, full_metrics)
     _write(tmp_path / "half" / "seed3", half, None)  # an evaluation still running: no metrics.json
 
     compared = _protocol(shared_data, tmp_path, "--compare", "full,half")
@@ -72,4 +73,4 @@ def test_compare_and_summary_rescore_hand_made_predictions(shared_data, tmp_path
     assert wrong.returncode != 0 and "differ from metrics.json" in wrong.stderr
 
     missing = _protocol(shared_data, tmp_path, "--compare", "full,nothing")
-    assert missing.returncode != 0 and "no seed has predictions under both full and nothing" in missing.stderr
+    assert missing.returncode != 0 and "no seed has finished results under both full and nothing" in missing.stderr
