@@ -166,7 +166,10 @@ def concat(sets: Sequence[TrainingSet], name: str) -> TrainingSet:
     rows = None
     if any(s.rows is not None for s in sets):
         rows = np.concatenate(
-            [off + (np.arange(len(s.data)) if s.rows is None else s.rows) for off, s in zip(offsets, sets)]
+            [
+                off + (np.arange(len(s.data)) if s.rows is None else s.rows)
+                for off, s in zip(offsets, sets, strict=True)
+            ]
         )
     return TrainingSet(datasets.concatenate_datasets([s.data for s in sets]), name, rows)
 

@@ -73,4 +73,7 @@ def test_compare_and_summary_rescore_hand_made_predictions(shared_data, tmp_path
     assert wrong.returncode != 0 and "differ from metrics.json" in wrong.stderr
 
     missing = _protocol(shared_data, tmp_path, "--compare", "full,nothing")
-    assert missing.returncode != 0 and "no seed has finished results under both full and nothing" in missing.stderr
+    assert (
+        missing.returncode != 0
+        and "no seed has finished results under both full and nothing" in missing.stderr
+    )
