@@ -388,6 +388,7 @@ def to_prediction(
         model.paradigm,
         aggregate=cfg.aggregate,
         anchor=cfg.anchor,
+        entities=cfg.entities,
         self_relations=bool(getattr(model.meta, "self_relations", False)),
         sample_id=sample.id,
     )

@@ -652,6 +652,7 @@ def parse_relations(
 
 
 ANCHOR_MODES = ("typed", "span", "off")
+ENTITY_SOURCES = ("ner", "union")
 
 
 def parse(*args: Any, **kwargs: Any) -> Sample:
@@ -670,6 +671,7 @@ def parse_with_report(
     anchor: bool | str = "typed",
     sample_id: str = "",
     self_relations: bool = False,
+    entities: str = "ner",
 ) -> tuple[Sample, ParseReport]:
     """Recombine the three decoders into one Sample, and say how cleanly each parsed.
 
@@ -682,8 +684,12 @@ def parse_with_report(
     entity that takes part in a relation, so there is nothing to anchor to and ``anchor`` has
     no effect. A relation from a mention to itself is dropped unless ``self_relations``.
     Entities are the NER outputs plus the mentions of the surviving relations (with the typed
-    anchor in paradigms 1 and 3 that adds nothing). Entities are ordered by (start, end, label
-    order) and relations by (head, tail, label order), both without duplicates.
+    anchor in paradigms 1 and 3 that adds nothing); with ``entities="union"`` also every mention
+    an RE decoder wrote (in a relation kept or not) whose span overlaps no NER output, the first
+    in sentence order where two such overlap: the RE decoders find entities the NER decoder missed,
+    while an overlap is a boundary or type decision the NER decoder already made. Entities are
+    ordered by (start, end, label order) and relations by (head, tail, label order), both without
+    duplicates.
 
     ``tokens`` must be the sentence (at least one token); the id lists may be anything.
     """
@@ -691,11 +697,18 @@ def parse_with_report(
     mode = {True: "typed", False: "off"}.get(anchor, anchor) if isinstance(anchor, bool) else anchor
     if mode not in ANCHOR_MODES:
         raise ValueError(f"anchor must be one of {ANCHOR_MODES}, got {anchor!r}")
+    if entities not in ENTITY_SOURCES:
+        raise ValueError(f"entities must be one of {ENTITY_SOURCES}, got {entities!r}")
     n_words = len(tokens)
     spans, ner_report = _read_entities(ner, n_words, labels)
     fwd_triples, fwd_report = _read_relations(fwd, n_words, labels, paradigm, reverse=False)
     rev_triples, rev_report = _read_relations(rev, n_words, labels, paradigm, reverse=True)
     triples = _unique(fwd_triples + rev_triples) if aggregate else fwd_triples
+    # The RE mentions of every relation read, before the anchor filters relations against the
+    # NER decoder's own spans (which the union must not widen).
+    shown = (
+        _with_unclaimed(spans, (m for t in triples for m in t[:2]), labels) if entities == "union" else spans
+    )
     if not self_relations:
         triples = [t for t in triples if t[0][:2] != t[1][:2]]
     if mode == "typed" and paradigm.ner_lists_all:
@@ -704,8 +717,17 @@ def parse_with_report(
     elif mode == "span" and paradigm.ner_lists_all:
         places = {span[:2] for span in spans}
         triples = [t for t in triples if t[0][:2] in places and t[1][:2] in places]
-    sample = _assemble(sample_id, tokens, spans, triples, labels)
+    sample = _assemble(sample_id, tokens, shown, triples, labels)
     return sample, ParseReport(ner_report, fwd_report, rev_report)
+
+
+def _with_unclaimed(spans: list[Span], mentions: Iterable[Span], labels: LabelSet) -> list[Span]:
+    """``spans`` plus each of ``mentions`` (in entity order) whose words none of those taken overlaps."""
+    taken = list(spans)
+    for start, end, label in sorted(set(mentions), key=_entity_order(labels)):
+        if all(end <= s or e <= start for s, e, _ in taken):
+            taken.append((start, end, label))
+    return taken
 
 
 def _assemble(

@@ -10,12 +10,15 @@ Per seed:
 2. one alignment phase per setting, each from that same checkpoint, so that only the alignment
    phase differs: ``full`` (alignment and suppression), ``no_alignment`` (the same epochs with
    cross-entropy only), ``no_ner_re``, ``no_fwd_rev``, ``no_suppress``, ``ema`` (``full``
-   evaluated, selected and exported on the moving average of the weights); ``best/`` by dev again;
+   evaluated, selected and exported on the moving average of the weights); and, asked for by
+   name, ``long`` (twice the epochs) and ``mix`` (the training set joined by the pretraining
+   corpus, for half the epochs); ``best/`` by dev again;
 3. ``anchoralign evaluate`` of each ``best/`` on test, written as
    ``benchmarks/quality/conll04/<setting>/seed<k>/predictions.jsonl`` and ``metrics.json``, and the
    decoding ablations on the ``full`` checkpoints (``no_constraint``: no anchor-guided filter;
    ``no_aggregation``: forward relations only; ``no_both``; ``span_anchor``: the constraint on
-   mention spans only) and on the ``ce`` checkpoints (``ce_only``: the shared starting point;
+   mention spans only; ``entity_union``: the RE decoders' mentions that overlap no NER mention
+   reported as entities too) and on the ``ce`` checkpoints (``ce_only``: the shared starting point;
    after pretraining only this one, ``pretrain_NAME_ce_only``).
 
 Every step is a command of the product (printed before it runs) and is skipped when its output
@@ -123,6 +126,7 @@ DECODING = {
     "no_aggregation": ("full", ["--aggregate", "false"]),
     "no_both": ("full", ["--anchor", "off", "--aggregate", "false"]),
     "span_anchor": ("full", ["--anchor", "span"]),
+    "entity_union": ("full", ["--entities", "union"]),
     "ce_only": ("ce", []),
 }
 

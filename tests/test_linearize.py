@@ -424,6 +424,22 @@ def test_span_anchor_checks_the_mentions_and_keeps_the_relation_types():
         parse(ner, fwd, [1], TOKENS, LABELS, anchor="loose")
 
 
+def test_union_adds_the_re_mentions_that_overlap_no_ner_mention_and_keeps_the_anchor():
+    ner = [12, 13, 5, 1]  # NER found Ann Lee only
+    fwd = [12, 13, 5, 15, 4, 7, 17, 3, 10, 2, 1]  # Work_For(Ann Lee, Acme), Live_In(Ann Lee, Oslo)
+    rev = [16, 17, 3, 12, 5, 10, 2, 1]  # Live_In(Ann, in Oslo): both mentions cut differently
+    assert structure(parse(ner, fwd, rev, TOKENS, LABELS)) == ({ANN}, set())
+    united = parse(ner, fwd, rev, TOKENS, LABELS, entities="union")
+    # Acme is new; "Ann" overlaps NER's Ann Lee and is left out; of the two overlapping places
+    # the first in sentence order ("in Oslo") is taken. No relation survives: the anchor still
+    # checks against NER's own mentions, not the added ones.
+    assert structure(united) == ({ANN, ACME, (4, 6, "Loc")}, set())
+    free = parse(ner, fwd, rev, TOKENS, LABELS, anchor="off", entities="union")
+    assert structure(free)[1] == {WORKS, LIVES, ((0, 1, "Peop"), (4, 6, "Loc"), "Live_In")}
+    with pytest.raises(ValueError, match="entities"):
+        parse(ner, fwd, rev, TOKENS, LABELS, entities="all")
+
+
 @pytest.mark.parametrize("paradigm", [Paradigm.FLAT_NONREL, Paradigm.GROUPED_NONREL])
 def test_anchor_is_a_no_op_when_ner_lists_only_non_relational_entities(paradigm):
     t = linearize(EXAMPLE, LABELS, paradigm)
