@@ -198,10 +198,11 @@ class DecodeConfig(Section):
         description="keep only relations whose mentions the NER decoder produced: with the same span "
         "and type (typed), the same span (span, the relation keeps its own types), or keep all (off)",
     )
-    entities: Literal["ner", "union"] = Field(
-        "ner",
-        description="entities reported: the NER decoder's (ner), or also each mention an RE decoder wrote "
-        "whose span overlaps none of them (union; relations still follow the anchor setting)",
+    entities: Literal["union", "ner"] = Field(
+        "union",
+        description="entities reported: the NER decoder's plus each mention an RE decoder wrote whose span "
+        "overlaps none of them (union), or the NER decoder's only (ner); relations follow the anchor "
+        "setting either way",
     )
     constrained: bool = Field(True, description="decode within the output grammar")
     eos_penalty: float = Field(

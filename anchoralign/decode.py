@@ -33,6 +33,8 @@ without ``<eos>`` is cut there and its prediction is marked invalid, never silen
 Samples are decoded in batches of ``batch_size`` sorted by length (less padding) and returned in
 input order. Relations: the forward decoder's, united with the reverse decoder's when
 ``aggregate``; with ``anchor``, only relations whose two mentions the NER decoder produced.
+Entities: the NER decoder's, and with ``entities="union"`` (the default) also the RE decoders'
+mentions that overlap none of them (on CoNLL04 +0.85 NER F1 on test and dev, BENCHMARKS.md).
 """
 
 from __future__ import annotations
