@@ -17,8 +17,8 @@ Per seed:
    ``benchmarks/quality/conll04/<setting>/seed<k>/predictions.jsonl`` and ``metrics.json``, and the
    decoding ablations on the ``full`` checkpoints (``no_constraint``: no anchor-guided filter;
    ``no_aggregation``: forward relations only; ``no_both``; ``span_anchor``: the constraint on
-   mention spans only; ``entity_union``: the RE decoders' mentions that overlap no NER mention
-   reported as entities too) and on the ``ce`` checkpoints (``ce_only``: the shared starting point;
+   mention spans only; ``entity_union`` and ``ner_entities``: ``--entities union``, the default
+   since it was measured, and ``ner``) and on the ``ce`` checkpoints (``ce_only``: the shared starting point;
    after pretraining only this one, ``pretrain_NAME_ce_only``).
 
 Every step is a command of the product (printed before it runs) and is skipped when its output
@@ -113,19 +113,23 @@ SWEEP = {
 }
 # Stage 2 with other data or length, same loss as `full`: twice the epochs (`long`), or half the
 # epochs over the training set joined by the pretraining corpus's unmasked samples (`mix`, with
-# --pretrain; about as many steps as `long`).
-# `mix` also scores dev every 58 steps, so that best/ is chosen among as many points as in `long`.
+# --pretrain; about as many steps as `long`, and dev scored every 58 steps so that best/ is
+# chosen among as many points).
 ALIGN_VARIANTS = {
     "long": ["--trainer.grad_norm_every=58"],
     "mix": ["--trainer.grad_norm_every=58", "--eval.every=58"],
 }
 VARIANT_EPOCHS = {"long": 2 * ALIGN_EPOCHS, "mix": ALIGN_EPOCHS // 2}
+TRAINED = {**SETTINGS, **SWEEP, **ALIGN_VARIANTS}  # every stage-2 setting, by name
 # Decoding ablations: evaluate flags on the checkpoints of a training setting.
 DECODING = {
     "no_constraint": ("full", ["--anchor", "off"]),
     "no_aggregation": ("full", ["--aggregate", "false"]),
     "no_both": ("full", ["--anchor", "off", "--aggregate", "false"]),
     "span_anchor": ("full", ["--anchor", "span"]),
+    # The entities of the NER decoder only (the behaviour before `union` became the default), and
+    # `union` spelled out (the committed rows decoded before it was the default compare with it).
+    "ner_entities": ("full", ["--entities", "ner"]),
     "entity_union": ("full", ["--entities", "union"]),
     "ce_only": ("ce", []),
 }
@@ -240,7 +244,7 @@ def train(args: argparse.Namespace, setting: str, seed: int) -> None:
         if setting == "ce"
         else [f"--init-from={run_dir(args, 'ce', seed) / 'best'}", *align_flags(args, setting)]
     )
-    extra = [] if setting == "ce" else {**SETTINGS, **SWEEP, **ALIGN_VARIANTS}[setting]
+    extra = [] if setting == "ce" else TRAINED[setting]
     cmd = [
         sys.executable,
         "sft/run.py",
@@ -408,7 +412,7 @@ def main() -> None:
     p.add_argument(
         "--settings",
         default=",".join(SETTINGS),
-        help=f"training settings ({', '.join([*SETTINGS, *SWEEP, *ALIGN_VARIANTS])}) or decoding ablations to evaluate "
+        help=f"training settings ({', '.join(TRAINED)}) or decoding ablations to evaluate "
         f"on their checkpoints ({', '.join(DECODING)}; without pretraining they follow their setting)",
     )
     p.add_argument("--steps", default="ce,align,eval", help="pretrain, ce, align, eval (comma-separated)")
@@ -456,11 +460,9 @@ def main() -> None:
         return
     seeds = [int(s) for s in args.seeds.split(",")]
     settings = [s for s in args.settings.split(",") if s]
-    unknown = [s for s in settings if s not in {**SETTINGS, **SWEEP, **ALIGN_VARIANTS, **DECODING}]
+    unknown = [s for s in settings if s not in {**TRAINED, **DECODING}]
     if unknown:
-        p.error(
-            f"--settings: unknown {', '.join(unknown)} (known: {', '.join([*SETTINGS, *SWEEP, *ALIGN_VARIANTS, *DECODING])})"
-        )
+        p.error(f"--settings: unknown {', '.join(unknown)} (known: {', '.join([*TRAINED, *DECODING])})")
     steps = set(args.steps.split(","))
     for seed in seeds:
         if "pretrain" in steps and args.prefix:
