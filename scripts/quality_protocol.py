@@ -323,6 +323,12 @@ def rescore(predictions: Path, gold: dict[str, tuple[set, set]]) -> tuple[float,
     )
 
 
+def finished(seed_dir: Path) -> bool:
+    """Whether a result folder is complete: ``metrics.json`` is written after ``predictions.jsonl``,
+    so a folder without it is an evaluation still running, or stopped."""
+    return (seed_dir / "metrics.json").is_file()
+
+
 def compare(args: argparse.Namespace, a: str, b: str, resamples: int = 2000) -> None:
     """Relation strict F1 of setting ``a`` minus ``b``, paired by seed, with a 95% interval from
     resampling the test sentences (the same resample for every seed): how much of a difference
@@ -334,11 +340,8 @@ def compare(args: argparse.Namespace, a: str, b: str, resamples: int = 2000) -> 
         rows = [(len(p[1] & g[1]), len(p[1]), len(g[1])) for p, g in zip(pred, gold.values(), strict=True)]
         return np.array(rows, dtype=np.int64)
 
-    # metrics.json is written after predictions.jsonl: a seed without it is still being evaluated.
     seeds = sorted(
-        d.name
-        for d in (args.out / a).glob("seed*")
-        if (d / "metrics.json").is_file() and (args.out / b / d.name / "metrics.json").is_file()
+        d.name for d in (args.out / a).glob("seed*") if finished(d) and finished(args.out / b / d.name)
     )
     if not seeds:
         raise SystemExit(f"--compare: no seed has finished results under both {a} and {b}")
@@ -368,7 +371,7 @@ def summary(args: argparse.Namespace) -> None:
     # no_pretrain is a link to full (issue 10's name for it): not a setting of its own.
     for folder in sorted(p for p in args.out.iterdir() if p.is_dir() and not p.is_symlink()):
         for seed_dir in sorted(folder.glob("seed*")):
-            if not (seed_dir / "metrics.json").is_file():  # metrics.json is written last
+            if not finished(seed_dir):
                 print(
                     f"{seed_dir}: no metrics.json (an evaluation running or stopped): left out",
                     file=sys.stderr,
