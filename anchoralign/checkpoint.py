@@ -12,7 +12,10 @@ Run folder::
                               without DeepSpeed), best/ with scores.json
 
 Only the newest checkpoint is kept. A checkpoint holds each rank's RNG state: dropout masks depend
-on the rank's own batches, so the states differ by rank.
+on the rank's own batches, so the states differ by rank. Once a finished run has exported final/,
+its last checkpoint is cut down to train_state.json and train_config.yaml (``prune``): a finished
+run is never trained further, so the weights and optimizer state there (several times the model's
+size) would only fill the disk; the record that remains says the run is done.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from anchoralign.files import atomic_write_text
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "train_state.json"
 SCORES_FILE = "scores.json"
+_RECORD = frozenset({STATE_FILE, CONFIG_FILE})  # what a pruned checkpoint keeps
 
 
 @dataclass
@@ -106,13 +110,15 @@ class Checkpointer:
     def resume(self, world_size: int) -> TrainState | None:
         """The state of ``checkpoints/latest`` with the engine and RNG restored, or None when there is
         nothing to resume (or ``checkpoint.resume`` is off)."""
-        latest = self.dir / "latest"
-        if not (self.cfg.checkpoint.resume and latest.is_file()):
+        if not (self.cfg.checkpoint.resume and (self.dir / "latest").is_file()):
             return None
-        tag = latest.read_text(encoding="utf-8").strip()
-        path = self.dir / tag
+        path = self.latest()
+        tag = path.name
         self._check_same_config(path / CONFIG_FILE)
-        saved_world = json.loads((path / STATE_FILE).read_text(encoding="utf-8")).get("world_size", 1)
+        saved = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+        if saved.get("done") and self.pruned(path):
+            return TrainState.from_dict(saved)  # finished: nothing to load, nothing to train
+        saved_world = saved.get("world_size", 1)
         if saved_world != world_size:
             # ZeRO shards and per-rank RNG states belong to one world size.
             raise UserError(
@@ -134,6 +140,28 @@ class Checkpointer:
                 )
             self.ema.load(path / EMA_FILE)
         return TrainState.from_dict(client["train_state"])
+
+    def latest(self) -> Path:
+        """The checkpoint ``checkpoints/latest`` names."""
+        return self.dir / (self.dir / "latest").read_text(encoding="utf-8").strip()
+
+    def prune(self) -> None:
+        """Cut the latest checkpoint down to its record (state and config), once a finished run's
+        final/ is written."""
+        distributed.barrier()
+        if distributed.is_main():
+            path = self.latest()
+            for item in path.iterdir():
+                if item.is_dir():
+                    shutil.rmtree(item)
+                elif item.name not in _RECORD:
+                    item.unlink()
+        distributed.barrier()
+
+    @staticmethod
+    def pruned(path: Path) -> bool:
+        """Whether the checkpoint at ``path`` holds only its record (``prune``)."""
+        return all(item.name in _RECORD for item in path.iterdir())
 
     def _check_same_config(self, saved: Path) -> None:
         if not saved.is_file():

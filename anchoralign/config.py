@@ -31,7 +31,13 @@ CONFIG_FILE = "train_config.yaml"
 
 # Keys that may change between a run and its resumption: they do not change what is computed.
 RESUMABLE_KEYS = frozenset(
-    {"checkpoint.resume", "trainer.log_every", "trainer.progress", "decode.batch_size"}
+    {
+        "checkpoint.resume",
+        "checkpoint.keep_final",
+        "trainer.log_every",
+        "trainer.progress",
+        "decode.batch_size",
+    }
 )
 
 
@@ -235,6 +241,11 @@ class CheckpointConfig(Section):
         0, ge=0, description="also checkpoint every N optimizer steps (0: per epoch only)"
     )
     resume: bool = Field(True, description="continue from output_dir/checkpoints when one is there")
+    keep_final: bool = Field(
+        False,
+        description="keep the weights and optimizer state of a finished run's last checkpoint (by "
+        "default only its record stays once final/ is written: a finished run is not trained further)",
+    )
 
 
 class TrainerConfig(Section):

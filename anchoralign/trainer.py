@@ -327,10 +327,16 @@ class Trainer:
         st = self.state
         final = self.out / "final"
         if st.done:
-            # Killed between the last checkpoint and the export: export now.
             if not distributed.broadcast_object(final.is_dir()):
+                if self.checkpoints.pruned(self.checkpoints.latest()):
+                    raise UserError(
+                        f"{self.out} holds a finished run whose final/ is gone and whose last checkpoint "
+                        "kept no weights; train again with --checkpoint.resume=false"
+                    )
+                # Killed between the last checkpoint and the export: export now.
                 with self.averaged():
                     self.checkpoints.export(final)
+            self._prune()  # killed before the prune, or kept by an earlier keep_final
             self.log.info(f"{self.cfg.stage}: this run already finished; the model is in {final}")
             return final
         self.log.keep_metrics(st.metrics_rows if resumed else 0)
@@ -364,6 +370,7 @@ class Trainer:
         self.save_checkpoint()
         with self.averaged():
             self.checkpoints.export(final)
+        self._prune()
         best = (
             f"; best {self.cfg.eval.split} score {st.best_score:.2f} at step {st.best_step}"
             if st.best_step
@@ -371,6 +378,10 @@ class Trainer:
         )
         self.log.info(f"{self.cfg.stage} finished at step {st.global_step}: model in {final}{best}")
         return final
+
+    def _prune(self) -> None:
+        if not self.cfg.checkpoint.keep_final:
+            self.checkpoints.prune()
 
     def save_checkpoint(self) -> None:
         self.state.metrics_rows = self.log.rows

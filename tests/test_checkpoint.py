@@ -4,6 +4,7 @@ runs are refused; a finished run is not trained again."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -94,7 +95,8 @@ def test_resume_refuses_a_different_config(tmp_path: Path, gloo: None) -> None:
 
 
 def test_resume_refuses_another_world_size(tmp_path: Path, gloo: None) -> None:
-    cfg = cfg_of(tmp_path, "--phases.epochs=[1,0,0]")
+    # A whole checkpoint (a finished run's record alone resumes nothing, under any world size).
+    cfg = cfg_of(tmp_path, "--phases.epochs=[1,0,0]", "--checkpoint.keep_final=true")
     Trainer(cfg, StandIn(), phases_of(1, 0, 0), sets_of(), collate, Loss()).fit()
     ckpt = Path(cfg.output_dir) / "checkpoints"
     state_file = ckpt / (ckpt / "latest").read_text().strip() / "train_state.json"
@@ -106,10 +108,42 @@ def test_resume_refuses_another_world_size(tmp_path: Path, gloo: None) -> None:
         again.fit()
 
 
+def _last_checkpoint(cfg: PretrainConfig) -> set[str]:
+    ckpt = Path(cfg.output_dir) / "checkpoints"
+    return {p.name for p in (ckpt / (ckpt / "latest").read_text().strip()).iterdir()}
+
+
 def test_finished_run_is_not_trained_again(tmp_path: Path, gloo: None) -> None:
     cfg = cfg_of(tmp_path, "--phases.epochs=[1,0,0]")
     Trainer(cfg, StandIn(), phases_of(1, 0, 0), sets_of(), collate, Loss()).fit()
+    # final/ is written: the last checkpoint keeps only the record that the run is done.
+    assert _last_checkpoint(cfg) == {"train_state.json", "train_config.yaml"}
     loss = Loss()
     again = Trainer(cfg, StandIn(), phases_of(1, 0, 0), sets_of(), collate, loss)
     again.fit()
     assert loss.seen == [] and again.state.done
+
+    # Without final/ and without weights there is nothing to export: a clear error, not a new run.
+    shutil.rmtree(Path(cfg.output_dir) / "final")
+    lost = Trainer(cfg, StandIn(), phases_of(1, 0, 0), sets_of(), collate, Loss())
+    with pytest.raises(UserError, match=r"final/ is gone and whose last checkpoint kept no weights"):
+        lost.fit()
+
+
+def test_keep_final_keeps_the_last_checkpoint_whole(tmp_path: Path, gloo: None) -> None:
+    cfg = cfg_of(tmp_path, "--phases.epochs=[1,0,0]", "--checkpoint.keep_final=true")
+    reference = weights_at(Trainer(cfg, StandIn(), phases_of(1, 0, 0), sets_of(), collate, Loss()).fit())
+    kept = _last_checkpoint(cfg)
+    assert {"train_state.json", "train_config.yaml", "rng-rank0.pt"} < kept and len(kept) > 3
+    # Killed between the checkpoint and the export: the run exports final/ from the checkpoint.
+    shutil.rmtree(Path(cfg.output_dir) / "final")
+    loss = Loss()
+    again = Trainer(cfg, StandIn(), phases_of(1, 0, 0), sets_of(), collate, loss)
+    got = weights_at(again.fit())
+    assert loss.seen == []
+    for k in reference:
+        assert torch.equal(got[k], reference[k]), k
+    # keep_final does not change what is computed: the same run, resumed without it, is pruned.
+    plain = cfg_of(tmp_path, "--phases.epochs=[1,0,0]")
+    Trainer(plain, StandIn(), phases_of(1, 0, 0), sets_of(), collate, Loss()).fit()
+    assert _last_checkpoint(plain) == {"train_state.json", "train_config.yaml"}
