@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -155,9 +156,11 @@ def run(cmd: list[str], dry: bool, stdout: Path | None = None) -> None:
     tmp.replace(stdout)
 
 
-def run_until_epoch(cmd: list[str], out: Path, epoch: int, dry: bool) -> None:
+def run_until_epoch(cmd: list[str], out: Path, epoch: int, dry: bool, poll_s: float = 10.0) -> None:
     """``cmd`` (a training run into ``out``) stopped once epoch ``epoch`` is evaluated (best/
-    exported) and checkpointed; ``out/stopped.txt`` says so. Run again, it resumes up to there."""
+    exported) and checkpointed; ``out/stopped.txt`` says so, and the checkpoint is deleted (the
+    stage is not continued past its stop, and its optimizer state is several times the model's
+    size). Killed before that, run again, it resumes up to there."""
     print(f"+ {' '.join(cmd)}    # stopped after epoch {epoch}", flush=True)
     if dry:
         return
@@ -175,8 +178,9 @@ def run_until_epoch(cmd: list[str], out: Path, epoch: int, dry: bool) -> None:
                     "best/ is by the full dev set over those epochs\n",
                     encoding="utf-8",
                 )
+                shutil.rmtree(out / "checkpoints")
                 return
-            time.sleep(10)
+            time.sleep(poll_s)
     finally:
         if proc.poll() is None:
             proc.kill()

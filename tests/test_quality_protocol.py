@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -77,3 +78,33 @@ def test_compare_and_summary_rescore_hand_made_predictions(shared_data, tmp_path
         missing.returncode != 0
         and "no seed has finished results under both full and nothing" in missing.stderr
     )
+
+
+# A stand-in training run: one evaluation and one checkpoint per epoch (2 steps), forever.
+_FAKE_RUN = """
+import json, sys, time
+from pathlib import Path
+out = Path(sys.argv[1])
+(out / "checkpoints").mkdir(parents=True)
+for epoch in range(1, 100):
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"kind": "eval", "epoch": epoch, "step": 2 * epoch}) + "\\n")
+    time.sleep(0.05)
+    (out / "checkpoints" / f"step-{2 * epoch:08d}").mkdir()
+    (out / "checkpoints" / "latest").write_text(f"step-{2 * epoch:08d}")
+    time.sleep(0.05)
+"""
+
+
+def test_run_until_epoch_stops_after_the_epochs_checkpoint_and_drops_it(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "quality_protocol", REPO / "scripts" / "quality_protocol.py"
+    )
+    protocol = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(protocol)
+    out = tmp_path / "ce"
+    protocol.run_until_epoch([sys.executable, "-c", _FAKE_RUN, str(out)], out, 3, dry=False, poll_s=0.01)
+    assert (out / "stopped.txt").read_text().startswith("stopped after epoch 3 (step 6)")
+    assert not (out / "checkpoints").exists()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["epoch"] in (3, 4)  # stopped at once, not many epochs later
