@@ -14,7 +14,9 @@ Per seed:
    name, ``long`` (twice the epochs) and ``mix`` (the training set joined by the pretraining
    corpus, for half the epochs); ``best/`` by dev again;
 3. ``anchoralign evaluate`` of each ``best/`` on test, written as
-   ``benchmarks/quality/conll04/<setting>/seed<k>/predictions.jsonl`` and ``metrics.json``, and the
+   ``benchmarks/quality/conll04/<setting>/seed<k>/predictions.jsonl`` and ``metrics.json``, and on
+   dev, the same two files in ``seed<k>/dev/`` (committed for the settings measured since
+   2026-12-01; earlier dev figures in BENCHMARKS.md were scored by hand), and the
    decoding ablations on the ``full`` checkpoints (``no_constraint``: no anchor-guided filter;
    ``no_aggregation``: forward relations only; ``no_both``; ``span_anchor``: the constraint on
    mention spans only; ``entity_union`` and ``ner_entities``: ``--entities union``, the default
@@ -24,7 +26,8 @@ Per seed:
 Every step is a command of the product (printed before it runs) and is skipped when its output
 exists, so the protocol can be stopped and started again; training steps resume from their
 checkpoints. ``--summary`` prints the table of means and standard deviations from the committed
-metrics, re-scored from the committed predictions against the gold test file read directly.
+metrics, re-scored from the committed predictions against the gold test (and dev) file read
+directly; ``--compare A,B`` the paired difference of two settings on test and on dev.
 
 With ``--pretrain NAME=DIR`` every seed is first pretrained on the augment corpus in DIR, and the
 cross-entropy stage starts from that model (with ``--ce-epochs N``, a stage 1 of N epochs on its
@@ -265,29 +268,36 @@ def train(args: argparse.Namespace, setting: str, seed: int) -> None:
         run(cmd, args.dry_run)
 
 
+# Where a result's predictions and metrics of each split go, under its seed folder: test, which the
+# issue re-scores, at the top; dev, the split that decides, beside it in dev/.
+SPLIT_FOLDERS = {"test": ".", "dev": "dev"}
+
+
 def evaluate(args: argparse.Namespace, name: str, trained: str, seed: int, flags: list[str]) -> None:
-    folder = args.out / result_name(args, name) / f"seed{seed}"
-    if (folder / "metrics.json").is_file():
-        return
-    cmd = [
-        sys.executable,
-        "-m",
-        "anchoralign.cli",
-        "evaluate",
-        "--checkpoint",
-        str(run_dir(args, trained, seed) / "best"),
-    ]
-    cmd += ["--dataset", "conll04", "--split", "test", "--data-dir", str(args.data_dir), "--json"]
-    run([*cmd, *flags, "--output", str(folder / "predictions.jsonl")], args.dry_run, folder / "metrics.json")
+    for split, sub in SPLIT_FOLDERS.items():
+        folder = args.out / result_name(args, name) / f"seed{seed}" / sub
+        if (folder / "metrics.json").is_file():
+            continue
+        cmd = [
+            sys.executable,
+            "-m",
+            "anchoralign.cli",
+            "evaluate",
+            "--checkpoint",
+            str(run_dir(args, trained, seed) / "best"),
+        ]
+        cmd += ["--dataset", "conll04", "--split", split, "--data-dir", str(args.data_dir), "--json"]
+        out = folder / "predictions.jsonl"
+        run([*cmd, *flags, "--output", str(out)], args.dry_run, folder / "metrics.json")
 
 
 # ---------------------------------------------------------------------------------------------
 # Summary: re-scored from the committed predictions, gold read straight from the data file
 
 
-def gold_test(data_dir: Path) -> dict[str, tuple[set, set]]:
-    """Gold (entities, strict relations) of conll04_test.json, read directly, by ``orig_id``."""
-    sentences = json.loads((data_dir / "conll04" / "conll04_test.json").read_text(encoding="utf-8"))
+def gold_split(data_dir: Path, split: str) -> dict[str, tuple[set, set]]:
+    """Gold (entities, strict relations) of conll04_<split>.json, read directly, by ``orig_id``."""
+    sentences = json.loads((data_dir / "conll04" / f"conll04_{split}.json").read_text(encoding="utf-8"))
     return {str(s["orig_id"]): keys(s["tokens"], s["entities"], s["relations"]) for s in sentences}
 
 
@@ -309,8 +319,8 @@ def f1(pred: list[set], gold: list[set]) -> float:
 
 
 def predicted(predictions: Path, gold: dict[str, tuple[set, set]]) -> list[tuple[set, set]]:
-    """The (entities, strict relations) of a predictions file (ids ``conll04-test-<orig_id>``) in
-    the order of ``gold``; a sentence it lacks predicts nothing."""
+    """The (entities, strict relations) of a predictions file (ids ``conll04-<split>-<orig_id>``)
+    in the order of ``gold``; a sentence it lacks predicts nothing."""
     found = {}
     for line in predictions.read_text(encoding="utf-8").splitlines():
         rec = json.loads(line)
@@ -335,20 +345,40 @@ def finished(seed_dir: Path) -> bool:
 
 def compare(args: argparse.Namespace, a: str, b: str, resamples: int = 2000) -> None:
     """Relation strict F1 of setting ``a`` minus ``b``, paired by seed, with a 95% interval from
-    resampling the test sentences (the same resample for every seed): how much of a difference
-    the 288 test sentences alone could make, which the seed-to-seed spread does not show."""
-    gold = gold_test(args.data_dir)
+    resampling the sentences (the same resample for every seed): how much of a difference the 288
+    test (231 dev) sentences alone could make, which the seed-to-seed spread does not show. Test,
+    then dev where both settings have dev results: a difference that only one split shows is a
+    property of that split's sentences as much as of the settings."""
+    for split, sub in SPLIT_FOLDERS.items():
+        seeds = sorted(
+            d.name
+            for d in (args.out / a).glob("seed*")
+            if finished(d / sub) and finished(args.out / b / d.name / sub)
+        )
+        if not seeds:
+            if split == "test":
+                raise SystemExit(f"--compare: no seed has finished results under both {a} and {b}")
+            print(f"{a} - {b}: no seed has {split} results under both")
+            continue
+        low, diff, high = paired_difference(args, a, b, split, seeds, resamples)
+        print(
+            f"{a} - {b}: relation strict F1 {diff:+.2f} (mean of {len(seeds)} seeds paired); "
+            f"95% interval over {split} sentences {low:+.2f} to {high:+.2f}"
+        )
+
+
+def paired_difference(
+    args: argparse.Namespace, a: str, b: str, split: str, seeds: list[str], resamples: int
+) -> tuple[float, float, float]:
+    """(low, mean, high): ``compare``'s difference on one split with its 95% interval."""
+    gold = gold_split(args.data_dir, split)
+    sub = SPLIT_FOLDERS[split]
 
     def counts(setting: str, seed: str) -> np.ndarray:  # per sentence: tp, n_pred, n_gold
-        pred = predicted(args.out / setting / seed / "predictions.jsonl", gold)
+        pred = predicted(args.out / setting / seed / sub / "predictions.jsonl", gold)
         rows = [(len(p[1] & g[1]), len(p[1]), len(g[1])) for p, g in zip(pred, gold.values(), strict=True)]
         return np.array(rows, dtype=np.int64)
 
-    seeds = sorted(
-        d.name for d in (args.out / a).glob("seed*") if finished(d) and finished(args.out / b / d.name)
-    )
-    if not seeds:
-        raise SystemExit(f"--compare: no seed has finished results under both {a} and {b}")
     pairs = [(counts(a, s), counts(b, s)) for s in seeds]
 
     def micro_f1(c: np.ndarray) -> np.ndarray:  # (..., sentences, 3) -> F1 over the sentences
@@ -360,41 +390,26 @@ def compare(args: argparse.Namespace, a: str, b: str, resamples: int = 2000) -> 
     picks = rng.integers(0, len(gold), size=(resamples, len(gold)))
     boot = np.mean([micro_f1(x[picks]) - micro_f1(y[picks]) for x, y in pairs], axis=0)
     low, high = np.percentile(boot, [2.5, 97.5])
-    print(
-        f"{a} - {b}: relation strict F1 {diff:+.2f} (mean of {len(seeds)} seeds paired); "
-        f"95% interval over test sentences {low:+.2f} to {high:+.2f}"
-    )
+    return float(low), float(diff), float(high)
 
 
 def summary(args: argparse.Namespace) -> None:
     """Mean ± sd over seeds of each setting, each seed's relation F1, and the difference from
     ``full`` paired by seed (the settings of one seed share its cross-entropy checkpoint, so the
-    paired difference is the comparison the protocol is built for)."""
-    gold = gold_test(args.data_dir)
-    results: dict[str, dict[str, tuple[float, float, float]]] = {}
-    # no_pretrain is a link to full (issue 10's name for it): not a setting of its own.
-    for folder in sorted(p for p in args.out.iterdir() if p.is_dir() and not p.is_symlink()):
-        for seed_dir in sorted(folder.glob("seed*")):
-            if not finished(seed_dir):
-                print(
-                    f"{seed_dir}: no metrics.json (an evaluation running or stopped): left out",
-                    file=sys.stderr,
-                )
-                continue
-            metrics = json.loads((seed_dir / "metrics.json").read_text(encoding="utf-8"))
-            ner, rel = rescore(seed_dir / "predictions.jsonl", gold)
-            if abs(ner - metrics["ner_f1"]) > 0.01 or abs(rel - metrics["rel_strict_f1"]) > 0.01:
-                raise SystemExit(f"{seed_dir}: re-scored {ner:.2f}/{rel:.2f} differ from metrics.json")
-            results.setdefault(folder.name, {})[seed_dir.name] = (ner, rel, metrics["rel_boundary_f1"])
+    paired difference is the comparison the protocol is built for); dev relation F1 where a
+    setting's dev results are committed."""
+    scores = {split: checked_scores(args, split) for split in SPLIT_FOLDERS}
+    results, dev = scores["test"], scores["dev"]
 
     def cell(values: list[float]) -> str:  # one seed: no spread to show
         sd = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
         return f"{statistics.mean(values):.2f}{sd}"
 
     print(
-        "| setting | seeds | NER F1 | relation strict F1 | relation boundary F1 | relation strict F1 by seed | vs full, paired |"
+        "| setting | seeds | NER F1 | relation strict F1 | relation boundary F1 | relation strict F1 by seed "
+        "| vs full, paired | dev relation strict F1 (seeds) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     full = results.get("full", {})
     for name, by_seed in results.items():
         cols = list(zip(*by_seed.values(), strict=True))
@@ -405,9 +420,37 @@ def summary(args: argparse.Namespace) -> None:
             if shared and name != "full"
             else ""
         )
+        dev_rel = [v[1] for v in dev.get(name, {}).values()]
+        dev_cell = f"{cell(dev_rel)} ({len(dev_rel)})" if dev_rel else ""
         print(
-            f"| {name} | {len(by_seed)} | {cell(cols[0])} | {cell(cols[1])} | {cell(cols[2])} | {seeds} | {paired} |"
+            f"| {name} | {len(by_seed)} | {cell(cols[0])} | {cell(cols[1])} | {cell(cols[2])} | {seeds} "
+            f"| {paired} | {dev_cell} |"
         )
+
+
+def checked_scores(args: argparse.Namespace, split: str) -> dict[str, dict[str, tuple[float, float, float]]]:
+    """setting -> seed -> (NER F1, relation strict F1, relation boundary F1) of ``split``, each
+    re-scored from its predictions; stops at a ``metrics.json`` the predictions do not reproduce."""
+    gold = gold_split(args.data_dir, split)
+    sub = SPLIT_FOLDERS[split]
+    results: dict[str, dict[str, tuple[float, float, float]]] = {}
+    # no_pretrain is a link to full (issue 10's name for it): not a setting of its own.
+    for folder in sorted(p for p in args.out.iterdir() if p.is_dir() and not p.is_symlink()):
+        for seed_dir in sorted(folder.glob("seed*")):
+            where = seed_dir / sub
+            if not finished(where):
+                if split == "test":  # dev results are committed for the later settings only
+                    print(
+                        f"{seed_dir}: no metrics.json (an evaluation running or stopped): left out",
+                        file=sys.stderr,
+                    )
+                continue
+            metrics = json.loads((where / "metrics.json").read_text(encoding="utf-8"))
+            ner, rel = rescore(where / "predictions.jsonl", gold)
+            if abs(ner - metrics["ner_f1"]) > 0.01 or abs(rel - metrics["rel_strict_f1"]) > 0.01:
+                raise SystemExit(f"{where}: re-scored {ner:.2f}/{rel:.2f} differ from metrics.json")
+            results.setdefault(folder.name, {})[seed_dir.name] = (ner, rel, metrics["rel_boundary_f1"])
+    return results
 
 
 def main() -> None:

@@ -25,15 +25,20 @@ def _protocol(shared_data: Path, out: Path, *argv: str) -> subprocess.CompletedP
 
 
 def test_compare_and_summary_rescore_hand_made_predictions(shared_data, tmp_path):
-    gold = json.loads((shared_data / "conll04" / "conll04_test.json").read_text(encoding="utf-8"))
-    perfect = [
-        {"id": f"conll04-test-{s['orig_id']}", **{k: s[k] for k in ("tokens", "entities", "relations")}}
-        for s in gold
-    ]
-    # Entities right, relations only in the first half of the sentences: recall ~1/2, precision 1.
-    half = [
-        {**r, "relations": r["relations"] if i < len(perfect) // 2 else []} for i, r in enumerate(perfect)
-    ]
+    def perfect_and_half(split: str) -> tuple[list[dict], list[dict]]:
+        gold = json.loads((shared_data / "conll04" / f"conll04_{split}.json").read_text(encoding="utf-8"))
+        perfect = [
+            {
+                "id": f"conll04-{split}-{s['orig_id']}",
+                **{k: s[k] for k in ("tokens", "entities", "relations")},
+            }
+            for s in gold
+        ]
+        # Entities right, relations only in the first half of the sentences: recall ~1/2, precision 1.
+        half = [
+            {**r, "relations": r["relations"] if i < len(perfect) // 2 else []} for i, r in enumerate(perfect)
+        ]
+        return perfect, half
 
     def n_relations(records: list[dict]) -> int:  # as scored: distinct (mention, type) triples
         def m(r: dict, e: int) -> tuple[str, str]:
@@ -45,8 +50,12 @@ def test_compare_and_summary_rescore_hand_made_predictions(shared_data, tmp_path
             len({(m(r, x["head"]), m(r, x["tail"]), x["type"]) for x in r["relations"]}) for r in records
         )
 
-    n_gold, n_half = n_relations(perfect), n_relations(half)
-    half_f1 = 100 * 2 * n_half / (n_half + n_gold)
+    def half_f1_of(perfect: list[dict], half: list[dict]) -> float:
+        n_gold, n_half = n_relations(perfect), n_relations(half)
+        return 100 * 2 * n_half / (n_half + n_gold)
+
+    perfect, half = perfect_and_half("test")
+    half_f1 = half_f1_of(perfect, half)
     full_metrics = {"ner_f1": 100.0, "rel_strict_f1": 100.0, "rel_boundary_f1": 100.0}
     for seed in (1, 2):
         _write(tmp_path / "full" / f"seed{seed}", perfect, full_metrics)
@@ -54,24 +63,54 @@ def test_compare_and_summary_rescore_hand_made_predictions(shared_data, tmp_path
     _write(tmp_path / "full" / "seed3", perfect, full_metrics)
     _write(tmp_path / "half" / "seed3", half, None)  # an evaluation still running: no metrics.json
 
+    def interval(line: str, split: str) -> tuple[float, float]:
+        low, high = (float(x) for x in line.split(f"interval over {split} sentences ")[1].split(" to "))
+        return low, high
+
     compared = _protocol(shared_data, tmp_path, "--compare", "full,half")
     assert compared.returncode == 0, compared.stderr
-    line = compared.stdout.strip()
+    line, no_dev = compared.stdout.strip().splitlines()
     assert line.startswith(f"full - half: relation strict F1 {100 - half_f1:+.2f} (mean of 2 seeds paired)")
-    low, high = (float(x) for x in line.split("interval over test sentences ")[1].split(" to "))
+    low, high = interval(line, "test")
     assert low < 100 - half_f1 < high and high - low < 20  # the resampled halves vary, the sign does not
+    assert no_dev == "full - half: no seed has dev results under both"
+
+    # Dev results beside the test ones (seed<k>/dev/): compared on their own sentences.
+    dev_perfect, dev_half = perfect_and_half("dev")
+    dev_half_f1 = half_f1_of(dev_perfect, dev_half)
+    assert abs(dev_half_f1 - half_f1) > 0.1  # tells the splits apart below
+    for seed in (1, 2):
+        _write(tmp_path / "full" / f"seed{seed}" / "dev", dev_perfect, full_metrics)
+        _write(
+            tmp_path / "half" / f"seed{seed}" / "dev",
+            dev_half,
+            {**full_metrics, "rel_strict_f1": dev_half_f1},
+        )
+    compared = _protocol(shared_data, tmp_path, "--compare", "full,half")
+    assert compared.returncode == 0, compared.stderr
+    test_line, dev_line = compared.stdout.strip().splitlines()
+    assert test_line == line
+    assert dev_line.startswith(f"full - half: relation strict F1 {100 - dev_half_f1:+.2f} (mean of 2 seeds")
+    low, high = interval(dev_line, "dev")
+    assert low < 100 - dev_half_f1 < high
 
     table = _protocol(shared_data, tmp_path, "--summary")
     assert table.returncode == 0, table.stderr
     rows = {r.split(" | ")[0].strip("| "): r for r in table.stdout.splitlines() if r.startswith("| ")}
     assert rows["half"].startswith(f"| half | 2 | 100.00 ± 0.00 | {half_f1:.2f} ± 0.00")
     assert f"{half_f1 - 100:.2f} ± 0.00 (2)" in rows["half"]
+    assert rows["half"].endswith(f"| {dev_half_f1:.2f} ± 0.00 (2) |")
     assert "half/seed3: no metrics.json" in table.stderr
 
-    # A metrics.json that the predictions do not reproduce stops the summary.
+    # A metrics.json that the predictions do not reproduce stops the summary, on either split.
+    (tmp_path / "half" / "seed1" / "dev" / "metrics.json").write_text(
+        json.dumps(full_metrics), encoding="utf-8"
+    )
+    wrong = _protocol(shared_data, tmp_path, "--summary")
+    assert wrong.returncode != 0 and "half/seed1/dev: re-scored" in wrong.stderr
     (tmp_path / "half" / "seed1" / "metrics.json").write_text(json.dumps(full_metrics), encoding="utf-8")
     wrong = _protocol(shared_data, tmp_path, "--summary")
-    assert wrong.returncode != 0 and "differ from metrics.json" in wrong.stderr
+    assert wrong.returncode != 0 and "half/seed1: re-scored" in wrong.stderr
 
     missing = _protocol(shared_data, tmp_path, "--compare", "full,nothing")
     assert (
