@@ -199,10 +199,12 @@ class DecodeConfig(Section):
     max_len: int | None = Field(None, ge=1, description="longest output per decoder (default 3 x words + 16)")
     batch_size: int = Field(32, ge=1, description="sentences decoded together")
     aggregate: bool = Field(True, description="unite forward and reverse relations")
-    anchor: Literal["typed", "span", "off"] = Field(
+    anchor: Literal["typed", "reported", "span", "off"] = Field(
         "typed",
         description="keep only relations whose mentions the NER decoder produced: with the same span "
-        "and type (typed), the same span (span, the relation keeps its own types), or keep all (off)",
+        "and type (typed), the same span (span, the relation keeps its own types), or keep all (off); "
+        "reported: with the same span and type as a reported entity (the NER decoder's, and with "
+        "entities=union the mentions the union adds)",
     )
     entities: Literal["union", "ner"] = Field(
         "union",

@@ -651,7 +651,7 @@ def parse_relations(
     return _read_relations(ids, n_words, labels, as_paradigm(paradigm), reverse)[0]
 
 
-ANCHOR_MODES = ("typed", "span", "off")
+ANCHOR_MODES = ("typed", "reported", "span", "off")
 ENTITY_SOURCES = ("ner", "union")
 
 
@@ -678,7 +678,10 @@ def parse_with_report(
     Relations are the forward ones, united with the reverse ones when ``aggregate`` (else
     the reverse output is not used at all). ``anchor`` is the anchor-guided constraint: with
     ``"typed"`` (or True) a relation survives only if both its (span, type) mentions are among
-    the NER outputs; with ``"span"`` only their spans must be, and the relation keeps the types
+    the NER outputs; with ``"reported"`` among the entities reported (the NER outputs, and with
+    ``entities="union"`` the mentions the union adds, so that every reported entity keeps the
+    relations its RE decoder wrote for it); with ``"span"`` only their spans must be among the NER
+    outputs, and the relation keeps the types
     its RE decoder wrote (so a span can then appear as an entity of two types); ``"off"`` (or
     False) keeps every relation. In paradigms 2 and 4 the NER decoder is trained to omit every
     entity that takes part in a relation, so there is nothing to anchor to and ``anchor`` has
@@ -711,8 +714,8 @@ def parse_with_report(
     )
     if not self_relations:
         triples = [t for t in triples if t[0][:2] != t[1][:2]]
-    if mode == "typed" and paradigm.ner_lists_all:
-        anchors = set(spans)
+    if mode in ("typed", "reported") and paradigm.ner_lists_all:
+        anchors = set(spans if mode == "typed" else shown)
         triples = [t for t in triples if t[0] in anchors and t[1] in anchors]
     elif mode == "span" and paradigm.ner_lists_all:
         places = {span[:2] for span in spans}

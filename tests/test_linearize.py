@@ -436,6 +436,12 @@ def test_union_adds_the_re_mentions_that_overlap_no_ner_mention_and_keeps_the_an
     assert structure(united) == ({ANN, ACME, (4, 6, "Loc")}, set())
     free = parse(ner, fwd, rev, TOKENS, LABELS, anchor="off", entities="union")
     assert structure(free)[1] == {WORKS, LIVES, ((0, 1, "Peop"), (4, 6, "Loc"), "Live_In")}
+    # Anchored on the reported entities: Acme, added by the union, keeps its Work_For; Live_In(Ann
+    # Lee, Oslo) does not (Oslo lost its place to "in Oslo"), nor the reverse decoder's (Ann).
+    reported = parse(ner, fwd, rev, TOKENS, LABELS, anchor="reported", entities="union")
+    assert structure(reported) == ({ANN, ACME, (4, 6, "Loc")}, {WORKS})
+    # Without the union the reported entities are the NER decoder's: the typed anchor.
+    assert structure(parse(ner, fwd, rev, TOKENS, LABELS, anchor="reported")) == ({ANN}, set())
     with pytest.raises(ValueError, match="entities"):
         parse(ner, fwd, rev, TOKENS, LABELS, entities="all")
 
