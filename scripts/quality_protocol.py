@@ -494,7 +494,7 @@ def main() -> None:
     p.add_argument(
         "--compare",
         metavar="A,B",
-        help="relation F1 of result A minus B, paired by seed, with a 95%% interval from resampling test sentences",
+        help="relation F1 of result A minus B, paired by seed, with a 95%% interval from resampling test (and dev) sentences",
     )
     args = p.parse_args()
     args.data_dir = args.data_dir.resolve()
