@@ -35,6 +35,7 @@ from anchoralign.linearize import (
     linearize,
 )
 from anchoralign.schema import Sample
+from anchoralign.span_head import span_labels
 
 PAIR_KEYS = {"ner_fwd": "ner_fwd_pairs", "ner_rev": "ner_rev_pairs", "fwd_rev": "fwd_rev_pairs"}
 
@@ -131,8 +132,10 @@ class Collator:
         max_length: int = 512,
         max_target_length: int | None = None,
         align_positions: str = "decision",
+        span_width: int = 0,
     ):
         self.pieces = WordPieces(tokenizer)
+        self.span_width = span_width  # > 0: the gold classes of the span head's spans too
         self.align_positions = align_positions
         self.labels = labels
         self.paradigm = as_paradigm(paradigm)
@@ -140,7 +143,8 @@ class Collator:
         self.max_target_length = max_target_length
 
     def __call__(self, items: Sequence[Item]) -> dict[str, torch.Tensor]:
-        """Inputs, the three decoders' inputs and labels, alignment pairs and the negative mask."""
+        """Inputs, the three decoders' inputs and labels, alignment pairs, the negative mask and,
+        with a span head, the gold class of every span (``span_labels``)."""
         batch = self.inputs(items)
         samples = [sample_of(x) for x in items]
         targets = [linearize(s, self.labels, self.paradigm) for s in samples]
@@ -157,6 +161,14 @@ class Collator:
         for key, name in PAIR_KEYS.items():
             batch[name] = torch.tensor(pairs[key], dtype=torch.long).reshape(-1, 3)
         batch["neg_mask"] = self._neg_mask(batch["vocab_mask"], targets)
+        if self.span_width:
+            batch["span_labels"] = span_labels(
+                [[(e.start, e.end, e.type) for e in s.entities] for s in samples],
+                [len(s.tokens) for s in samples],
+                batch["word_mask"].shape[1],
+                self.span_width,
+                self.labels.entity_types,
+            )
         return batch
 
     def inputs(self, items: Sequence[Item]) -> dict[str, torch.Tensor]:

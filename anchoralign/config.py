@@ -67,6 +67,12 @@ class ModelConfig(Section):
         "pointer for prefix decoders, token for cross-attention and BART-family decoders",
     )
     max_length: int = Field(256, ge=8, description="longest encoder input in sub-words")
+    span_head_width: int = Field(
+        0,
+        ge=0,
+        description="train a span head (anchoralign.span_head) that scores every span of up to this "
+        "many words as an entity type or none, beside the NER decoder; 0: none",
+    )
 
 
 class DataConfig(Section):
@@ -175,6 +181,7 @@ class LossConfig(Section):
     ner_re: bool = Field(True, description="the NER-RE term (with alignment)")
     fwd_rev: bool = Field(True, description="the forward-reverse term (with alignment)")
     suppress: bool = Field(True, description="the negative-suppression term (with alignment)")
+    span: float = Field(1.0, ge=0, description="weight of the span head's cross-entropy (with a span head)")
     ramp_steps: int = Field(
         0, ge=0, description="optimizer steps over which the alignment terms grow from 0 to full weight"
     )
@@ -211,6 +218,11 @@ class DecodeConfig(Section):
         description="entities reported: the NER decoder's plus each mention an RE decoder wrote whose span "
         "overlaps none of them (union), or the NER decoder's only (ner); relations follow the anchor "
         "setting either way",
+    )
+    ner_source: Literal["auto", "decoder", "span_head"] = Field(
+        "auto",
+        description="where the NER mentions (the entities and the relations' anchor) come from: the NER "
+        "decoder, or the span head of a model trained with one; auto: the span head when there is one",
     )
     constrained: bool = Field(True, description="decode within the output grammar")
     eos_penalty: float = Field(

@@ -35,6 +35,9 @@ input order. Relations: the forward decoder's, united with the reverse decoder's
 ``aggregate``; with ``anchor``, only relations whose two mentions the NER decoder produced.
 Entities: the NER decoder's, and with ``entities="union"`` (the default) also the RE decoders'
 mentions that overlap none of them (on CoNLL04 +0.85 NER F1 on test and dev, BENCHMARKS.md).
+With a span head (``ner_source``: ``auto`` or ``span_head``) its mentions take the NER decoder's
+place in both roles, the entities and the anchor; the NER decoder still runs, and its output is
+kept in ``Prediction.outputs``.
 """
 
 from __future__ import annotations
@@ -65,11 +68,13 @@ from anchoralign.linearize import (
     LabelSet,
     Paradigm,
     ParseReport,
+    Span,
     grammar_of,
     parse_with_report,
 )
 from anchoralign.model import AnchorAlignModel, EncoderState
 from anchoralign.schema import Sample
+from anchoralign.span_head import decode_spans
 
 __all__ = ["DecodeConfig", "Prediction", "generate", "predict", "predict_long"]
 
@@ -211,16 +216,18 @@ def generate(
     batch: dict[str, torch.Tensor],
     cfg: DecodeConfig,
     finished: Callable[[list[int]], None] | None = None,
+    state: EncoderState | None = None,
 ) -> dict[str, tuple[list[list[int]], list[bool]]]:
     """Per decoder: the best output ids of every sample (up to and with ``<eos>``) and whether it was cut.
 
     ``finished(indices)`` is called with the samples of the batch whose three decoders have just
     all finished (every beam), so a progress bar can move per sentence rather than per batch.
+    ``state``: the batch's encoding, when the caller already has it.
     """
     k = cfg.beam
     if k < 1:
         raise ValueError(f"beam must be >= 1, got {k}")
-    state = model.encode(batch).repeat(k)
+    state = (model.encode(batch) if state is None else state).repeat(k)
     vocab_mask = state.vocab_mask
     n_rows, device = vocab_mask.shape[0], vocab_mask.device
     n_samples = n_rows // k
@@ -359,6 +366,7 @@ def _predict(
         raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
     collate = model.collator()
     device = model.device
+    spans = uses_span_head(model, cfg)
     order = sorted(range(len(samples)), key=lambda i: len(samples[i].tokens), reverse=True)
     results: list[Prediction | None] = [None] * len(samples)
     was_training = model.training
@@ -369,18 +377,43 @@ def _predict(
             inputs = [Sample(id=samples[i].id, tokens=samples[i].tokens) for i in chunk]
             batch = {key: t.to(device) for key, t in collate.inputs(inputs).items()}
             done = None if finished is None else (lambda js, chunk=chunk: finished([chunk[j] for j in js]))
-            outputs = generate(model, batch, cfg, done)
+            with torch.no_grad():
+                state = model.encode(batch)
+                mentions = span_mentions(model, state, batch) if spans else [None] * len(chunk)
+            outputs = generate(model, batch, cfg, done, state)
             for j, i in enumerate(chunk):
-                results[i] = to_prediction(model, inputs[j], {n: outputs[n][0][j] for n in DECODERS}, cfg)
+                ids = {n: outputs[n][0][j] for n in DECODERS}
+                results[i] = to_prediction(model, inputs[j], ids, cfg, mentions[j])
     finally:
         model.train(was_training)
     return [p for p in results if p is not None]
 
 
+def uses_span_head(model: AnchorAlignModel, cfg: DecodeConfig) -> bool:
+    """Whether the NER mentions come from the span head (``cfg.ner_source``)."""
+    if cfg.ner_source == "span_head" and model.span_head is None:
+        raise UserError("ner_source=span_head: this checkpoint has no span head")
+    return model.span_head is not None and cfg.ner_source != "decoder"
+
+
+def span_mentions(
+    model: AnchorAlignModel, state: EncoderState, batch: dict[str, torch.Tensor]
+) -> list[list[Span]]:
+    """The span head's mentions of every sample of the batch."""
+    logits = model.span_logits(state)
+    n_words = batch["word_mask"].sum(1).tolist()
+    return [decode_spans(logits[b], n, model.labels.entity_types) for b, n in enumerate(n_words)]
+
+
 def to_prediction(
-    model: AnchorAlignModel, sample: Sample, ids: dict[str, list[int]], cfg: DecodeConfig
+    model: AnchorAlignModel,
+    sample: Sample,
+    ids: dict[str, list[int]],
+    cfg: DecodeConfig,
+    mentions: Sequence[Span] | None = None,
 ) -> Prediction:
-    """Parse three decoder outputs into a Prediction (aggregation and anchor constraint as ``cfg`` says)."""
+    """Parse three decoder outputs into a Prediction (aggregation and anchor constraint as ``cfg``
+    says); ``mentions``, the span head's, take the place of the NER decoder's."""
     parsed, report = parse_with_report(
         ids["ner"],
         ids["fwd"],
@@ -393,6 +426,7 @@ def to_prediction(
         entities=cfg.entities,
         self_relations=bool(getattr(model.meta, "self_relations", False)),
         sample_id=sample.id,
+        mentions=mentions,
     )
     return Prediction(sample=parsed, valid=report.valid, outputs=ids, report=report)
 

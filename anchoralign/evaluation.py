@@ -135,14 +135,15 @@ class Evaluator:
         self.gold = list(gold)
         self.loss_sets = {k: list(v) for k, v in loss_sets.items()}
         self.collate, self.loss_fn = collate, loss_fn
-        self.weights = term_weights(loss_cfg, align=True)
-        self.decode_cfg, self.meta = decode_cfg, meta
+        self.loss_cfg, self.decode_cfg, self.meta = loss_cfg, decode_cfg, meta
 
     def __call__(self, model: nn.Module, device: torch.device, validity: bool = False) -> EvalResult:
         result = evaluate_split(model, self.gold, self.decode_cfg, self.meta, validity)
+        spans = getattr(model, "span_head", None) is not None
+        weights = term_weights(self.loss_cfg, align=True, spans=spans)
         result.losses = {
             split: mean_loss_terms(
-                model, samples, self.collate, self.loss_fn, self.weights, self.decode_cfg.batch_size, device
+                model, samples, self.collate, self.loss_fn, weights, self.decode_cfg.batch_size, device
             )
             for split, samples in self.loss_sets.items()
         }

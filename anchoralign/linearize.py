@@ -672,6 +672,7 @@ def parse_with_report(
     sample_id: str = "",
     self_relations: bool = False,
     entities: str = "ner",
+    mentions: Sequence[Span] | None = None,
 ) -> tuple[Sample, ParseReport]:
     """Recombine the three decoders into one Sample, and say how cleanly each parsed.
 
@@ -692,7 +693,8 @@ def parse_with_report(
     in sentence order where two such overlap: the RE decoders find entities the NER decoder missed,
     while an overlap is a boundary or type decision the NER decoder already made. Entities are
     ordered by (start, end, label order) and relations by (head, tail, label order), both without
-    duplicates.
+    duplicates. ``mentions`` (the span head's) take the place of the NER outputs in all of the
+    above; the NER ids are then parsed for the report only.
 
     ``tokens`` must be the sentence (at least one token); the id lists may be anything.
     """
@@ -704,6 +706,8 @@ def parse_with_report(
         raise ValueError(f"entities must be one of {ENTITY_SOURCES}, got {entities!r}")
     n_words = len(tokens)
     spans, ner_report = _read_entities(ner, n_words, labels)
+    if mentions is not None:
+        spans = list(mentions)
     fwd_triples, fwd_report = _read_relations(fwd, n_words, labels, paradigm, reverse=False)
     rev_triples, rev_report = _read_relations(rev, n_words, labels, paradigm, reverse=True)
     triples = _unique(fwd_triples + rev_triples) if aggregate else fwd_triples

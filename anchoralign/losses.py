@@ -15,7 +15,8 @@ Terms (weighted by :func:`term_weights`, the one place that says which are on, a
 - forward-reverse alignment: symmetric KL between the two RE decoders on the positions of the
   gold triples both emit;
 - negative suppression: ``-log(1 - p(v))`` over the ids that occur in none of the sentence's gold
-  targets, at every RE decoding step.
+  targets, at every RE decoding step;
+- with a span head (``anchoralign.span_head``), the cross-entropy of its span classes.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 
 from anchoralign.config import LossConfig
 from anchoralign.linearize import IGNORE
+from anchoralign.span_head import span_loss
 
 # Large and finite: -inf would turn 0 * log 0 into NaN in the KL terms. The fill is applied after
 # the cast to float32, so it is safe whatever the logits' dtype.
@@ -135,17 +137,20 @@ def negative_suppression(
 
 CE_TERMS = ("ce_ner", "ce_fwd", "ce_rev")
 ALIGN_TERMS = ("kl_ner_re", "kl_fwd_rev", "suppress")
-LOSS_KEYS = (*CE_TERMS, *ALIGN_TERMS, "loss")
+LOSS_KEYS = (*CE_TERMS, *ALIGN_TERMS, "span", "loss")
 
 
-def term_weights(cfg: LossConfig, align: bool, ramp: float = 1.0) -> dict[str, float]:
+def term_weights(cfg: LossConfig, align: bool, ramp: float = 1.0, spans: bool = False) -> dict[str, float]:
     """The weight of every active term of a phase; a term that is not a key is off (not computed).
 
     The one place that decides whether a term is on: cross-entropy always; an alignment term when
     the phase aligns (``align``), ``cfg.alignment`` and its own switch are on and its weight is
-    positive, scaled by ``ramp`` (see :func:`ramp_factor`).
+    positive, scaled by ``ramp`` (see :func:`ramp_factor`); the span head's term in every phase
+    when the model has one (``spans``) and ``cfg.span`` is positive.
     """
     weights = dict.fromkeys(CE_TERMS, 1.0)
+    if spans and cfg.span > 0:
+        weights["span"] = cfg.span
     if align and cfg.alignment:
         for key, on, weight in (
             ("kl_ner_re", cfg.ner_re, cfg.alpha),
@@ -187,9 +192,10 @@ def loss_terms(
     """Every term (unweighted; 0 for the inactive ones) and the weighted total ``loss``, as float32
     scalar tensors.
 
-    outputs: ``ner_logits``, ``fwd_logits``, ``rev_logits`` [B,T,V]; batch: ``vocab_mask``,
-    ``neg_mask``, ``{ner,fwd,rev}_labels`` and ``ner_fwd_pairs``, ``ner_rev_pairs``,
-    ``fwd_rev_pairs`` as built by the collator; ``weights`` from :func:`term_weights`.
+    outputs: ``ner_logits``, ``fwd_logits``, ``rev_logits`` [B,T,V] (and ``span_logits`` with a
+    span head); batch: ``vocab_mask``, ``neg_mask``, ``{ner,fwd,rev}_labels``, ``ner_fwd_pairs``,
+    ``ner_rev_pairs``, ``fwd_rev_pairs`` (and ``span_labels``) as built by the collator;
+    ``weights`` from :func:`term_weights`.
     ``teacher_logits``: the NER decoder's logits to align the RE decoders to (default: the NER
     logits of ``outputs``; the trainer passes a pass without dropout); with ``teacher_gate`` only
     the positions where the teacher's top id is the gold NER id are aligned. The NER-RE and
@@ -216,11 +222,13 @@ def loss_terms(
             negative_suppression(fwd, batch["fwd_labels"], neg_mask, vocab_mask)
             + negative_suppression(rev, batch["rev_labels"], neg_mask, vocab_mask)
         )
+    if "span" in weights:
+        terms["span"] = span_loss(outputs["span_logits"], batch["span_labels"])
     terms["loss"] = weighted_total(terms, weights)
     return terms
 
 
 def describe_terms(weights: Mapping[str, float]) -> str:
-    """``ce, kl_ner_re x1, suppress x0.1``: the active terms of a phase and their weights."""
-    terms = ["ce"] + [f"{k} x{w:g}" for k, w in weights.items() if k in ALIGN_TERMS]
+    """``ce, span x1, kl_ner_re x1, suppress x0.1``: the active terms of a phase and their weights."""
+    terms = ["ce"] + [f"{k} x{w:g}" for k, w in weights.items() if k not in CE_TERMS]
     return ", ".join(terms)

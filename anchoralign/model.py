@@ -27,8 +27,9 @@ sub-word (``decoder_input: token``) or as the representation the pointer scored 
 
 The model directory that ``save_pretrained`` writes and ``from_pretrained`` reads (no DeepSpeed
 needed) is described once, in the README ("Model directory"); ``config.json`` holds the format
-version, the backbone's name, family and config, the paradigm, the decoder input and the backbone
-token of every fixed id; ``labels.json`` the dataset metadata.
+version, the backbone's name, family and config, the paradigm, the decoder input, the width of
+the span head (0: none; ``anchoralign.span_head``) and the backbone token of every fixed id;
+``labels.json`` the dataset metadata.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from anchoralign.errors import UserError
 from anchoralign.files import read_json_object
 from anchoralign.linearize import LabelSet, Paradigm, as_paradigm
 from anchoralign.schema import N_MASK_TOKENS, DatasetMeta, mask_token
+from anchoralign.span_head import SpanHead
 
 FORMAT_VERSION = 1
 DECODER_INPUTS = ("token", "pointer")
@@ -115,6 +117,7 @@ class AnchorAlignModel(nn.Module):
         paradigm: int | Paradigm,
         name: str,
         decoder_input: str = "token",
+        span_width: int = 0,
     ):
         super().__init__()
         if decoder_input not in DECODER_INPUTS:
@@ -129,6 +132,21 @@ class AnchorAlignModel(nn.Module):
         self.paradigm = as_paradigm(paradigm)
         self.backbone_name = name
         self.register_buffer("fixed_token_ids", self._fixed_token_ids(), persistent=False)
+        self.span_head: SpanHead | None = None
+        if span_width:
+            self.add_span_head(span_width)
+
+    def add_span_head(self, width: int) -> None:
+        """A new span head (random weights) scoring spans of up to ``width`` words."""
+        hidden = self.backbone.embed_tokens.embedding_dim
+        self.span_head = SpanHead(hidden, len(self.labels.entity_types), width).to(
+            self.fixed_token_ids.device
+        )
+
+    @property
+    def span_width(self) -> int:
+        """Longest span the span head scores; 0 without one."""
+        return 0 if self.span_head is None else self.span_head.width
 
     # ------------------------------------------------------------------ construction
 
@@ -141,12 +159,14 @@ class AnchorAlignModel(nn.Module):
         decoder_attention: str = "prefix",
         label_init: str = "name",
         decoder_input: str = "auto",
+        span_width: int = 0,
         **tiny_options: Any,
     ) -> AnchorAlignModel:
         """A new model: the backbone's weights, label tokens initialised from their names or
         descriptions (``label_init``); ``decoder_attention`` as in ``backbones.load_backbone``.
 
-        ``tiny_options`` override fields of ``backbones.TINY_CONFIG`` (``backbone="tiny"`` only).
+        ``span_width`` > 0 adds a span head (``anchoralign.span_head``). ``tiny_options`` override
+        fields of ``backbones.TINY_CONFIG`` (``backbone="tiny"`` only).
         """
         net, tokenizer = load_backbone(backbone, decoder_attention, **tiny_options)
         if decoder_input == "auto":
@@ -159,7 +179,7 @@ class AnchorAlignModel(nn.Module):
         old_size = net.embed_tokens.num_embeddings
         net.resize_token_embeddings(max(len(tokenizer), old_size))
         init_label_embeddings(net.embed_tokens, tokenizer, added, meta, label_init)
-        return cls(net, tokenizer, meta, paradigm, backbone, decoder_input)
+        return cls(net, tokenizer, meta, paradigm, backbone, decoder_input, span_width)
 
     def _fixed_token_ids(self) -> torch.Tensor:
         """Backbone token of each fixed restricted id: <bos>, <eos>, <sep>, entity and relation labels."""
@@ -187,6 +207,7 @@ class AnchorAlignModel(nn.Module):
             max_length or limit,
             max_target_length=limit,
             align_positions=align_positions,
+            span_width=self.span_width,
         )
 
     def encode(self, batch: Mapping[str, torch.Tensor]) -> EncoderState:
@@ -232,21 +253,47 @@ class AnchorAlignModel(nn.Module):
         hidden = self.backbone.decode(name, self.decoder_inputs(ids, state), state.memory, state.mask, cache)
         return self.pointer_logits(hidden, state)
 
+    def span_logits(self, state: EncoderState) -> torch.Tensor:
+        """[N, W, L, types + 1] the span head's scores of every span (``anchoralign.span_head``),
+        from the encoder's output at each word's first sub-word."""
+        if self.span_head is None:
+            raise UserError("this model has no span head (train one with --model.span_head_width=N)")
+        hidden = state.hidden
+        words = hidden.gather(1, state.word_starts[..., None].expand(-1, -1, hidden.shape[-1]))
+        return self.span_head(words)
+
     def forward(
-        self, batch: Mapping[str, torch.Tensor], decoders: Sequence[str] = DECODERS
+        self, batch: Mapping[str, torch.Tensor], decoders: Sequence[str] = DECODERS, spans: bool = True
     ) -> dict[str, torch.Tensor]:
         """Teacher-forced logits of ``decoders`` (all three by default; the NER teacher of the
-        alignment term asks for ``("ner",)`` only). Through ``forward`` so that ZeRO-3 gathers."""
+        alignment term asks for ``("ner",)`` only), and ``span_logits`` when the model has a span
+        head and ``spans``. Through ``forward`` so that ZeRO-3 gathers."""
         state = self.encode(batch)
-        return {
+        out = {
             f"{name}_logits": self.decoder_logits(name, batch[f"{name}_input"], state) for name in decoders
         }
+        if spans and self.span_head is not None:
+            out["span_logits"] = self.span_logits(state)
+        return out
 
     # ------------------------------------------------------------------ bookkeeping
 
     def parameter_counts(self) -> dict[str, int]:
-        """Total, shared embedding table, encoder and each decoder (embedding table counted once)."""
-        return self.backbone.parameter_counts()
+        """Total, shared embedding table, encoder, each decoder (embedding table counted once) and
+        the span head, if any."""
+        counts = self.backbone.parameter_counts()
+        if self.span_head is not None:
+            counts["span_head"] = sum(p.numel() for p in self.span_head.parameters())
+            counts["total"] += counts["span_head"]
+        return counts
+
+    def new_parameter_names(self) -> list[str]:
+        """Parameters that the backbone checkpoint did not provide: the backbone's own (such as
+        random cross-attention) and the span head."""
+        names = [f"backbone.{n}" for n in self.backbone.new_parameter_names()]
+        if self.span_head is not None:
+            names += [f"span_head.{n}" for n, _ in self.span_head.named_parameters()]
+        return names
 
     def num_parameters(self) -> int:
         return self.parameter_counts()["total"]
@@ -266,6 +313,7 @@ class AnchorAlignModel(nn.Module):
             "backbone": self.backbone_name,
             "paradigm": int(self.paradigm),
             "decoder_input": self.decoder_input,
+            "span_width": self.span_width,
             "fixed_tokens": self.tokenizer.convert_ids_to_tokens(self.fixed_token_ids.tolist()),
             "parameters": self.parameter_counts(),
             **{f"backbone_{k}": v for k, v in backbone_config_dict(self.backbone).items()},
@@ -316,7 +364,13 @@ class AnchorAlignModel(nn.Module):
         tokenizer = AutoTokenizer.from_pretrained(str(root / TOKENIZER_DIR))
         # Checkpoints written before decoder_input existed fed token embeddings.
         model = cls(
-            backbone, tokenizer, meta, paradigm, config["backbone"], config.get("decoder_input", "token")
+            backbone,
+            tokenizer,
+            meta,
+            paradigm,
+            config["backbone"],
+            config.get("decoder_input", "token"),
+            config.get("span_width", 0),  # none before the span head existed
         )
         missing, unexpected = load_model(
             model, str(root / WEIGHTS_FILE), strict=False, device=str(map_location)

@@ -24,8 +24,7 @@ def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]
     and the multiplier ``optim.new_lr_mult`` (kept in the group as ``lr_mult``) for the parameters
     the backbone checkpoint did not provide, such as random cross-attention, which have everything
     to learn while the pretrained rest needs gentle steps."""
-    backbone = getattr(model, "backbone", None)
-    new = {f"backbone.{n}" for n in (backbone.new_parameter_names() if backbone is not None else [])}
+    new = set(model.new_parameter_names()) if hasattr(model, "new_parameter_names") else set()
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:

@@ -28,7 +28,7 @@ from anchoralign.config import TrainConfig
 from anchoralign.errors import UserError
 from anchoralign.runlog import RunLog
 from anchoralign.schedule import Phase
-from anchoralign.schema import DatasetMeta
+from anchoralign.schema import DatasetMeta, Sample
 from anchoralign.training_set import TrainingSet
 
 C = TypeVar("C", bound=TrainConfig)
@@ -83,6 +83,7 @@ def load_model(cfg: TrainConfig, meta: DatasetMeta) -> nn.Module:
             decoder_attention=m.decoder_attention,
             label_init=m.label_init,
             decoder_input=m.decoder_input,
+            span_width=m.span_head_width,
         )
     path = Path(cfg.init_from)
     if not (path / "config.json").is_file():
@@ -96,7 +97,27 @@ def load_model(cfg: TrainConfig, meta: DatasetMeta) -> nn.Module:
         raise UserError(
             f"init_from: {path} uses paradigm {int(model.paradigm)} but the config has model.paradigm={m.paradigm}"
         )
+    if model.span_width != m.span_head_width:
+        if model.span_width:
+            raise UserError(
+                f"init_from: {path} has a span head of width {model.span_width} but the config has "
+                f"model.span_head_width={m.span_head_width}"
+            )
+        model.add_span_head(m.span_head_width)  # a new head on a model trained without one
     return model
+
+
+def describe_span_head(width: int, gold: Sequence[Sample], log: RunLog) -> None:
+    """Say what the span head cannot find: the gold mentions wider than it looks."""
+    from anchoralign.span_head import too_wide
+
+    mentions = [[(e.start, e.end, e.type) for e in s.entities] for s in gold]
+    missed = too_wide(mentions, width)
+    n = sum(map(len, mentions))
+    log.info(
+        f"span head: spans of up to {width} words; {missed} of the {n} mentions of the evaluation split "
+        "are wider and out of its reach"
+    )
 
 
 def run_stage(cfg: TrainConfig, meta: DatasetMeta, plan: Plan, log: RunLog) -> Path:
@@ -128,6 +149,8 @@ def run_stage(cfg: TrainConfig, meta: DatasetMeta, plan: Plan, log: RunLog) -> P
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
     model = load_model(cfg, meta)
+    if model.span_width:
+        describe_span_head(model.span_width, splits[cfg.eval.split], log)
     train_sets = load_sets(model.tokenizer)
     collate = model.collator(max_length=cfg.model.max_length, align_positions=cfg.loss.align_positions)
     for data in train_sets.values():

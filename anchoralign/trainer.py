@@ -93,6 +93,7 @@ class Trainer:
         distributed.setup()
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.state = TrainState(stage=cfg.stage, world_size=self.world)
+        self.spans = cfg.model.span_head_width > 0  # the span head's term is on
         optim = cfg.optim
         self.global_batch = optim.micro_batch_size * optim.grad_accum * self.world
         # Sentence lengths for length bucketing, by training set.
@@ -143,7 +144,7 @@ class Trainer:
         st = self.state
         align = self.phases[st.phase].align
         since = st.global_step - (st.align_since if st.align_since is not None else st.global_step)
-        return term_weights(self.cfg.loss, align, ramp_factor(since, self.cfg.loss.ramp_steps))
+        return term_weights(self.cfg.loss, align, ramp_factor(since, self.cfg.loss.ramp_steps), self.spans)
 
     def lr(self, step: int | None = None) -> float:
         """Learning rate (before the per-parameter multiplier) of optimizer update ``step``."""
@@ -194,7 +195,7 @@ class Trainer:
         module.eval()
         try:
             with torch.no_grad(), autocast(self.cfg.trainer.precision, self.device):
-                return module(batch, decoders=("ner",))["ner_logits"]
+                return module(batch, decoders=("ner",), spans=False)["ner_logits"]
         finally:
             module.train()
 
@@ -465,7 +466,7 @@ class Trainer:
                 )
             self.log.info(
                 f"  phase {i + 1} {p.name}: {p.epochs} epoch(s) on {p.data} ({n} samples, {steps} steps/epoch), "
-                f"loss terms: {describe_terms(term_weights(cfg.loss, p.align))}{gate}"
+                f"loss terms: {describe_terms(term_weights(cfg.loss, p.align, spans=self.spans))}{gate}"
             )
             self.log.metrics(
                 {

@@ -11,8 +11,9 @@ Per seed:
    phase differs: ``full`` (alignment and suppression), ``no_alignment`` (the same epochs with
    cross-entropy only), ``no_ner_re``, ``no_fwd_rev``, ``no_suppress``, ``ema`` (``full``
    evaluated, selected and exported on the moving average of the weights); and, asked for by
-   name, ``long`` (twice the epochs) and ``mix`` (the training set joined by the pretraining
-   corpus, for half the epochs); ``best/`` by dev again;
+   name, ``long`` (twice the epochs), ``mix`` (the training set joined by the pretraining
+   corpus, for half the epochs) and ``span_head`` (``full`` with a new span head for the
+   entities); ``best/`` by dev again;
 3. ``anchoralign evaluate`` of each ``best/`` on test, written as
    ``benchmarks/quality/conll04/<setting>/seed<k>/predictions.jsonl`` and ``metrics.json``, and on
    dev, the same two files in ``seed<k>/dev/`` (committed for the settings measured since
@@ -20,6 +21,7 @@ Per seed:
    decoding ablations on the ``full`` checkpoints (``no_constraint``: no anchor-guided filter;
    ``no_aggregation``: forward relations only; ``no_both``; ``span_anchor``: the constraint on
    mention spans only; ``reported_anchor``: on the reported entities, the union's included;
+   ``span_head_decoder``: the ``span_head`` setting's checkpoints with the NER decoder's mentions;
    ``entity_union`` and ``ner_entities``: ``--entities union``, the default since it was
    measured, and ``ner``) and on the ``ce`` checkpoints (``ce_only``: the shared starting point;
    after pretraining only this one, ``pretrain_NAME_ce_only``).
@@ -125,7 +127,12 @@ ALIGN_VARIANTS = {
     "mix": ["--trainer.grad_norm_every=58", "--eval.every=58"],
 }
 VARIANT_EPOCHS = {"long": 2 * ALIGN_EPOCHS, "mix": ALIGN_EPOCHS // 2}
-TRAINED = {**SETTINGS, **SWEEP, **ALIGN_VARIANTS}  # every stage-2 setting, by name
+# Stage 2 of `full` with a span head (anchoralign/span_head.py) added to the model: it is new, so it
+# trains at 10x the stage's learning rate; its mentions are the entities and the anchor.
+NER_HEADS = {
+    "span_head": ["--trainer.grad_norm_every=58", "--model.span-head-width=8", "--optim.new-lr-mult=10"],
+}
+TRAINED = {**SETTINGS, **SWEEP, **ALIGN_VARIANTS, **NER_HEADS}  # every stage-2 setting, by name
 # Decoding ablations: evaluate flags on the checkpoints of a training setting.
 DECODING = {
     "no_constraint": ("full", ["--anchor", "off"]),
@@ -138,6 +145,8 @@ DECODING = {
     # `union` spelled out (the committed rows decoded before it was the default compare with it).
     "ner_entities": ("full", ["--entities", "ner"]),
     "entity_union": ("full", ["--entities", "union"]),
+    # The span head's checkpoints decoded with the NER decoder's mentions instead.
+    "span_head_decoder": ("span_head", ["--ner-source", "decoder"]),
     "ce_only": ("ce", []),
 }
 

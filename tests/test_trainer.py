@@ -172,7 +172,9 @@ def test_new_parameters_get_their_learning_rate_multiplier() -> None:
             self.backbone = torch.nn.Module()
             self.backbone.old = torch.nn.Linear(2, 2)
             self.backbone.cross = torch.nn.Linear(2, 2)
-            self.backbone.new_parameter_names = lambda: ["cross.weight", "cross.bias"]
+
+        def new_parameter_names(self) -> list[str]:
+            return ["backbone.cross.weight", "backbone.cross.bias"]
 
     cfg = PretrainConfig.model_validate(
         {

@@ -37,7 +37,7 @@ class StandIn(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
 
     def forward(
-        self, batch: Mapping[str, torch.Tensor], decoders=("ner", "fwd", "rev")
+        self, batch: Mapping[str, torch.Tensor], decoders=("ner", "fwd", "rev"), spans: bool = True
     ) -> dict[str, torch.Tensor]:
         h = self.drop(torch.tanh(self.norm(self.hidden(batch["x"]))))
         logits = self.out(h)[:, None, :]
