@@ -83,7 +83,7 @@ def test_sft_key_refused_by_pretraining(yaml_file: Path) -> None:
         ("--trainer.precision=fp16", "trainer.precision", "'fp32' or 'bf16'"),
         ("--optim.micro_batch_size=0", "optim.micro_batch_size", "greater than or equal to 1"),
         ("--checkpoint.resume=perhaps", "checkpoint.resume", "valid boolean"),
-        ("--decode.anchor=loose", "decode.anchor", "'typed', 'span' or 'off'"),
+        ("--decode.anchor=loose", "decode.anchor", "'typed', 'reported', 'span' or 'off'"),
     ],
 )
 def test_ill_typed_values_name_the_field(yaml_file: Path, override: str, field: str, fragment: str) -> None:
