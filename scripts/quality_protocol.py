@@ -355,8 +355,12 @@ def finished(seed_dir: Path) -> bool:
     return (seed_dir / "metrics.json").is_file()
 
 
+# What --compare compares: index into a re-scored sentence's (entities, strict relations).
+COMPARED = {"rel": (1, "relation strict F1"), "ner": (0, "NER F1")}
+
+
 def compare(args: argparse.Namespace, a: str, b: str, resamples: int = 2000) -> None:
-    """Relation strict F1 of setting ``a`` minus ``b``, paired by seed, with a 95% interval from
+    """Relation strict F1 (or NER F1, ``--metric ner``) of setting ``a`` minus ``b``, paired by seed, with a 95% interval from
     resampling the sentences (the same resample for every seed): how much of a difference the 288
     test (231 dev) sentences alone could make, which the seed-to-seed spread does not show. Test,
     then dev where both settings have dev results: a difference that only one split shows is a
@@ -374,7 +378,7 @@ def compare(args: argparse.Namespace, a: str, b: str, resamples: int = 2000) -> 
             continue
         low, diff, high = paired_difference(args, a, b, split, seeds, resamples)
         print(
-            f"{a} - {b}: relation strict F1 {diff:+.2f} (mean of {len(seeds)} seeds paired); "
+            f"{a} - {b}: {COMPARED[args.metric][1]} {diff:+.2f} (mean of {len(seeds)} seeds paired); "
             f"95% interval over {split} sentences {low:+.2f} to {high:+.2f}"
         )
 
@@ -386,9 +390,13 @@ def paired_difference(
     gold = gold_split(args.data_dir, split)
     sub = SPLIT_FOLDERS[split]
 
+    at = COMPARED[args.metric][0]
+
     def counts(setting: str, seed: str) -> np.ndarray:  # per sentence: tp, n_pred, n_gold
         pred = predicted(args.out / setting / seed / sub / "predictions.jsonl", gold)
-        rows = [(len(p[1] & g[1]), len(p[1]), len(g[1])) for p, g in zip(pred, gold.values(), strict=True)]
+        rows = [
+            (len(p[at] & g[at]), len(p[at]), len(g[at])) for p, g in zip(pred, gold.values(), strict=True)
+        ]
         return np.array(rows, dtype=np.int64)
 
     pairs = [(counts(a, s), counts(b, s)) for s in seeds]
@@ -505,6 +513,7 @@ def main() -> None:
         metavar="A,B",
         help="relation F1 of result A minus B, paired by seed, with a 95%% interval from resampling test (and dev) sentences",
     )
+    p.add_argument("--metric", choices=COMPARED, default="rel", help="what --compare compares (default rel)")
     args = p.parse_args()
     args.data_dir = args.data_dir.resolve()
     if args.ce_epochs is not None and args.ce_epochs < 3:

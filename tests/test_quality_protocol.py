@@ -93,6 +93,11 @@ def test_compare_and_summary_rescore_hand_made_predictions(shared_data, tmp_path
     assert dev_line.startswith(f"full - half: relation strict F1 {100 - dev_half_f1:+.2f} (mean of 2 seeds")
     low, high = interval(dev_line, "dev")
     assert low < 100 - dev_half_f1 < high
+    # The entities of both are all right: no NER difference on either split.
+    ner = _protocol(shared_data, tmp_path, "--compare", "full,half", "--metric", "ner")
+    assert [line.split(" (")[0] for line in ner.stdout.strip().splitlines()] == [
+        "full - half: NER F1 +0.00"
+    ] * 2
 
     table = _protocol(shared_data, tmp_path, "--summary")
     assert table.returncode == 0, table.stderr
