@@ -37,6 +37,10 @@ cross-entropy stage starts from that model (with ``--ce-epochs N``, a stage 1 of
 own full schedule instead of 24 of 30): the settings ``pretrain_NAME`` (and
 ``pretrain_NAME_<setting>`` for others than ``full``) compare with ``full``, which has no pretraining.
 
+With ``--model VARIANT`` (``MODELS``: ``span_head``) both fine-tuning stages train that model
+variant, from the same pretrained models as the plain one; its runs and results are named
+``[pretrain_NAME_]with_VARIANT`` as above (``pretrain_rulesall_with_span_head_no_alignment``).
+
     python scripts/quality_protocol.py --data-dir ../shared/data --seeds 1,2,3
     python scripts/quality_protocol.py --data-dir ../shared/data --seeds 1 --settings full --steps ce,align,eval
     python scripts/quality_protocol.py --data-dir ../shared/data --summary
@@ -133,6 +137,11 @@ NER_HEADS = {
     "span_head": ["--trainer.grad_norm_every=58", "--model.span-head-width=8", "--optim.new-lr-mult=10"],
 }
 TRAINED = {**SETTINGS, **SWEEP, **ALIGN_VARIANTS, **NER_HEADS}  # every stage-2 setting, by name
+# Model variants (--model): flags of both fine-tuning stages, so that the variant is trained from
+# stage 1 on; pretraining is shared with the plain model.
+MODELS = {
+    "span_head": ["--model.span-head-width=8", "--optim.new-lr-mult=10"],
+}
 # Decoding ablations: evaluate flags on the checkpoints of a training setting.
 DECODING = {
     "no_constraint": ("full", ["--anchor", "off"]),
@@ -214,12 +223,15 @@ def _eval_step(metrics: Path, epoch: int) -> int | None:
 
 
 def run_dir(args: argparse.Namespace, setting: str, seed: int) -> Path:
-    """Runs without pretraining under ``runs/``; with ``--pretrain NAME=DIR`` under ``runs/pretrain_NAME/``."""
-    return args.runs / args.prefix / setting / f"seed{seed}"
+    """Runs without pretraining under ``runs/``; with ``--pretrain NAME=DIR`` under
+    ``runs/pretrain_NAME/``; with ``--model VARIANT`` the fine-tuning runs under
+    ``runs/[pretrain_NAME_]with_VARIANT/`` (pretraining stays shared)."""
+    return args.runs / (args.pretrained if setting == "pretrain" else args.prefix) / setting / f"seed{seed}"
 
 
 def result_name(args: argparse.Namespace, setting: str) -> str:
-    """``full`` (no pretraining), ``pretrain_NAME`` (its full method), ``pretrain_NAME_<setting>``."""
+    """``full`` (no pretraining), ``pretrain_NAME`` (its full method), ``pretrain_NAME_<setting>``;
+    with ``--model VARIANT`` the prefix ``[pretrain_NAME_]with_VARIANT`` in the same way."""
     if not args.prefix:
         return setting
     return args.prefix if setting == "full" else f"{args.prefix}_{setting}"
@@ -245,7 +257,7 @@ def align_flags(args: argparse.Namespace, setting: str) -> list[str]:
     """Stage 2's flags: its length, and for ``mix`` the corpus's unmasked samples as extra training data."""
     flags = [f"--phases.epochs=[0,0,{VARIANT_EPOCHS.get(setting, ALIGN_EPOCHS)}]", *ALIGN]
     if setting == "mix":
-        if not args.prefix:
+        if args.corpus is None:
             raise SystemExit("--settings mix needs --pretrain NAME=CORPUS: it trains on that corpus too")
         flags.append(f"--data.extra-train=[{args.corpus / 'unmasked.jsonl'}]")
     return flags
@@ -255,7 +267,7 @@ def train(args: argparse.Namespace, setting: str, seed: int) -> None:
     out = run_dir(args, setting, seed)
     if (out / "final").is_dir() or (out / "stopped.txt").is_file():
         return
-    start = run_dir(args, "pretrain", seed) / "final" if args.prefix else None
+    start = run_dir(args, "pretrain", seed) / "final" if args.pretrained else None
     epochs = "2,28" if args.ce_epochs is None else f"2,{args.ce_epochs - 2}"
     ce = [f"--init-from={start or 'null'}", f"--phases.epochs=[{epochs},0]", *CE]
     stage = (
@@ -263,7 +275,7 @@ def train(args: argparse.Namespace, setting: str, seed: int) -> None:
         if setting == "ce"
         else [f"--init-from={run_dir(args, 'ce', seed) / 'best'}", *align_flags(args, setting)]
     )
-    extra = [] if setting == "ce" else TRAINED[setting]
+    extra = [*MODELS.get(args.model, []), *([] if setting == "ce" else TRAINED[setting])]
     cmd = [
         sys.executable,
         "sft/run.py",
@@ -502,6 +514,12 @@ def main() -> None:
         help=f"stage 1 in N epochs, schedule and all (default: {CE_STOP_AFTER_EPOCH} of a 30-epoch schedule); "
         "give the runs their own name (--pretrain NAME=DIR)",
     )
+    p.add_argument(
+        "--model",
+        choices=MODELS,
+        help="train both fine-tuning stages with this model variant (pretraining stays shared); "
+        "runs and results are named [pretrain_NAME_]with_VARIANT",
+    )
     p.add_argument("--runs", type=Path, default=REPO / "runs" / "quality" / "conll04", help="run folders")
     p.add_argument(
         "--out", type=Path, default=REPO / "benchmarks" / "quality" / "conll04", help="committed results"
@@ -518,10 +536,12 @@ def main() -> None:
     args.data_dir = args.data_dir.resolve()
     if args.ce_epochs is not None and args.ce_epochs < 3:
         p.error("--ce-epochs: at least 3 (2 of curriculum warm-up, then the whole training set)")
-    args.prefix, args.corpus = "", None
+    args.pretrained, args.corpus = "", None
     if args.pretrain:
         name, _, corpus = args.pretrain.partition("=")
-        args.prefix, args.corpus = f"pretrain_{name}", Path(corpus).resolve()
+        args.pretrained, args.corpus = f"pretrain_{name}", Path(corpus).resolve()
+    variant = f"with_{args.model}" if args.model else ""
+    args.prefix = "_".join(filter(None, [args.pretrained, variant]))
     if args.summary:
         summary(args)
         return
@@ -536,7 +556,7 @@ def main() -> None:
         p.error(f"--settings: unknown {', '.join(unknown)} (known: {', '.join([*TRAINED, *DECODING])})")
     steps = set(args.steps.split(","))
     for seed in seeds:
-        if "pretrain" in steps and args.prefix:
+        if "pretrain" in steps and args.pretrained:
             pretrain(args, seed)
         if "ce" in steps:
             train(args, "ce", seed)
@@ -550,7 +570,7 @@ def main() -> None:
         if "eval" in steps:
             for name, (trained, flags) in DECODING.items():
                 # After pretraining only ce_only unless asked for: what the second stage adds.
-                if name in settings or trained == "ce" or (trained in settings and not args.prefix):
+                if name in settings or trained == "ce" or (trained in settings and not args.pretrained):
                     evaluate(args, name, trained, seed, flags)
 
 

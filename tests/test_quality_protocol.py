@@ -152,3 +152,22 @@ def test_run_until_epoch_stops_after_the_epochs_checkpoint_and_drops_it(tmp_path
     assert not (out / "checkpoints").exists()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["epoch"] in (3, 4)  # stopped at once, not many epochs later
+
+
+def test_a_model_variant_shares_the_pretraining_and_names_its_own_runs(shared_data, tmp_path):
+    runs, corpus = tmp_path / "runs", tmp_path / "corpus"
+    flags = ["--seeds", "1", "--settings", "full", "--steps", "pretrain,ce,align,eval", "--dry-run"]
+    flags += ["--pretrain", f"x={corpus}", "--model", "span_head", "--runs", str(runs)]
+    done = _protocol(shared_data, tmp_path / "out", *flags)
+    assert done.returncode == 0, done.stderr
+    pretrain, ce, full, *evals = done.stdout.strip().splitlines()
+    assert f"--output-dir={runs}/pretrain_x/pretrain/seed1" in pretrain and "span-head" not in pretrain
+    assert f"--init-from={runs}/pretrain_x/pretrain/seed1/final" in ce
+    assert f"--output-dir={runs}/pretrain_x_with_span_head/ce/seed1" in ce
+    assert f"--init-from={runs}/pretrain_x_with_span_head/ce/seed1/best" in full
+    assert all("--model.span-head-width=8" in cmd for cmd in (ce, full))
+    outputs = [e.split("--output ")[1] for e in evals]
+    assert outputs[:2] == [
+        f"{tmp_path}/out/pretrain_x_with_span_head/seed1/predictions.jsonl",
+        f"{tmp_path}/out/pretrain_x_with_span_head/seed1/dev/predictions.jsonl",
+    ]
