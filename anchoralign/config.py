@@ -221,8 +221,9 @@ class DecodeConfig(Section):
     )
     ner_source: Literal["auto", "decoder", "span_head"] = Field(
         "auto",
-        description="where the NER mentions (the entities and the relations' anchor) come from: the NER "
-        "decoder, or the span head of a model trained with one; auto: the span head when there is one",
+        description="where the entities reported come from: the NER decoder, or the span head of a model "
+        "trained with one; auto: the span head when there is one (the typed anchor stays on the NER "
+        "decoder's mentions; anchor=reported checks the reported entities)",
     )
     constrained: bool = Field(True, description="decode within the output grammar")
     eos_penalty: float = Field(

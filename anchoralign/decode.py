@@ -36,8 +36,9 @@ input order. Relations: the forward decoder's, united with the reverse decoder's
 Entities: the NER decoder's, and with ``entities="union"`` (the default) also the RE decoders'
 mentions that overlap none of them (on CoNLL04 +0.85 NER F1 on test and dev, BENCHMARKS.md).
 With a span head (``ner_source``: ``auto`` or ``span_head``) its mentions take the NER decoder's
-place in both roles, the entities and the anchor; the NER decoder still runs, and its output is
-kept in ``Prediction.outputs``.
+place among the entities reported; the relations' anchor stays on the NER decoder's mentions
+(``anchor="reported"`` moves it to the reported entities). The NER decoder still runs, and its
+output is kept in ``Prediction.outputs``.
 """
 
 from __future__ import annotations

@@ -693,8 +693,9 @@ def parse_with_report(
     in sentence order where two such overlap: the RE decoders find entities the NER decoder missed,
     while an overlap is a boundary or type decision the NER decoder already made. Entities are
     ordered by (start, end, label order) and relations by (head, tail, label order), both without
-    duplicates. ``mentions`` (the span head's) take the place of the NER outputs in all of the
-    above; the NER ids are then parsed for the report only.
+    duplicates. ``mentions`` (the span head's) take the place of the NER outputs among the
+    entities reported (and so for the ``"reported"`` anchor); the ``"typed"`` and ``"span"``
+    anchors still check the NER decoder's own outputs.
 
     ``tokens`` must be the sentence (at least one token); the id lists may be anything.
     """
@@ -706,15 +707,16 @@ def parse_with_report(
         raise ValueError(f"entities must be one of {ENTITY_SOURCES}, got {entities!r}")
     n_words = len(tokens)
     spans, ner_report = _read_entities(ner, n_words, labels)
-    if mentions is not None:
-        spans = list(mentions)
+    reported = spans if mentions is None else list(mentions)
     fwd_triples, fwd_report = _read_relations(fwd, n_words, labels, paradigm, reverse=False)
     rev_triples, rev_report = _read_relations(rev, n_words, labels, paradigm, reverse=True)
     triples = _unique(fwd_triples + rev_triples) if aggregate else fwd_triples
     # The RE mentions of every relation read, before the anchor filters relations against the
     # NER decoder's own spans (which the union must not widen).
     shown = (
-        _with_unclaimed(spans, (m for t in triples for m in t[:2]), labels) if entities == "union" else spans
+        _with_unclaimed(reported, (m for t in triples for m in t[:2]), labels)
+        if entities == "union"
+        else reported
     )
     if not self_relations:
         triples = [t for t in triples if t[0][:2] != t[1][:2]]

@@ -6,7 +6,8 @@ by about 2 F1, and boundaries are where it loses (BENCHMARKS.md: most of the men
 wrong it writes with other boundaries or not at all). A span is represented by its first and last
 word's encoder states and its width, and classified as one entity type or none; decoding keeps
 the most probable spans that do not overlap. With ``decode.ner_source`` its mentions replace the
-NER decoder's everywhere: in the entities reported and as the anchor of the relations.
+NER decoder's among the entities reported; relations stay anchored on the NER decoder's mentions
+unless ``decode.anchor`` is ``reported``.
 
 Class 0 is "not an entity"; class ``i + 1`` is entity type ``i`` of the label set. Spans are laid
 out ``[W, L]``: start word ``i``, width ``w + 1``, covering words ``i .. i + w``.

@@ -21,7 +21,8 @@ Per seed:
    decoding ablations on the ``full`` checkpoints (``no_constraint``: no anchor-guided filter;
    ``no_aggregation``: forward relations only; ``no_both``; ``span_anchor``: the constraint on
    mention spans only; ``reported_anchor``: on the reported entities, the union's included;
-   ``span_head_decoder``: the ``span_head`` setting's checkpoints with the NER decoder's mentions;
+   ``span_head_decoder``: the ``span_head`` setting's checkpoints with the NER decoder's entities;
+   ``span_head_anchor``: the same with relations anchored on the span head's entities;
    ``entity_union`` and ``ner_entities``: ``--entities union``, the default since it was
    measured, and ``ner``) and on the ``ce`` checkpoints (``ce_only``: the shared starting point;
    after pretraining only this one, ``pretrain_NAME_ce_only``).
@@ -154,8 +155,10 @@ DECODING = {
     # `union` spelled out (the committed rows decoded before it was the default compare with it).
     "ner_entities": ("full", ["--entities", "ner"]),
     "entity_union": ("full", ["--entities", "union"]),
-    # The span head's checkpoints decoded with the NER decoder's mentions instead.
+    # The span head's checkpoints with the NER decoder's entities instead, or with relations
+    # anchored on the span head's entities rather than the NER decoder's mentions.
     "span_head_decoder": ("span_head", ["--ner-source", "decoder"]),
+    "span_head_anchor": ("span_head", ["--anchor", "reported"]),
     "ce_only": ("ce", []),
 }
 

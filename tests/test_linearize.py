@@ -446,6 +446,18 @@ def test_union_adds_the_re_mentions_that_overlap_no_ner_mention_and_keeps_the_an
         parse(ner, fwd, rev, TOKENS, LABELS, entities="all")
 
 
+def test_span_head_mentions_are_reported_while_the_typed_anchor_checks_the_ner_decoder():
+    ner = [12, 13, 5, 15, 4, 1]  # NER decoder: Ann Lee, Acme
+    fwd = [12, 13, 5, 15, 4, 7, 17, 3, 10, 2, 1]  # Work_For(Ann Lee, Acme), Live_In(Ann Lee, Oslo)
+    head = [(0, 1, "Peop"), OSLO]  # the span head: "Ann" and Oslo
+    typed = parse(ner, fwd, [1], TOKENS, LABELS, entities="ner", mentions=head)
+    # Entities: the head's, plus the mentions of the relations the NER decoder anchors (Work_For).
+    assert structure(typed) == ({(0, 1, "Peop"), OSLO, ANN, ACME}, {WORKS})
+    reported = parse(ner, fwd, [1], TOKENS, LABELS, entities="ner", anchor="reported", mentions=head)
+    # Anchored on the head's mentions: neither relation has both of its mentions there.
+    assert structure(reported) == ({(0, 1, "Peop"), OSLO}, set())
+
+
 @pytest.mark.parametrize("paradigm", [Paradigm.FLAT_NONREL, Paradigm.GROUPED_NONREL])
 def test_anchor_is_a_no_op_when_ner_lists_only_non_relational_entities(paradigm):
     t = linearize(EXAMPLE, LABELS, paradigm)

@@ -131,7 +131,8 @@ def test_decoding_takes_the_mentions_of_the_span_head(with_head) -> None:
         head.out[2].weight[1, 0] = 10.0  # class 1 = Peop, from the width-1 feature alone
         head.out[2].bias[0] = 0.5  # "not an entity" wherever that feature is 0
     samples = toy_samples()
-    cfg = DecodeConfig(max_len=12, entities="ner")
+    # Anchored on the reported entities, relations can only add mentions the head already found.
+    cfg = DecodeConfig(max_len=12, entities="ner", anchor="reported")
     for pred, sample in zip(predict(model, samples, cfg), samples, strict=True):
         assert [(e.start, e.end, e.type) for e in pred.sample.entities] == [
             (i, i + 1, "Peop") for i in range(len(sample.tokens))
