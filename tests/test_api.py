@@ -166,9 +166,9 @@ def test_batch_size_is_honoured(extractor, monkeypatch):
     sizes = []
     real = decode.generate
 
-    def counting(model, batch, cfg, finished=None):
+    def counting(model, batch, cfg, finished=None, state=None):
         sizes.append(batch["input_ids"].shape[0])
-        return real(model, batch, cfg, finished)
+        return real(model, batch, cfg, finished, state)
 
     monkeypatch.setattr(decode, "generate", counting)
     extractor.extract(SENTENCES + SENTENCES[:1], batch_size=2)
