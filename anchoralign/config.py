@@ -225,6 +225,13 @@ class DecodeConfig(Section):
         "trained with one; auto: the span head when there is one (the typed anchor stays on the NER "
         "decoder's mentions; anchor=reported checks the reported entities)",
     )
+    span_threshold: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="a span head's span is a mention when its probability of being one is above this "
+        "(lower: more mentions, recall for precision)",
+    )
     constrained: bool = Field(True, description="decode within the output grammar")
     eos_penalty: float = Field(
         0.0,

@@ -380,7 +380,7 @@ def _predict(
             done = None if finished is None else (lambda js, chunk=chunk: finished([chunk[j] for j in js]))
             with torch.no_grad():
                 state = model.encode(batch)
-                mentions = span_mentions(model, state, batch) if spans else [None] * len(chunk)
+                mentions = span_mentions(model, state, batch, cfg) if spans else [None] * len(chunk)
             outputs = generate(model, batch, cfg, done, state)
             for j, i in enumerate(chunk):
                 ids = {n: outputs[n][0][j] for n in DECODERS}
@@ -398,12 +398,13 @@ def uses_span_head(model: AnchorAlignModel, cfg: DecodeConfig) -> bool:
 
 
 def span_mentions(
-    model: AnchorAlignModel, state: EncoderState, batch: dict[str, torch.Tensor]
+    model: AnchorAlignModel, state: EncoderState, batch: dict[str, torch.Tensor], cfg: DecodeConfig
 ) -> list[list[Span]]:
     """The span head's mentions of every sample of the batch."""
     logits = model.span_logits(state)
     n_words = batch["word_mask"].sum(1).tolist()
-    return [decode_spans(logits[b], n, model.labels.entity_types) for b, n in enumerate(n_words)]
+    types = model.labels.entity_types
+    return [decode_spans(logits[b], n, types, cfg.span_threshold) for b, n in enumerate(n_words)]
 
 
 def to_prediction(

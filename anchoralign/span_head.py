@@ -101,18 +101,22 @@ def span_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return total / n_spans.clamp(min=1)
 
 
-def decode_spans(logits: torch.Tensor, n_words: int, types: Sequence[str]) -> list[Span]:
-    """The mentions of one sentence (logits [W, L, C]): each span whose most probable class is an
-    entity type, most probable first, skipping any that overlaps one already kept; in sentence order."""
+def decode_spans(
+    logits: torch.Tensor, n_words: int, types: Sequence[str], threshold: float = 0.5
+) -> list[Span]:
+    """The mentions of one sentence (logits [W, L, C]): each span whose probability of being an
+    entity, 1 - p(not an entity), is above ``threshold``, typed by its most probable type; most
+    probable first, skipping any that overlaps one already kept; in sentence order."""
     width = logits.shape[1]
     probs = logits[:n_words].float().softmax(-1)
-    best_p, best = probs.max(-1)
+    entity_p = 1 - probs[..., NOT_ENTITY]
+    best = probs[..., NOT_ENTITY + 1 :].argmax(-1)
     inside = span_ends(probs.shape[0], width, logits.device) < n_words
-    found = ((best != NOT_ENTITY) & inside).nonzero().tolist()
-    found.sort(key=lambda iw: -best_p[iw[0], iw[1]].item())
+    found = ((entity_p > threshold) & inside).nonzero().tolist()
+    found.sort(key=lambda iw: -entity_p[iw[0], iw[1]].item())
     taken: list[Span] = []
     for i, w in found:
         start, end = i, i + w + 1
         if all(end <= s or e <= start for s, e, _ in taken):
-            taken.append((start, end, types[int(best[i, w]) - 1]))
+            taken.append((start, end, types[int(best[i, w])]))
     return sorted(taken)

@@ -56,6 +56,14 @@ def test_decode_keeps_the_most_probable_spans_that_do_not_overlap() -> None:
     logits[2, 0] = torch.tensor([0.0, 1.0, 0.0])  # (2, 3) Peop, p ~ 0.58
     logits[2, 1] = torch.tensor([0.0, 0.0, 9.0])  # (2, 4): past the 3-word sentence, never taken
     assert decode_spans(logits, 3, TYPES) == [(1, 2, "Org"), (2, 3, "Peop")]
+    # A span whose likeliest class is "not an entity" (0.44) but that is an entity with p 0.56,
+    # split between two types, is kept as its likelier type.
+    logits[2, 1] = torch.tensor([5.0, 0.0, 0.0])  # (2, 4), inside a 4-word sentence: none
+    logits[3, 0] = torch.tensor([1.0, 0.6, 0.5])  # (3, 4): p(none) 0.44, Peop 0.29, Org 0.27
+    assert decode_spans(logits, 4, TYPES) == [(1, 2, "Org"), (2, 3, "Peop"), (3, 4, "Peop")]
+    # Higher thresholds keep fewer: (3, 4) at p 0.56, then (2, 3) at 0.79.
+    assert decode_spans(logits, 4, TYPES, threshold=0.65) == [(1, 2, "Org"), (2, 3, "Peop")]
+    assert decode_spans(logits, 4, TYPES, threshold=0.8) == [(1, 2, "Org")]
 
 
 def test_span_head_is_the_classifier_of_first_word_last_word_and_width() -> None:
