@@ -391,7 +391,7 @@ def _predict(
 
 
 def uses_span_head(model: AnchorAlignModel, cfg: DecodeConfig) -> bool:
-    """Whether the NER mentions come from the span head (``cfg.ner_source``)."""
+    """Whether the entities reported come from the span head (``cfg.ner_source``)."""
     if cfg.ner_source == "span_head" and model.span_head is None:
         raise UserError("ner_source=span_head: this checkpoint has no span head")
     return model.span_head is not None and cfg.ner_source != "decoder"
@@ -415,7 +415,7 @@ def to_prediction(
     mentions: Sequence[Span] | None = None,
 ) -> Prediction:
     """Parse three decoder outputs into a Prediction (aggregation and anchor constraint as ``cfg``
-    says); ``mentions``, the span head's, take the place of the NER decoder's."""
+    says); ``mentions``, the span head's, take the NER decoder's place among the entities reported."""
     parsed, report = parse_with_report(
         ids["ner"],
         ids["fwd"],
