@@ -195,9 +195,9 @@ def run_until_epoch(cmd: list[str], out: Path, epoch: int, dry: bool, poll_s: fl
     try:
         while proc.poll() is None:
             step = _eval_step(out / "metrics.jsonl", epoch)
-            latest = out / "checkpoints" / "latest"
+            saved = _checkpoint_step(out / "checkpoints" / "latest")
             # An epoch ends with its evaluation (and best/ export), then its checkpoint.
-            if step is not None and latest.is_file() and int(latest.read_text().split("-")[-1]) >= step:
+            if step is not None and saved is not None and saved >= step:
                 proc.terminate()
                 proc.wait()
                 (out / "stopped.txt").write_text(
@@ -213,6 +213,14 @@ def run_until_epoch(cmd: list[str], out: Path, epoch: int, dry: bool, poll_s: fl
             proc.kill()
     if proc.returncode != 0:
         raise subprocess.CalledProcessError(proc.returncode, cmd)
+
+
+def _checkpoint_step(latest: Path) -> int | None:
+    """The step of the checkpoint ``latest`` names; None before there is one, or while the file
+    is being written (DeepSpeed rewrites it in place)."""
+    tag = latest.read_text(encoding="utf-8").strip() if latest.is_file() else ""
+    number = tag.rsplit("-", 1)[-1]
+    return int(number) if number.isdigit() else None
 
 
 def _eval_step(metrics: Path, epoch: int) -> int | None:
