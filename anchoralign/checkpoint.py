@@ -6,8 +6,8 @@ Run folder::
     checkpoints/<tag>/        the DeepSpeed state (model, optimizer), train_state.json (phase, epoch,
                               step, switch, best score), train_config.yaml, rng-rank<R>.pt, and
                               ema.pt (the moving average of the weights, with optim.ema_decay)
-    checkpoints/latest        the tag to resume from (written last by DeepSpeed, so a run killed
-                              mid-save resumes from the previous checkpoint)
+    checkpoints/latest        the tag to resume from (written last and replaced whole, so a run
+                              killed mid-save resumes from the previous checkpoint)
     best/, final/             model directories (``AnchorAlignModel.save_pretrained``; loadable
                               without DeepSpeed), best/ with scores.json
 
@@ -39,6 +39,7 @@ from anchoralign.errors import UserError
 from anchoralign.files import atomic_write_text
 
 CHECKPOINTS = "checkpoints"
+LATEST = "latest"  # in CHECKPOINTS: the tag of the checkpoint to resume from
 STATE_FILE = "train_state.json"
 SCORES_FILE = "scores.json"
 _RECORD = frozenset({STATE_FILE, CONFIG_FILE})  # what a pruned checkpoint keeps
@@ -99,9 +100,14 @@ class Checkpointer:
             atomic_write_text(path / STATE_FILE, json.dumps(asdict(state), indent=2) + "\n")
             if self.ema is not None:  # equal on every rank, as the whole weights it follows are
                 self.ema.save(path / EMA_FILE)
-        self.engine.save_checkpoint(str(self.dir), tag=tag, client_state={"train_state": asdict(state)})
+        self.engine.save_checkpoint(
+            str(self.dir), tag=tag, client_state={"train_state": asdict(state)}, save_latest=False
+        )
         distributed.barrier()
         if distributed.is_main():
+            # DeepSpeed would rewrite `latest` in place, so a run killed during that write would
+            # find it empty; replaced whole, it names this checkpoint or the previous one.
+            atomic_write_text(self.dir / LATEST, tag)
             for old in self.dir.glob("step-*"):
                 if old.name != tag and old.is_dir():
                     shutil.rmtree(old)
@@ -110,7 +116,7 @@ class Checkpointer:
     def resume(self, world_size: int) -> TrainState | None:
         """The state of ``checkpoints/latest`` with the engine and RNG restored, or None when there is
         nothing to resume (or ``checkpoint.resume`` is off)."""
-        if not (self.cfg.checkpoint.resume and (self.dir / "latest").is_file()):
+        if not (self.cfg.checkpoint.resume and (self.dir / LATEST).is_file()):
             return None
         path = self.latest()
         tag = path.name
@@ -143,7 +149,7 @@ class Checkpointer:
 
     def latest(self) -> Path:
         """The checkpoint ``checkpoints/latest`` names."""
-        return self.dir / (self.dir / "latest").read_text(encoding="utf-8").strip()
+        return self.dir / (self.dir / LATEST).read_text(encoding="utf-8").strip()
 
     def prune(self) -> None:
         """Cut the latest checkpoint down to its record (state and config), once a finished run's
