@@ -383,11 +383,12 @@ COMPARED = {"rel": (1, "relation strict F1"), "ner": (0, "NER F1")}
 
 
 def compare(args: argparse.Namespace, a: str, b: str, resamples: int = 2000) -> None:
-    """Relation strict F1 (or NER F1, ``--metric ner``) of setting ``a`` minus ``b``, paired by seed, with a 95% interval from
-    resampling the sentences (the same resample for every seed): how much of a difference the 288
-    test (231 dev) sentences alone could make, which the seed-to-seed spread does not show. Test,
-    then dev where both settings have dev results: a difference that only one split shows is a
-    property of that split's sentences as much as of the settings."""
+    """Relation strict F1 (or NER F1, ``--metric ner``) of setting ``a`` minus ``b``, paired by
+    seed, with a 95% interval from resampling the sentences (the same resample for every seed):
+    how much of a difference the 288 test (231 dev) sentences alone could make, which the
+    seed-to-seed spread does not show. Test, then dev where both settings have dev results: a
+    difference that only one split shows is a property of that split's sentences as much as of
+    the settings."""
     for split, sub in SPLIT_FOLDERS.items():
         seeds = sorted(
             d.name
