@@ -23,6 +23,7 @@ Per seed:
    mention spans only; ``reported_anchor``: on the reported entities, the union's included;
    ``span_head_decoder``: the ``span_head`` setting's checkpoints with the NER decoder's entities;
    ``span_head_anchor``: the same with relations anchored on the span head's entities;
+   ``ner_decoder``: a ``--model span_head`` variant's entities from its NER decoder, not its head;
    ``entity_union`` and ``ner_entities``: ``--entities union``, the default since it was
    measured, and ``ner``) and on the ``ce`` checkpoints (``ce_only``: the shared starting point;
    after pretraining only this one, ``pretrain_NAME_ce_only``).
@@ -159,6 +160,8 @@ DECODING = {
     # anchored on the span head's entities rather than the NER decoder's mentions.
     "span_head_decoder": ("span_head", ["--ner-source", "decoder"]),
     "span_head_anchor": ("span_head", ["--anchor", "reported"]),
+    # A model with a span head (``--model span_head``) decoding its entities with the NER decoder.
+    "ner_decoder": ("full", ["--ner-source", "decoder"]),
     "ce_only": ("ce", []),
 }
 

@@ -156,8 +156,8 @@ def test_run_until_epoch_stops_after_the_epochs_checkpoint_and_drops_it(tmp_path
 
 def test_a_model_variant_shares_the_pretraining_and_names_its_own_runs(shared_data, tmp_path):
     runs, corpus = tmp_path / "runs", tmp_path / "corpus"
-    flags = ["--seeds", "1", "--settings", "full", "--steps", "pretrain,ce,align,eval", "--dry-run"]
-    flags += ["--pretrain", f"x={corpus}", "--model", "span_head", "--runs", str(runs)]
+    flags = ["--seeds", "1", "--settings", "full,ner_decoder", "--steps", "pretrain,ce,align,eval"]
+    flags += ["--dry-run", "--pretrain", f"x={corpus}", "--model", "span_head", "--runs", str(runs)]
     done = _protocol(shared_data, tmp_path / "out", *flags)
     assert done.returncode == 0, done.stderr
     pretrain, ce, full, *evals = done.stdout.strip().splitlines()
@@ -171,3 +171,7 @@ def test_a_model_variant_shares_the_pretraining_and_names_its_own_runs(shared_da
         f"{tmp_path}/out/pretrain_x_with_span_head/seed1/predictions.jsonl",
         f"{tmp_path}/out/pretrain_x_with_span_head/seed1/dev/predictions.jsonl",
     ]
+    # The decoding row of the variant: the same checkpoint, the NER decoder's entities.
+    decoder = [e for e in evals if "_ner_decoder/seed1/predictions.jsonl" in e]
+    assert len(decoder) == 1 and "--ner-source decoder" in decoder[0]
+    assert f"--checkpoint {runs}/pretrain_x_with_span_head/full/seed1/best" in decoder[0]
