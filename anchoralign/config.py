@@ -253,7 +253,9 @@ class EvalConfig(Section):
         default_factory=lambda: ["dev"], description="splits whose loss terms are logged at each evaluation"
     )
     best_metric: str | None = Field(
-        None, description="score that picks best/ (default: relation strict F1, boundary F1 if scored so)"
+        None,
+        description="score that picks best/ (default: relation strict F1, boundary F1 if scored so); "
+        "several joined by '+' select on their mean (ner_f1+rel_strict_f1)",
     )
     every: int = Field(0, ge=0, description="also evaluate every N optimizer steps (0: per epoch only)")
 

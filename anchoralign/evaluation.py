@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from anchoralign.config import DecodeConfig, LossConfig
+from anchoralign.errors import UserError
 from anchoralign.losses import LOSS_KEYS, term_weights
 from anchoralign.schema import DatasetMeta, Sample
 
@@ -45,6 +46,23 @@ class Evaluate(Protocol):
     def __call__(self, model: nn.Module, device: torch.device, validity: bool) -> EvalResult:
         """Scores of the eval split; with ``validity``, also ``free_valid_rate``."""
         ...
+
+
+def selection_score(scores: Mapping[str, Any], metric: str | None) -> tuple[str, float]:
+    """The figure that picks ``best/`` (and counts a plateau): ``metric`` (``eval.best_metric``), a
+    score's name or several joined by ``+``, whose mean is taken (``ner_f1+rel_strict_f1`` for an
+    extractor judged on both), else the score's own ``primary``. Returns its label and value; a name
+    that is not a numeric score is a UserError listing those there are."""
+    names = (metric or str(scores.get("primary", "rel_strict_f1"))).split("+")
+    unknown = [n for n in names if not isinstance(scores.get(n), int | float)]
+    if unknown or not all(names):
+        numeric = sorted(k for k, v in scores.items() if isinstance(v, float))
+        raise UserError(
+            f"eval.best_metric '{metric}': {', '.join(unknown) or 'an empty name'} is not a score; "
+            f"choose from {', '.join(numeric)}, or several joined by '+'"
+        )
+    value = sum(float(scores[n]) for n in names) / len(names)
+    return (names[0] if len(names) == 1 else f"mean({', '.join(names)})"), value
 
 
 def to_device(batch: Batch, device: torch.device | str) -> Batch:

@@ -41,7 +41,7 @@ from anchoralign.config import TrainConfig
 from anchoralign.deepspeed_config import deepspeed_config, describe_zero, effective_zero_stage
 from anchoralign.ema import WeightAverage
 from anchoralign.errors import UserError
-from anchoralign.evaluation import Collate, EvalResult, Evaluate, LossFn, to_device
+from anchoralign.evaluation import Collate, EvalResult, Evaluate, LossFn, selection_score, to_device
 from anchoralign.losses import LOSS_KEYS, describe_terms, ramp_factor, term_weights
 from anchoralign.optim import autocast, parameter_groups
 from anchoralign.runlog import RunLog, Window
@@ -244,12 +244,7 @@ class Trainer:
             self.engine.train()
         st.last_eval_step = st.global_step
         scores = result.scores
-        primary = cfg.eval.best_metric or str(scores.get("primary", "rel_strict_f1"))
-        if primary not in scores:
-            numeric = sorted(k for k, v in scores.items() if isinstance(v, float))
-            raise UserError(
-                f"eval.best_metric '{primary}' is not a score; choose one of {', '.join(numeric)}"
-            )
+        primary, value = selection_score(scores, cfg.eval.best_metric)
         base = {"step": st.global_step, "epoch": st.epoch, "phase": self.phases[st.phase].name}
         self.log.metrics({"kind": "eval", **base, "split": cfg.eval.split, **scores})
         for split, terms in result.losses.items():
@@ -257,12 +252,11 @@ class Trainer:
         free = scores.get("free_valid_rate")
         st.last_valid_rate = None if free is None else float(free)
         self.log.info(
-            f"eval step {st.global_step}: {cfg.eval.split} {primary} {scores[primary]:.2f}, "
+            f"eval step {st.global_step}: {cfg.eval.split} {primary} {value:.2f}, "
             f"ner_f1 {scores.get('ner_f1', float('nan')):.2f}, "
             f"complete outputs {100 * scores['complete_rate']:.1f}%"
             + ("" if free is None else f", valid free-running outputs {100 * free:.1f}%")
         )
-        value = float(scores[primary])
         if st.best_score is None or value > st.best_score:
             st.best_score, st.best_step, st.stale_evals = value, st.global_step, 0
             self.checkpoints.export(self.out / "best", extra={"step": st.global_step, "scores": scores})

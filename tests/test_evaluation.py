@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from model_fixtures import TOY_META, tiny_model, toy_samples
 from trainer_fixtures import FEATURES, StandIn, collate, samples
 
 from anchoralign.config import DecodeConfig
-from anchoralign.evaluation import evaluate_split, mean_loss_terms
+from anchoralign.errors import UserError
+from anchoralign.evaluation import evaluate_split, mean_loss_terms, selection_score
 from anchoralign.losses import LOSS_KEYS
 
 
@@ -36,3 +39,17 @@ def test_evaluate_split_scores_and_names_its_rates() -> None:
     # The decoder sees ids and tokens only.
     assert all(p.sample.tokens == s.tokens for p, s in zip(result.predictions, gold, strict=True))
     assert "free_valid_rate" not in evaluate_split(model, gold, DecodeConfig(max_len=6), TOY_META).scores
+
+
+def test_selection_score_is_the_primary_a_named_score_or_the_mean_of_several() -> None:
+    scores = {"primary": "rel_strict_f1", "rel_strict_f1": 60.0, "ner_f1": 82.0, "n_samples": 231}
+    assert selection_score(scores, None) == ("rel_strict_f1", 60.0)
+    assert selection_score({**scores, "primary": "ner_f1"}, None) == ("ner_f1", 82.0)
+    assert selection_score(scores, "ner_f1") == ("ner_f1", 82.0)
+    # A joint extractor judged on both: (82 + 60) / 2.
+    assert selection_score(scores, "ner_f1+rel_strict_f1") == ("mean(ner_f1, rel_strict_f1)", 71.0)
+    for bad, named in (("ner_f2", "ner_f2"), ("ner_f1+primary", "primary"), ("ner_f1+", "an empty name")):
+        with pytest.raises(
+            UserError, match=rf"'{re.escape(bad)}': {named} is not a score; choose from ner_f1, rel_strict_f1"
+        ):
+            selection_score(scores, bad)

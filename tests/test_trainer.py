@@ -145,6 +145,16 @@ def test_valid_rate_switch_ends_the_gate_phase_early(tmp_path: Path, gloo: None)
     assert evaluator.validity[:4] == [True] * 4 and not any(evaluator.validity[4:])
 
 
+def test_best_metric_joined_by_plus_selects_on_the_mean(tmp_path: Path, gloo: None) -> None:
+    cfg = cfg_of(tmp_path, "--eval.best_metric=ner_f1+rel_strict_f1")
+    # Relations alone would pick step 12 (9.0); the mean of both is 42.5, 29.5, 48.0: step 18.
+    evaluator = ScriptedEvaluator([0.1], [5.0, 9.0, 6.0], ner=[80.0, 50.0, 90.0])
+    Trainer(cfg, StandIn(), phases_of(), sets_of(), collate, Loss(), evaluator).fit()
+    run = Path(cfg.output_dir)
+    assert json.loads((run / "best" / "scores.json").read_text())["step"] == 18
+    assert "new best mean(ner_f1, rel_strict_f1) 48.00 at step 18" in (run / "train.log").read_text()
+
+
 def test_plateau_switch_ends_the_gate_phase_when_dev_stops_improving(tmp_path: Path, gloo: None) -> None:
     cfg = cfg_of(tmp_path, "--phases.switch=plateau", "--phases.patience=2", "--eval.every=3")
     # Dev scores at steps 3, 6, 9, 12, 15: best at 9, no better at 12 and 15 -> switch at 15.

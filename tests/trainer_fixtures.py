@@ -89,8 +89,10 @@ class Loss:
 class ScriptedEvaluator:
     """Returns scripted scores call by call; records whether the free-running rate was asked for."""
 
-    def __init__(self, valid_rates: Sequence[float], f1: Sequence[float] | None = None):
-        self.valid_rates, self.f1 = list(valid_rates), list(f1 or [])
+    def __init__(
+        self, valid_rates: Sequence[float], f1: Sequence[float] | None = None, ner: Sequence[float] = (50.0,)
+    ):
+        self.valid_rates, self.f1, self.ner = list(valid_rates), list(f1 or []), list(ner)
         self.calls = 0
         self.validity: list[bool] = []
 
@@ -100,7 +102,8 @@ class ScriptedEvaluator:
         self.calls += 1
         rate = self.valid_rates[min(i, len(self.valid_rates) - 1)]
         f1 = self.f1[min(i, len(self.f1) - 1)] if self.f1 else 0.0
-        scores = {"rel_strict_f1": f1, "ner_f1": 50.0, "primary": "rel_strict_f1", "complete_rate": 1.0}
+        ner = self.ner[min(i, len(self.ner) - 1)]
+        scores = {"rel_strict_f1": f1, "ner_f1": ner, "primary": "rel_strict_f1", "complete_rate": 1.0}
         if validity:
             scores["free_valid_rate"] = rate
         return EvalResult(scores=scores, losses={"dev": {k: 1.0 for k in LOSS_KEYS}})
