@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,15 @@ from anchoralign.net import free_port
 MODEL_ALIAS = "local"
 INSTALL_HINT = (
     "install the optional extra: pip install -e '.[local]' (or pip install 'llama-cpp-python[server]')"
+)
+# A server killed by one of these crashed in llama.cpp's compiled kernels, most often because it
+# was built for instructions the machine advertises but does not run: a native build on a virtual
+# machine whose CPU reports AMX (Intel Sapphire Rapids and later) faults on its first matrix tile.
+CRASH_SIGNALS = (signal.SIGSEGV, signal.SIGILL, signal.SIGBUS)
+REBUILD_HINT = (
+    "rebuild llama-cpp-python for AVX2 instead of the build machine's own instructions: "
+    'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON" '
+    "pip install --force-reinstall --no-deps --no-cache-dir 'llama-cpp-python[server]' (README, Set-up)"
 )
 # Room for the states of the last few prompts (a 1.5B model's state at ~700 tokens is ~20 MB), so
 # at least one of each kind is kept; the least recently used go first. The cache counts only that
@@ -166,6 +176,21 @@ class LocalLLMServer:
             f"the llama.cpp server did not answer on {self.base_url} within {self.startup_timeout_s:g} s; "
             f"its last output:\n{tail}"
         )
+
+    def crash_report(self) -> str | None:
+        """None while the server runs (or was never started); once it has died on its own, how it
+        ended and its last output, so that a run's failed requests are not blamed on the network."""
+        code = None if self._proc is None else self._proc.poll()
+        if code is None:
+            return None
+        if code < 0:
+            sig = signal.Signals(-code)
+            how = f"killed by {sig.name}"
+            if sig in CRASH_SIGNALS:
+                how += f", a crash in its compiled code; {REBUILD_HINT}"
+        else:
+            how = f"exited with code {code}"
+        return f"the llama.cpp server (model {self.gguf}) stopped during the run, {how}; its last output:\n{self.log_tail()}"
 
     def log_tail(self, n_chars: int = 2000) -> str:
         if self._log is None:

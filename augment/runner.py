@@ -708,7 +708,19 @@ def _endpoint(cfg: AugmentConfig, say: Callable[[str], None]) -> Iterator[str]:
     started = time.perf_counter()
     with LocalLLMServer(gguf, n_threads=threads, seed=cfg.seed) as srv:
         say(f"local server ready in {time.perf_counter() - started:.1f} s; it answers one request at a time")
-        yield srv.base_url
+        try:
+            yield srv.base_url
+        except UserError as err:
+            # A run that could not reach the server says why when the server itself died.
+            crash = srv.crash_report()
+            if crash is None:
+                raise
+            raise UserError(f"{crash}\nwhat the run saw: {err}") from err
+        crash = srv.crash_report()
+        if crash is not None:
+            raise UserError(
+                f"{crash}\nthe answers received before are in the journal: the same command resumes from them"
+            )
 
 
 def _journal_usage(entries: dict[str, JournalEntry]) -> Usage:

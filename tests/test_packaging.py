@@ -77,3 +77,17 @@ def test_the_wheel_holds_templates_metadata_and_configs(tmp_path):
     } <= names
     assert "pretrain/configs/conll04.yaml" in names and "sft/configs/conll04.yaml" in names
     assert "augment/transport.py" in names and "anchoralign/formats/dygie.py" in names
+
+
+def _commands(text: str) -> list[str]:
+    """Shell command lines, without pip's -q (CI keeps its log short)."""
+    return [line.replace(" -q ", " ").strip() for line in text.splitlines()]
+
+
+def test_ci_installs_and_tests_exactly_as_the_readme_says():
+    readme = (REPO / "README.md").read_text()
+    setup = readme.split("## Set-up", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    install, test = _commands(setup)[:2]
+    ci = _commands((REPO / ".ci" / "run").read_text())
+    assert install in ci, f".ci/run does not install as the README does: {install}"
+    assert test in ci, f".ci/run does not run the README's test command: {test}"
