@@ -39,7 +39,7 @@ cross-entropy stage starts from that model (with ``--ce-epochs N``, a stage 1 of
 own full schedule instead of 24 of 30): the settings ``pretrain_NAME`` (and
 ``pretrain_NAME_<setting>`` for others than ``full``) compare with ``full``, which has no pretraining.
 
-With ``--model VARIANT`` (``MODELS``: ``span_head``, ``span_head_joint``) both fine-tuning stages train that model
+With ``--model VARIANT`` (``MODELS``: ``span_head``, ``joint``, ``span_head_joint``) both fine-tuning stages train that model
 variant, from the same pretrained models as the plain one; its runs and results are named
 ``[pretrain_NAME_]with_VARIANT`` as above (``pretrain_rulesall_with_span_head_no_alignment``).
 
@@ -143,7 +143,9 @@ TRAINED = {**SETTINGS, **SWEEP, **ALIGN_VARIANTS, **NER_HEADS}  # every stage-2 
 # stage 1 on; pretraining is shared with the plain model.
 MODELS = {
     "span_head": ["--model.span-head-width=8", "--optim.new-lr-mult=10"],
-    # The same, with best/ chosen on the mean of dev NER and relation F1 rather than relations alone.
+    # The plain model with best/ chosen on the mean of dev NER and relation F1 rather than relations alone.
+    "joint": ["--eval.best-metric=ner_f1+rel_strict_f1"],
+    # The span head model, selected the same way.
     "span_head_joint": [
         "--model.span-head-width=8",
         "--optim.new-lr-mult=10",

@@ -175,3 +175,14 @@ def test_a_model_variant_shares_the_pretraining_and_names_its_own_runs(shared_da
     decoder = [e for e in evals if "_ner_decoder/seed1/predictions.jsonl" in e]
     assert len(decoder) == 1 and "--ner-source decoder" in decoder[0]
     assert f"--checkpoint {runs}/pretrain_x_with_span_head/full/seed1/best" in decoder[0]
+
+
+def test_the_joint_variants_select_on_the_mean_in_both_stages(shared_data, tmp_path):
+    for model, head in (("joint", False), ("span_head_joint", True)):
+        flags = ["--seeds", "1", "--settings", "full", "--steps", "ce,align", "--dry-run", "--model", model]
+        done = _protocol(shared_data, tmp_path / "out", *flags, "--runs", str(tmp_path / "runs"))
+        assert done.returncode == 0, done.stderr
+        ce, full = done.stdout.strip().splitlines()
+        assert all("--eval.best-metric=ner_f1+rel_strict_f1" in cmd for cmd in (ce, full))
+        assert all(("--model.span-head-width=8" in cmd) == head for cmd in (ce, full))
+        assert f"--output-dir={tmp_path}/runs/with_{model}/ce/seed1" in ce
