@@ -309,7 +309,7 @@ def train(args: argparse.Namespace, setting: str, seed: int) -> None:
     ]
     cmd = [*cmd, *extra, f"--seed={seed}", f"--output-dir={out}"]
     if setting == "ce" and args.ce_epochs is None:
-        run_until_epoch(cmd, out, CE_STOP_AFTER_EPOCH, args.dry_run)
+        run_until_epoch(cmd, out, args.ce_stop_after, args.dry_run)
     else:
         run(cmd, args.dry_run)
 
@@ -538,6 +538,14 @@ def main() -> None:
         "give the runs their own name (--pretrain NAME=DIR)",
     )
     p.add_argument(
+        "--ce-stop-after",
+        type=int,
+        default=CE_STOP_AFTER_EPOCH,
+        metavar="EPOCH",
+        help=f"stop stage 1 after this epoch of its 30-epoch schedule (default {CE_STOP_AFTER_EPOCH}): replays a "
+        "stage 1 up to where a selection rule peaked on a run of the same seed (the training does not depend on the rule)",
+    )
+    p.add_argument(
         "--model",
         choices=MODELS,
         help="train both fine-tuning stages with this model variant (pretraining stays shared); "
@@ -559,6 +567,12 @@ def main() -> None:
     args.data_dir = args.data_dir.resolve()
     if args.ce_epochs is not None and args.ce_epochs < 3:
         p.error("--ce-epochs: at least 3 (2 of curriculum warm-up, then the whole training set)")
+    if not 1 <= args.ce_stop_after <= 30 or (
+        args.ce_epochs is not None and args.ce_stop_after != CE_STOP_AFTER_EPOCH
+    ):
+        p.error(
+            "--ce-stop-after: an epoch of the 30-epoch stage 1 (1 to 30), not with --ce-epochs, which is never stopped"
+        )
     args.pretrained, args.corpus = "", None
     if args.pretrain:
         name, _, corpus = args.pretrain.partition("=")

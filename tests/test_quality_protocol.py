@@ -186,3 +186,24 @@ def test_the_joint_variants_select_on_the_mean_in_both_stages(shared_data, tmp_p
         assert all("--eval.best-metric=ner_f1+rel_strict_f1" in cmd for cmd in (ce, full))
         assert all(("--model.span-head-width=8" in cmd) == head for cmd in (ce, full))
         assert f"--output-dir={tmp_path}/runs/with_{model}/ce/seed1" in ce
+
+
+def test_ce_stop_after_replays_stage_1_up_to_a_chosen_epoch(shared_data, tmp_path):
+    def ce_command(*flags: str) -> subprocess.CompletedProcess:
+        argv = ["--seeds", "1", "--settings", "full", "--steps", "ce", "--dry-run", *flags]
+        return _protocol(shared_data, tmp_path / "out", *argv, "--runs", str(tmp_path / "runs"))
+
+    default, replay = ce_command(), ce_command("--ce-stop-after", "14")
+    assert default.returncode == replay.returncode == 0, default.stderr + replay.stderr
+    assert default.stdout.strip().endswith("# stopped after epoch 24")
+    assert replay.stdout.strip().endswith("# stopped after epoch 14")
+    # The same schedule either way: only where the run stops differs.
+    assert default.stdout.split("    #")[0] == replay.stdout.split("    #")[0]
+    assert "--phases.epochs=[2,28,0]" in replay.stdout
+    for bad in (
+        ["--ce-stop-after", "0"],
+        ["--ce-stop-after", "31"],
+        ["--ce-epochs", "12", "--ce-stop-after", "10"],
+    ):
+        refused = ce_command(*bad)
+        assert refused.returncode == 2 and "--ce-stop-after" in refused.stderr
