@@ -10,6 +10,7 @@ Run folder::
                               killed mid-save resumes from the previous checkpoint)
     best/, final/             model directories (``AnchorAlignModel.save_pretrained``; loadable
                               without DeepSpeed), best/ with scores.json
+    best_<rule>/              the same as best/ for each selection rule of ``eval.also_best``
 
 Only the newest checkpoint is kept. A checkpoint holds each rank's RNG state: dropout masks depend
 on the rank's own batches, so the states differ by rank. Once a finished run has exported final/,
@@ -25,7 +26,7 @@ import random
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,7 @@ class TrainState:
     stale_evals: int = 0  # evaluations since the dev score last improved
     best_score: float | None = None
     best_step: int | None = None
+    also_best: dict[str, float] = field(default_factory=dict)  # eval.also_best rule -> its best score
     last_eval_step: int | None = None
     metrics_rows: int = 0  # rows of metrics.jsonl written up to this state
     world_size: int = 1

@@ -257,6 +257,11 @@ class EvalConfig(Section):
         description="score that picks best/ (default: relation strict F1, boundary F1 if scored so); "
         "several joined by '+' select on their mean (ner_f1+rel_strict_f1)",
     )
+    also_best: list[str] = Field(
+        default_factory=list,
+        description="further selection rules, written like best_metric, each exporting its own "
+        "best_<rule>/ (best_ner_f1+rel_strict_f1/): one run compares rules, as they do not change the training",
+    )
     every: int = Field(0, ge=0, description="also evaluate every N optimizer steps (0: per epoch only)")
 
 

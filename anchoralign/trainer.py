@@ -265,6 +265,13 @@ class Trainer:
             )
         else:
             st.stale_evals += 1
+        for rule in cfg.eval.also_best:
+            name, score = selection_score(scores, rule)
+            if rule not in st.also_best or score > st.also_best[rule]:
+                st.also_best[rule] = score
+                folder = self.out / f"best_{rule}"
+                self.checkpoints.export(folder, extra={"step": st.global_step, "scores": scores})
+                self.log.info(f"new best {name} {score:.2f} at step {st.global_step}: exported to {folder}")
         self._maybe_end_gate()
         return result
 

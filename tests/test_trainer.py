@@ -269,3 +269,21 @@ def test_max_steps_stops_the_stage(tmp_path: Path, gloo: None) -> None:
 def test_empty_training_set_is_refused(tmp_path: Path, gloo: None) -> None:
     with pytest.raises(UserError, match="phase etu: its training set 'masked' is empty"):
         Trainer(cfg_of(tmp_path), StandIn(), phases_of(), {"plain": sets_of()["plain"]}, collate, Loss())
+
+
+def test_also_best_exports_one_model_per_further_selection_rule(tmp_path: Path, gloo: None) -> None:
+    rule = "ner_f1+rel_strict_f1"
+    cfg = cfg_of(tmp_path, f"--eval.also_best=[{rule},ner_f1]")
+    # Relations pick step 12 (9.0), their mean with NER step 18 (48.0), NER alone step 18 (90.0).
+    evaluator = ScriptedEvaluator([0.1], [5.0, 9.0, 6.0], ner=[80.0, 50.0, 90.0])
+    trainer = Trainer(cfg, StandIn(), phases_of(), sets_of(), collate, Loss(), evaluator)
+    trainer.fit()
+    run = Path(cfg.output_dir)
+    step = {
+        d: json.loads((run / d / "scores.json").read_text())["step"]
+        for d in ("best", f"best_{rule}", "best_ner_f1")
+    }
+    assert step == {"best": 12, f"best_{rule}": 18, "best_ner_f1": 18}
+    assert trainer.state.also_best == {rule: 48.0, "ner_f1": 90.0}
+    log = (run / "train.log").read_text()
+    assert f"new best mean(ner_f1, rel_strict_f1) 48.00 at step 18: exported to {run / f'best_{rule}'}" in log
