@@ -147,3 +147,30 @@ def test_keep_final_keeps_the_last_checkpoint_whole(tmp_path: Path, gloo: None) 
     plain = cfg_of(tmp_path, "--phases.epochs=[1,0,0]")
     Trainer(plain, StandIn(), phases_of(1, 0, 0), sets_of(), collate, Loss()).fit()
     assert _last_checkpoint(plain) == {"train_state.json", "train_config.yaml"}
+
+
+def test_a_resumed_run_keeps_the_best_score_of_each_further_rule(
+    tmp_path: Path, gloo: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Evaluations at the ends of epochs (steps 6, 12, 18); NER is best at step 6. Killed at step
+    # 14, the run resumes from step 12: forgetting that 80.0 would export step 18's 70.0.
+    cfg = cfg_of(tmp_path, "--eval.also_best=[ner_f1]")
+    evaluator = ScriptedEvaluator([0.1], [5.0, 9.0, 6.0], ner=[80.0, 50.0, 70.0])
+    real_step = Trainer.train_step
+
+    def step_then_crash(self: Trainer, micro_batches):
+        if self.state.global_step == 14:
+            raise Killed()
+        return real_step(self, micro_batches)
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_crash)
+    with pytest.raises(Killed):
+        Trainer(cfg, StandIn(), phases_of(), sets_of(), collate, Loss(), evaluator).fit()
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    evaluator.calls = 2  # the resumed run's next evaluation is the third
+    resumed = Trainer(cfg, StandIn(), phases_of(), sets_of(), collate, Loss(), evaluator)
+    resumed.fit()
+    run = Path(cfg.output_dir)
+    assert "resuming from" in (run / "train.log").read_text()
+    assert json.loads((run / "best_ner_f1" / "scores.json").read_text())["step"] == 6
+    assert resumed.state.also_best == {"ner_f1": 80.0}
