@@ -259,21 +259,21 @@ class Trainer:
         )
         if st.best_score is None or value > st.best_score:
             st.best_score, st.best_step, st.stale_evals = value, st.global_step, 0
-            self.checkpoints.export(self.out / "best", extra={"step": st.global_step, "scores": scores})
-            self.log.info(
-                f"new best {primary} {value:.2f} at step {st.global_step}: exported to {self.out / 'best'}"
-            )
+            self._export_best("best", primary, value, scores)
         else:
             st.stale_evals += 1
         for rule in cfg.eval.also_best:
             name, score = selection_score(scores, rule)
             if rule not in st.also_best or score > st.also_best[rule]:
                 st.also_best[rule] = score
-                folder = self.out / f"best_{rule}"
-                self.checkpoints.export(folder, extra={"step": st.global_step, "scores": scores})
-                self.log.info(f"new best {name} {score:.2f} at step {st.global_step}: exported to {folder}")
+                self._export_best(f"best_{rule}", name, score, scores)
         self._maybe_end_gate()
         return result
+
+    def _export_best(self, folder: str, name: str, value: float, scores: Mapping[str, object]) -> None:
+        step = self.state.global_step
+        self.checkpoints.export(self.out / folder, extra={"step": step, "scores": scores})
+        self.log.info(f"new best {name} {value:.2f} at step {step}: exported to {self.out / folder}")
 
     def _maybe_end_gate(self) -> None:
         st = self.state
