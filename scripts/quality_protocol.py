@@ -135,23 +135,15 @@ ALIGN_VARIANTS = {
 VARIANT_EPOCHS = {"long": 2 * ALIGN_EPOCHS, "mix": ALIGN_EPOCHS // 2}
 # Stage 2 of `full` with a span head (anchoralign/span_head.py) added to the model: it is new, so it
 # trains at 10x the stage's learning rate; its mentions are the entities and the anchor.
-NER_HEADS = {
-    "span_head": ["--trainer.grad_norm_every=58", "--model.span-head-width=8", "--optim.new-lr-mult=10"],
-}
+# The span head of model.span_head_width, its new parameters at ten times the learning rate.
+SPAN_HEAD = ["--model.span-head-width=8", "--optim.new-lr-mult=10"]
+NER_HEADS = {"span_head": ["--trainer.grad_norm_every=58", *SPAN_HEAD]}
 TRAINED = {**SETTINGS, **SWEEP, **ALIGN_VARIANTS, **NER_HEADS}  # every stage-2 setting, by name
 # Model variants (--model): flags of both fine-tuning stages, so that the variant is trained from
 # stage 1 on; pretraining is shared with the plain model.
-MODELS = {
-    "span_head": ["--model.span-head-width=8", "--optim.new-lr-mult=10"],
-    # The plain model with best/ chosen on the mean of dev NER and relation F1 rather than relations alone.
-    "joint": ["--eval.best-metric=ner_f1+rel_strict_f1"],
-    # The span head model, selected the same way.
-    "span_head_joint": [
-        "--model.span-head-width=8",
-        "--optim.new-lr-mult=10",
-        "--eval.best-metric=ner_f1+rel_strict_f1",
-    ],
-}
+# best/ chosen on the mean of dev NER and relation F1 rather than relations alone.
+MEAN_SELECTION = ["--eval.best-metric=ner_f1+rel_strict_f1"]
+MODELS = {"span_head": SPAN_HEAD, "joint": MEAN_SELECTION, "span_head_joint": [*SPAN_HEAD, *MEAN_SELECTION]}
 # Decoding ablations: evaluate flags on the checkpoints of a training setting.
 DECODING = {
     "no_constraint": ("full", ["--anchor", "off"]),
