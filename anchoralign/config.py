@@ -182,6 +182,13 @@ class LossConfig(Section):
     fwd_rev: bool = Field(True, description="the forward-reverse term (with alignment)")
     suppress: bool = Field(True, description="the negative-suppression term (with alignment)")
     span: float = Field(1.0, ge=0, description="weight of the span head's cross-entropy (with a span head)")
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="label smoothing of the decoders' cross-entropies: this share of each target goes "
+        "evenly to the sentence's valid output ids (0: off)",
+    )
     ramp_steps: int = Field(
         0, ge=0, description="optimizer steps over which the alignment terms grow from 0 to full weight"
     )

@@ -9,7 +9,7 @@ taken in float32 so that bf16/fp16 training gets the same numbers.
 Terms (weighted by :func:`term_weights`, the one place that says which are on, and summed by
 :func:`loss_terms`):
 
-- cross-entropy of each decoder (NER, forward RE, reverse RE) on its target;
+- cross-entropy of each decoder (NER, forward RE, reverse RE) on its target, optionally label-smoothed;
 - NER-RE alignment: KL(p_NER || p_RE) on the target positions where an RE decoder emits a token of
   an anchor entity that the NER decoder also emits, with the NER decoder as a fixed teacher;
 - forward-reverse alignment: symmetric KL between the two RE decoders on the positions of the
@@ -49,14 +49,24 @@ def _zero(like: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=torch.float32, device=like.device)
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_mask: torch.Tensor) -> torch.Tensor:
+def cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, vocab_mask: torch.Tensor, smoothing: float = 0.0
+) -> torch.Tensor:
     """Mean token cross-entropy over the positions whose label is not -100 (0 when there are none).
 
     logits [B,T,V], labels [B,T], vocab_mask [B,V]. Every label must be a valid id of its sentence.
+    With ``smoothing`` = e the target of each position is (1 - e) on the label plus e spread
+    evenly over the sentence's valid ids (label smoothing; ids outside the mask get none, so the
+    smoothed mass stays on outputs the decoder could write).
     """
     log_p = masked_log_probs(logits, vocab_mask[:, None, :])
     n_tokens = (labels != IGNORE).sum()
     total = F.nll_loss(log_p.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    if smoothing > 0:
+        valid = vocab_mask[:, None, :].expand_as(log_p)
+        # -mean over the valid ids of log p, per position; masked ids contribute 0, not -inf * 0.
+        uniform = -(log_p.masked_fill(~valid, 0.0).sum(-1) / valid.sum(-1).clamp(min=1))
+        total = (1 - smoothing) * total + smoothing * uniform[labels != IGNORE].sum()
     return total / n_tokens.clamp(min=1)
 
 
@@ -188,6 +198,7 @@ def loss_terms(
     weights: Mapping[str, float],
     teacher_logits: torch.Tensor | None = None,
     teacher_gate: bool = False,
+    label_smoothing: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Every term (unweighted; 0 for the inactive ones) and the weighted total ``loss``, as float32
     scalar tensors.
@@ -198,7 +209,8 @@ def loss_terms(
     ``weights`` from :func:`term_weights`.
     ``teacher_logits``: the NER decoder's logits to align the RE decoders to (default: the NER
     logits of ``outputs``; the trainer passes a pass without dropout); with ``teacher_gate`` only
-    the positions where the teacher's top id is the gold NER id are aligned. The NER-RE and
+    the positions where the teacher's top id is the gold NER id are aligned; ``label_smoothing``
+    smooths the three cross-entropies (:func:`cross_entropy`). The NER-RE and
     suppression terms average the forward and reverse decoders.
     """
     ner, fwd, rev = outputs["ner_logits"], outputs["fwd_logits"], outputs["rev_logits"]
@@ -206,7 +218,7 @@ def loss_terms(
     terms = {key: _zero(ner) for key in LOSS_KEYS}
     for name, logits in (("ner", ner), ("fwd", fwd), ("rev", rev)):
         if f"ce_{name}" in weights:
-            terms[f"ce_{name}"] = cross_entropy(logits, batch[f"{name}_labels"], vocab_mask)
+            terms[f"ce_{name}"] = cross_entropy(logits, batch[f"{name}_labels"], vocab_mask, label_smoothing)
     if "kl_ner_re" in weights:
         teacher = ner if teacher_logits is None else teacher_logits
         gold = batch["ner_labels"] if teacher_gate else None

@@ -11,6 +11,7 @@ The run folder (``output_dir``) is created only when training starts: a run that
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import random
 import sys
@@ -155,17 +156,19 @@ def run_stage(cfg: TrainConfig, meta: DatasetMeta, plan: Plan, log: RunLog) -> P
     collate = model.collator(max_length=cfg.model.max_length, align_positions=cfg.loss.align_positions)
     for data in train_sets.values():
         data.check_lengths(collate.max_length)
+    # One loss for training and for the logged dev losses, so that the two stay comparable.
+    loss_fn = functools.partial(loss_terms, label_smoothing=cfg.loss.label_smoothing)
     evaluator = Evaluator(
         gold=splits[cfg.eval.split],
         loss_sets={s: splits[s] for s in cfg.eval.loss_splits},
         collate=collate,
-        loss_fn=loss_terms,
+        loss_fn=loss_fn,
         loss_cfg=cfg.loss,
         decode_cfg=cfg.decode,
         meta=meta,
     )
     trainer = Trainer(
-        cfg, model, phases, train_sets, collate, loss_terms, evaluator, log, type(model).from_pretrained
+        cfg, model, phases, train_sets, collate, loss_fn, evaluator, log, type(model).from_pretrained
     )
     return trainer.fit()
 

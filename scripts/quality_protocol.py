@@ -39,7 +39,7 @@ cross-entropy stage starts from that model (with ``--ce-epochs N``, a stage 1 of
 own full schedule instead of 24 of 30): the settings ``pretrain_NAME`` (and
 ``pretrain_NAME_<setting>`` for others than ``full``) compare with ``full``, which has no pretraining.
 
-With ``--model VARIANT`` (``MODELS``: ``span_head``, ``joint``, ``span_head_joint``) both fine-tuning stages train that model
+With ``--model VARIANT`` (``MODELS``: ``span_head``, ``joint``, ``span_head_joint``, ``smooth``) both fine-tuning stages train that model
 variant, from the same pretrained models as the plain one; its runs and results are named
 ``[pretrain_NAME_]with_VARIANT`` as above (``pretrain_rulesall_with_span_head_no_alignment``).
 
@@ -143,7 +143,14 @@ TRAINED = {**SETTINGS, **SWEEP, **ALIGN_VARIANTS, **NER_HEADS}  # every stage-2 
 # stage 1 on; pretraining is shared with the plain model.
 # best/ chosen on the mean of dev NER and relation F1 rather than relations alone.
 MEAN_SELECTION = ["--eval.best-metric=ner_f1+rel_strict_f1"]
-MODELS = {"span_head": SPAN_HEAD, "joint": MEAN_SELECTION, "span_head_joint": [*SPAN_HEAD, *MEAN_SELECTION]}
+# Label smoothing of the decoders' cross-entropies (a regulariser for 922 training sentences).
+SMOOTH = ["--loss.label-smoothing=0.1"]
+MODELS = {
+    "span_head": SPAN_HEAD,
+    "joint": MEAN_SELECTION,
+    "span_head_joint": [*SPAN_HEAD, *MEAN_SELECTION],
+    "smooth": SMOOTH,
+}
 # Decoding ablations: evaluate flags on the checkpoints of a training setting.
 DECODING = {
     "no_constraint": ("full", ["--anchor", "off"]),

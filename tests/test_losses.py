@@ -53,6 +53,21 @@ def test_cross_entropy_hand_computed():
     assert got.item() == pytest.approx((ln(3) + ln(3 / 2)) / 2)
 
 
+def test_cross_entropy_label_smoothing_hand_computed():
+    # p = (1/6, 2/6, 3/6), label 2, e = 0.1: 0.9 * ln 2 plus 0.1 * the mean of -ln p over the 3 ids.
+    logits = logits_of([1, 2, 3], [50, 1, 1])
+    labels = torch.tensor([[2, -100]])
+    full = torch.tensor([[True, True, True]])
+    want = 0.9 * ln(2) + 0.1 * (ln(6) + ln(3) + ln(2)) / 3
+    assert cross_entropy(logits, labels, full, smoothing=0.1).item() == pytest.approx(want)
+    # Id 2 masked out: p = (1/3, 2/3); the smoothed mass goes to the 2 valid ids only (no -inf).
+    masked = torch.tensor([[True, True, False]])
+    got = cross_entropy(logits_of([1, 2, 3]), torch.tensor([[0]]), masked, smoothing=0.1)
+    assert got.item() == pytest.approx(0.9 * ln(3) + 0.1 * (ln(3) + ln(3 / 2)) / 2)
+    # 0 is plain cross-entropy, and padding stays out of the mean.
+    assert cross_entropy(logits, labels, full, smoothing=0.0).item() == pytest.approx(ln(2))
+
+
 def test_cross_entropy_without_labels_is_zero():
     got = cross_entropy(logits_of([1, 2, 3]), torch.tensor([[-100]]), torch.tensor([[True] * 3]))
     assert got.item() == 0.0 and not torch.isnan(got)
