@@ -121,6 +121,14 @@ def describe_span_head(width: int, gold: Sequence[Sample], log: RunLog) -> None:
     )
 
 
+def stage_loss(cfg: TrainConfig) -> Callable[..., dict[str, torch.Tensor]]:
+    """:func:`anchoralign.losses.loss_terms` with the config's label smoothing: one loss for
+    training and for the logged dev losses, so that the two stay comparable."""
+    from anchoralign.losses import loss_terms
+
+    return functools.partial(loss_terms, label_smoothing=cfg.loss.label_smoothing)
+
+
 def run_stage(cfg: TrainConfig, meta: DatasetMeta, plan: Plan, log: RunLog) -> Path:
     """Load the eval data, the model and the training sets, then train the stage; returns the
     ``final`` directory.
@@ -131,7 +139,6 @@ def run_stage(cfg: TrainConfig, meta: DatasetMeta, plan: Plan, log: RunLog) -> P
     """
     from anchoralign.datasets import load_split
     from anchoralign.evaluation import Evaluator
-    from anchoralign.losses import loss_terms
     from anchoralign.trainer import Trainer
 
     for split in (cfg.eval.split, *cfg.eval.loss_splits):
@@ -156,8 +163,7 @@ def run_stage(cfg: TrainConfig, meta: DatasetMeta, plan: Plan, log: RunLog) -> P
     collate = model.collator(max_length=cfg.model.max_length, align_positions=cfg.loss.align_positions)
     for data in train_sets.values():
         data.check_lengths(collate.max_length)
-    # One loss for training and for the logged dev losses, so that the two stay comparable.
-    loss_fn = functools.partial(loss_terms, label_smoothing=cfg.loss.label_smoothing)
+    loss_fn = stage_loss(cfg)
     evaluator = Evaluator(
         gold=splits[cfg.eval.split],
         loss_sets={s: splits[s] for s in cfg.eval.loss_splits},

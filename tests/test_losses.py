@@ -244,6 +244,19 @@ def random_batch(seed=0, b=2, t=5, v=7):
     return batch, outputs
 
 
+def test_loss_terms_smooth_the_cross_entropies_only():
+    batch, outputs = random_batch()
+    plain = loss_terms(outputs, batch, weights(gamma=0.1))
+    smooth = loss_terms(outputs, batch, weights(gamma=0.1), label_smoothing=0.2)
+    mask = batch["vocab_mask"]
+    for n in ("ner", "fwd", "rev"):
+        want = cross_entropy(outputs[f"{n}_logits"], batch[f"{n}_labels"], mask, smoothing=0.2)
+        assert smooth[f"ce_{n}"].item() == pytest.approx(want.item())
+        assert smooth[f"ce_{n}"].item() != pytest.approx(plain[f"ce_{n}"].item())
+    for key in ("kl_ner_re", "kl_fwd_rev", "suppress"):
+        assert smooth[key].item() == pytest.approx(plain[key].item())
+
+
 def test_loss_terms_total_is_the_weighted_sum():
     batch, outputs = random_batch()
     terms = loss_terms(outputs, batch, weights(alpha=0.5, beta=2.0, gamma=0.25))
@@ -409,3 +422,18 @@ def test_batch_without_pairs_is_finite():
 def test_negative_weights_are_rejected():
     with pytest.raises(ValueError, match="gamma"):
         LossConfig(gamma=-0.1)
+
+
+def test_a_stage_trains_and_logs_with_its_configs_smoothing(tmp_path):
+    from anchoralign.config import SFTConfig, load_config
+    from anchoralign.stages import stage_loss
+
+    path = tmp_path / "sft.yaml"
+    path.write_text(
+        "dataset: conll04\noutput_dir: runs/x\nphases:\n  epochs: [1, 1, 1]\noptim:\n  lr: 3e-5\n"
+    )
+    batch, outputs = random_batch()
+    for flags, smoothing in (([], 0.0), (["--loss.label-smoothing=0.3"], 0.3)):
+        loss = stage_loss(load_config(SFTConfig, path, flags))
+        want = loss_terms(outputs, batch, weights(), label_smoothing=smoothing)
+        assert loss(outputs, batch, weights())["ce_ner"].item() == pytest.approx(want["ce_ner"].item())
