@@ -60,14 +60,14 @@ def cross_entropy(
     smoothed mass stays on outputs the decoder could write).
     """
     log_p = masked_log_probs(logits, vocab_mask[:, None, :])
-    n_tokens = (labels != IGNORE).sum()
+    labelled = labels != IGNORE
     total = F.nll_loss(log_p.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
     if smoothing > 0:
         valid = vocab_mask[:, None, :].expand_as(log_p)
         # -mean over the valid ids of log p, per position; masked ids contribute 0, not -inf * 0.
         uniform = -(log_p.masked_fill(~valid, 0.0).sum(-1) / valid.sum(-1).clamp(min=1))
-        total = (1 - smoothing) * total + smoothing * uniform[labels != IGNORE].sum()
-    return total / n_tokens.clamp(min=1)
+        total = (1 - smoothing) * total + smoothing * uniform[labelled].sum()
+    return total / labelled.sum().clamp(min=1)
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
