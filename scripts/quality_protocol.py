@@ -39,8 +39,9 @@ cross-entropy stage starts from that model (with ``--ce-epochs N``, a stage 1 of
 own full schedule instead of 24 of 30): the settings ``pretrain_NAME`` (and
 ``pretrain_NAME_<setting>`` for others than ``full``) compare with ``full``, which has no pretraining.
 
-With ``--model VARIANT`` (``MODELS``: ``span_head``, ``joint``, ``span_head_joint``, ``smooth``, ``long_ema``) both fine-tuning stages train that model
-variant, from the same pretrained models as the plain one; its runs and results are named
+With ``--model VARIANT`` (``MODELS``: ``span_head``, ``joint``, ``span_head_joint``, ``smooth``,
+``span_head_joint_smooth``, ``long_ema``) both fine-tuning stages train that model variant, from
+the same pretrained models as the plain one; its runs and results are named
 ``[pretrain_NAME_]with_VARIANT`` as above (``pretrain_rulesall_with_span_head_no_alignment``).
 
     python scripts/quality_protocol.py --data-dir ../shared/data --seeds 1,2,3
@@ -150,6 +151,8 @@ MODELS = {
     "joint": MEAN_SELECTION,
     "span_head_joint": [*SPAN_HEAD, *MEAN_SELECTION],
     "smooth": SMOOTH,
+    # The entity recipe (span head, best/ on the mean) with the regulariser that lifted NER F1.
+    "span_head_joint_smooth": [*SPAN_HEAD, *MEAN_SELECTION, *SMOOTH],
     # A slow moving average of the weights (horizon about 500 steps, 9 epochs of stage 1) evaluated,
     # selected and exported in both stages; its raw weights train exactly as the plain model's.
     "long_ema": ["--optim.ema_decay=0.998"],
