@@ -32,7 +32,9 @@ Every step is a command of the product (printed before it runs) and is skipped w
 exists, so the protocol can be stopped and started again; training steps resume from their
 checkpoints. ``--summary`` prints the table of means and standard deviations from the committed
 metrics, re-scored from the committed predictions against the gold test (and dev) file read
-directly; ``--compare A,B`` the paired difference of two settings on test and on dev.
+directly; ``--compare A,B`` the paired difference of two settings on test and on dev. Each
+evaluation step also commits the training run's dev curve (``seed<k>/dev/curve.jsonl``, one row
+per evaluation); ``--curves A[,B]`` prints its level over the later epochs, seed by seed.
 
 With ``--pretrain NAME=DIR`` every seed is first pretrained on the augment corpus in DIR, and the
 cross-entropy stage starts from that model (with ``--ce-epochs N``, a stage 1 of N epochs on its
@@ -340,6 +342,32 @@ def evaluate(args: argparse.Namespace, name: str, trained: str, seed: int, flags
         cmd += ["--dataset", "conll04", "--split", split, "--data-dir", str(args.data_dir), "--json"]
         out = folder / "predictions.jsonl"
         run([*cmd, *flags, "--output", str(out)], args.dry_run, folder / "metrics.json")
+    if not flags and not args.dry_run:  # a decoding ablation shares its training's curve
+        write_curve(
+            run_dir(args, trained, seed) / "metrics.jsonl", args.out / result_name(args, name) / f"seed{seed}"
+        )
+
+
+# The dev figures of every evaluation during training, committed beside the result (dev/curve.jsonl):
+# best/ is one point of that curve, picked on the same dev set, and a spike can be picked; the
+# curve's level over the later epochs (--curves) is the steadier measure of a recipe.
+CURVE_KEYS = ("step", "epoch", "phase", "ner_f1", "rel_strict_f1")
+CURVE_FILE = "curve.jsonl"
+
+
+def write_curve(metrics: Path, seed_dir: Path) -> None:
+    """The training run's dev evaluations (CURVE_KEYS of each) as ``seed_dir/dev/curve.jsonl``;
+    written again after each evaluation step, so results committed before it get theirs."""
+    if not metrics.is_file():
+        return
+    rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line]
+    curve = [
+        {k: r[k] for k in CURVE_KEYS} for r in rows if r.get("kind") == "eval" and r.get("split") == "dev"
+    ]
+    if curve:
+        (seed_dir / "dev").mkdir(parents=True, exist_ok=True)
+        text = "".join(json.dumps(r) + "\n" for r in curve)
+        (seed_dir / "dev" / CURVE_FILE).write_text(text, encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,6 +516,59 @@ def summary(args: argparse.Namespace) -> None:
         )
 
 
+def curve_level(curve: dict[int, float], from_epoch: int) -> tuple[float, float, float]:
+    """(mean, sd, max) of a dev curve (epoch -> F1) over its epochs from ``from_epoch`` on."""
+    values = [v for e, v in curve.items() if e >= from_epoch]
+    if not values:
+        raise ValueError(f"no evaluation at or after epoch {from_epoch}")
+    return statistics.mean(values), statistics.pstdev(values), max(values)
+
+
+def read_curve(path: Path, key: str) -> dict[int, float]:
+    """epoch -> ``key`` of a committed ``curve.jsonl``."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return {int(r["epoch"]): float(r[key]) for r in rows}
+
+
+def curves(args: argparse.Namespace, names: list[str]) -> None:
+    """The committed dev curves of one or two results, seed by seed: the mean, sd and max of dev
+    F1 over the later epochs (from ``--from-epoch``; default the second half of the epochs the
+    results share), and for two results the difference of the means paired by seed, over the
+    same epochs of both."""
+    key = {"rel": "rel_strict_f1", "ner": "ner_f1"}[args.metric]
+    seeds = sorted(
+        {d.name for d in (args.out / names[0]).glob("seed*")}.intersection(
+            *({d.name for d in (args.out / n).glob("seed*")} for n in names[1:])
+        )
+    )
+    by_seed = {
+        s: [read_curve(args.out / n / s / "dev" / CURVE_FILE, key) for n in names]
+        for s in seeds
+        if all((args.out / n / s / "dev" / CURVE_FILE).is_file() for n in names)
+    }
+    if not by_seed:
+        raise SystemExit(f"--curves: no seed has a committed dev/{CURVE_FILE} under {' and '.join(names)}")
+    print(f"dev {COMPARED[args.metric][1]} over the training curve, later epochs")
+    print(
+        "| seed | epochs | "
+        + " | ".join(f"{n}: mean ± sd (max)" for n in names)
+        + (" | difference |" if len(names) == 2 else " |")
+    )
+    print("|---" * (2 + len(names) + (len(names) == 2)) + "|")
+    means: list[list[float]] = []
+    for seed, runs in by_seed.items():
+        common = sorted(set(runs[0]).intersection(*runs[1:]))
+        start = args.from_epoch or common[len(common) // 2]
+        levels = [curve_level({e: r[e] for e in common}, start) for r in runs]
+        means.append([m for m, _, _ in levels])
+        cells = [f"{m:.2f} ± {sd:.2f} ({top:.2f})" for m, sd, top in levels]
+        diff = [f"{levels[0][0] - levels[1][0]:+.2f}"] if len(names) == 2 else []
+        print(f"| {seed.removeprefix('seed')} | {start}-{common[-1]} | " + " | ".join([*cells, *diff]) + " |")
+    over = [statistics.mean(col) for col in zip(*means, strict=True)]
+    diff = [f"{statistics.mean(a - b for a, b in means):+.2f}"] if len(names) == 2 else []
+    print(f"| mean of {len(means)} | | " + " | ".join([*(f"{m:.2f}" for m in over), *diff]) + " |")
+
+
 def checked_scores(args: argparse.Namespace, split: str) -> dict[str, dict[str, tuple[float, float, float]]]:
     """setting -> seed -> (NER F1, relation strict F1, relation boundary F1) of ``split``, each
     re-scored from its predictions; stops at a ``metrics.json`` the predictions do not reproduce."""
@@ -567,7 +648,20 @@ def main() -> None:
         metavar="A,B",
         help="relation F1 of result A minus B, paired by seed, with a 95%% interval from resampling test (and dev) sentences",
     )
-    p.add_argument("--metric", choices=COMPARED, default="rel", help="what --compare compares (default rel)")
+    p.add_argument(
+        "--curves",
+        metavar="A[,B]",
+        help="the committed dev curves of result A (and B, paired by seed): mean, sd and max over the later epochs",
+    )
+    p.add_argument(
+        "--from-epoch",
+        type=int,
+        metavar="E",
+        help="--curves from this epoch on (default: the second half of the epochs evaluated)",
+    )
+    p.add_argument(
+        "--metric", choices=COMPARED, default="rel", help="what --compare and --curves compare (default rel)"
+    )
     args = p.parse_args()
     args.data_dir = args.data_dir.resolve()
     if args.ce_epochs is not None and args.ce_epochs < 3:
@@ -590,6 +684,12 @@ def main() -> None:
     if args.compare:
         a, _, b = args.compare.partition(",")
         compare(args, a, b)
+        return
+    if args.curves:
+        names = [n for n in args.curves.split(",") if n]
+        if not 1 <= len(names) <= 2:
+            p.error("--curves: one result, or two to compare (A,B)")
+        curves(args, names)
         return
     seeds = [int(s) for s in args.seeds.split(",")]
     settings = [s for s in args.settings.split(",") if s]

@@ -207,3 +207,57 @@ def test_ce_stop_after_replays_stage_1_up_to_a_chosen_epoch(shared_data, tmp_pat
     ):
         refused = ce_command(*bad)
         assert refused.returncode == 2 and "--ce-stop-after" in refused.stderr
+
+
+def test_dev_curves_are_committed_and_compared_over_the_later_epochs(shared_data, tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "quality_protocol", REPO / "scripts" / "quality_protocol.py"
+    )
+    protocol = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(protocol)
+
+    def training_log(run: Path, rel: list[float]) -> Path:  # one dev evaluation per epoch, among other rows
+        run.mkdir(parents=True)
+        rows = []
+        for epoch, f1 in enumerate(rel, start=1):
+            rows.append({"kind": "train", "step": 10 * epoch, "loss": 1.0})
+            rows.append(
+                {"kind": "eval", "split": "dev", "step": 10 * epoch, "epoch": epoch, "phase": "full-ce"}
+                | {"ner_f1": 80.0 + epoch, "rel_strict_f1": f1, "ner_p": 1.0}
+            )
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        (run / "metrics.jsonl").write_text(text, encoding="utf-8")
+        return run / "metrics.jsonl"
+
+    a = [50.0, 70.0, 52.0, 54.0, 56.0, 58.0]  # a spike at epoch 2, then a steady climb
+    b = [50.0, 51.0, 52.0, 53.0, 55.0, 60.0]
+    for name, rel in (("a", a), ("b", b)):
+        for seed in (1, 2):
+            protocol.write_curve(
+                training_log(tmp_path / "runs" / name / str(seed), rel), tmp_path / name / f"seed{seed}"
+            )
+    curve = (tmp_path / "a" / "seed1" / "dev" / "curve.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in curve][1] == {
+        "step": 20,
+        "epoch": 2,
+        "phase": "full-ce",
+        "ner_f1": 82.0,
+        "rel_strict_f1": 70.0,
+    }
+    assert len(curve) == 6  # the evaluations only, with the curve's keys only
+
+    # Epochs 4-6 by default (the second half): a's mean 56 (sd sqrt(8/3)), b's 56, its max 60.
+    assert protocol.curve_level(dict(enumerate(a, start=1)), 4) == (56.0, (8 / 3) ** 0.5, 58.0)
+    shown = _protocol(shared_data, tmp_path, "--curves", "a,b")
+    assert shown.returncode == 0, shown.stderr
+    rows = [r for r in shown.stdout.splitlines() if r.startswith("| ")]
+    assert rows[1] == "| 1 | 4-6 | 56.00 ± 1.63 (58.00) | 56.00 ± 2.94 (60.00) | +0.00 |"
+    assert rows[-1] == "| mean of 2 | | 56.00 | 56.00 | +0.00 |"
+    # From epoch 2 the spike counts: a 58 ± sqrt(40), b 54.2 ± sqrt(10.16).
+    shown = _protocol(shared_data, tmp_path, "--curves", "a,b", "--from-epoch", "2")
+    assert "| 1 | 2-6 | 58.00 ± 6.32 (70.00) | 54.20 ± 3.19 (60.00) | +3.80 |" in shown.stdout
+    ner = _protocol(shared_data, tmp_path, "--curves", "a", "--metric", "ner")
+    assert ner.returncode == 0 and "| 2 | 4-6 | 85.00 ± 0.82 (86.00) |" in ner.stdout
+
+    missing = _protocol(shared_data, tmp_path, "--curves", "a,nothing")
+    assert missing.returncode != 0 and "no seed has a committed dev/curve.jsonl" in missing.stderr
