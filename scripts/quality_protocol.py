@@ -32,9 +32,10 @@ Every step is a command of the product (printed before it runs) and is skipped w
 exists, so the protocol can be stopped and started again; training steps resume from their
 checkpoints. ``--summary`` prints the table of means and standard deviations from the committed
 metrics, re-scored from the committed predictions against the gold test (and dev) file read
-directly; ``--compare A,B`` the paired difference of two settings on test and on dev. Each
-evaluation step also commits the training run's dev curve (``seed<k>/dev/curve.jsonl``, one row
-per evaluation); ``--curves A[,B]`` prints its level over the later epochs, seed by seed.
+directly; ``--compare A,B`` the paired difference of two settings on test and on dev;
+``--errors NAME`` why each of its gold relations was missed. Each evaluation step also commits
+the training run's dev curve (``seed<k>/dev/curve.jsonl``, one row per evaluation); ``--curves
+A[,B]`` prints its level over the later epochs, seed by seed.
 
 With ``--pretrain NAME=DIR`` every seed is first pretrained on the augment corpus in DIR, and the
 cross-entropy stage starts from that model (with ``--ce-epochs N``, a stage 1 of N epochs on its
@@ -416,6 +417,57 @@ def rescore(predictions: Path, gold: dict[str, tuple[set, set]]) -> tuple[float,
     )
 
 
+# What --errors sorts each gold relation (and each false one) into, in the order of its table.
+ERROR_KINDS = (
+    "found",
+    "both entities found",  # the relation not written, or with another type or direction
+    "a type wrong",  # both mentions found, one with another type
+    "a mention missed",
+    "false, gold entities",  # a relation the gold lacks between two gold entities
+    "false, other entity",
+)
+
+
+def relation_errors(pred: list[tuple[set, set]], gold: list[tuple[set, set]]) -> dict[str, int]:
+    """Each gold relation of each sentence as found or by why it was missed, and each false one by
+    whether both its entities are gold ones; entities and relations as ``keys`` gives them."""
+    counts = dict.fromkeys(ERROR_KINDS, 0)
+    for (p_ents, p_rels), (g_ents, g_rels) in zip(pred, gold, strict=True):
+        p_texts = {text for text, _ in p_ents}
+        for h_text, h_type, t_text, t_type, rel in g_rels:
+            if (h_text, h_type, t_text, t_type, rel) in p_rels:
+                kind = "found"
+            elif {(h_text, h_type), (t_text, t_type)} <= p_ents:
+                kind = "both entities found"
+            elif {h_text, t_text} <= p_texts:
+                kind = "a type wrong"
+            else:
+                kind = "a mention missed"
+            counts[kind] += 1
+        for h_text, h_type, t_text, t_type, _ in p_rels - g_rels:
+            gold_pair = {(h_text, h_type), (t_text, t_type)} <= g_ents
+            counts["false, gold entities" if gold_pair else "false, other entity"] += 1
+    return counts
+
+
+def errors(args: argparse.Namespace, name: str) -> None:
+    """``relation_errors`` of each seed of result ``name``, on test and on dev where committed."""
+    print(f"{name}: gold relations found or missed, and false ones")
+    print("| split | seed | " + " | ".join(ERROR_KINDS) + " |")
+    print("|---" * (2 + len(ERROR_KINDS)) + "|")
+    for split, sub in SPLIT_FOLDERS.items():
+        gold = gold_split(args.data_dir, split)
+        seeds = sorted(d for d in (args.out / name).glob("seed*") if finished(d / sub))
+        if split == "test" and not seeds:
+            raise SystemExit(f"--errors: no finished results under {args.out / name}")
+        for seed_dir in seeds:
+            counts = relation_errors(
+                predicted(seed_dir / sub / "predictions.jsonl", gold), list(gold.values())
+            )
+            cells = " | ".join(str(counts[k]) for k in ERROR_KINDS)
+            print(f"| {split} | {seed_dir.name.removeprefix('seed')} | {cells} |")
+
+
 def finished(seed_dir: Path) -> bool:
     """Whether a result folder is complete: ``metrics.json`` is written after ``predictions.jsonl``,
     so a folder without it is an evaluation still running, or stopped."""
@@ -654,6 +706,11 @@ def main() -> None:
         help="the committed dev curves of result A (and B, paired by seed): mean, sd and max over the later epochs",
     )
     p.add_argument(
+        "--errors",
+        metavar="NAME",
+        help="result NAME's gold relations by why they were missed, and its false ones by their entities",
+    )
+    p.add_argument(
         "--from-epoch",
         type=int,
         metavar="E",
@@ -684,6 +741,9 @@ def main() -> None:
     if args.compare:
         a, _, b = args.compare.partition(",")
         compare(args, a, b)
+        return
+    if args.errors:
+        errors(args, args.errors)
         return
     if args.curves:
         names = [n for n in args.curves.split(",") if n]

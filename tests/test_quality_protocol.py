@@ -261,3 +261,49 @@ def test_dev_curves_are_committed_and_compared_over_the_later_epochs(shared_data
 
     missing = _protocol(shared_data, tmp_path, "--curves", "a,nothing")
     assert missing.returncode != 0 and "no seed has a committed dev/curve.jsonl" in missing.stderr
+
+
+def test_errors_sort_each_gold_relation_by_why_it_was_missed(shared_data, tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "quality_protocol", REPO / "scripts" / "quality_protocol.py"
+    )
+    protocol = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(protocol)
+    ann, ibm, nyc, bob = ("Ann", "Peop"), ("IBM", "Org"), ("NYC", "Loc"), ("Bob", "Peop")
+    paris = ("Paris", "Loc")
+    gold_ents = {ann, ibm, nyc, bob, paris}
+    gold_rels = {
+        (*ann, *ibm, "Work_For"),  # found
+        (*ibm, *nyc, "OrgBased_In"),  # both entities found, written with another type
+        (*bob, *nyc, "Live_In"),  # Bob found as an Org
+        (*ann, *paris, "Live_In"),  # Paris written with other boundaries
+    }
+    pred_ents = {ann, ibm, nyc, ("Bob", "Org"), ("in Paris", "Loc")}
+    pred_rels = {
+        (*ann, *ibm, "Work_For"),
+        (*ibm, *nyc, "Located_In"),  # false, between gold entities
+        (*ann, "in Paris", "Loc", "Live_In"),  # false, with an entity gold lacks
+    }
+    counts = protocol.relation_errors([(pred_ents, pred_rels)], [(gold_ents, gold_rels)])
+    assert counts == {
+        "found": 1,
+        "both entities found": 1,
+        "a type wrong": 1,
+        "a mention missed": 1,
+        "false, gold entities": 1,
+        "false, other entity": 1,
+    }
+
+    # On a committed result: the gold itself as predictions finds every relation, and nothing false.
+    gold = json.loads((shared_data / "conll04" / "conll04_test.json").read_text(encoding="utf-8"))
+    records = [
+        {"id": f"conll04-test-{s['orig_id']}", **{k: s[k] for k in ("tokens", "entities", "relations")}}
+        for s in gold
+    ]
+    _write(tmp_path / "perfect" / "seed1", records, {})
+    shown = _protocol(shared_data, tmp_path, "--errors", "perfect")
+    assert shown.returncode == 0, shown.stderr
+    n_gold = sum(len(keys[1]) for keys in protocol.gold_split(shared_data, "test").values())
+    assert f"| test | 1 | {n_gold} | 0 | 0 | 0 | 0 | 0 |" in shown.stdout
+    missing = _protocol(shared_data, tmp_path, "--errors", "nothing")
+    assert missing.returncode != 0 and "no finished results" in missing.stderr
