@@ -474,8 +474,9 @@ def finished(seed_dir: Path) -> bool:
     return (seed_dir / "metrics.json").is_file()
 
 
-# What --compare compares: index into a re-scored sentence's (entities, strict relations).
-COMPARED = {"rel": (1, "relation strict F1"), "ner": (0, "NER F1")}
+# What --compare and --curves compare: index into a re-scored sentence's (entities, strict
+# relations), its name, and its key in metrics.json and curve.jsonl.
+COMPARED = {"rel": (1, "relation strict F1", "rel_strict_f1"), "ner": (0, "NER F1", "ner_f1")}
 
 
 def compare(args: argparse.Namespace, a: str, b: str, resamples: int = 2000) -> None:
@@ -587,12 +588,8 @@ def curves(args: argparse.Namespace, names: list[str]) -> None:
     F1 over the later epochs (from ``--from-epoch``; default the second half of the epochs the
     results share), and for two results the difference of the means paired by seed, over the
     same epochs of both."""
-    key = {"rel": "rel_strict_f1", "ner": "ner_f1"}[args.metric]
-    seeds = sorted(
-        {d.name for d in (args.out / names[0]).glob("seed*")}.intersection(
-            *({d.name for d in (args.out / n).glob("seed*")} for n in names[1:])
-        )
-    )
+    key = COMPARED[args.metric][2]
+    seeds = sorted(d.name for d in (args.out / names[0]).glob("seed*"))
     by_seed = {
         s: [read_curve(args.out / n / s / "dev" / CURVE_FILE, key) for n in names]
         for s in seeds
