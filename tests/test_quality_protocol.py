@@ -19,6 +19,25 @@ def _write(folder: Path, records: list[dict], metrics: dict | None) -> None:
         (folder / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
 
 
+def _load_protocol():
+    """The script as a module, for its functions."""
+    spec = importlib.util.spec_from_file_location(
+        "quality_protocol", REPO / "scripts" / "quality_protocol.py"
+    )
+    protocol = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(protocol)
+    return protocol
+
+
+def _gold_records(shared_data: Path, split: str) -> list[dict]:
+    """The gold split as prediction records (ids as ``anchoralign evaluate`` writes them)."""
+    gold = json.loads((shared_data / "conll04" / f"conll04_{split}.json").read_text(encoding="utf-8"))
+    return [
+        {"id": f"conll04-{split}-{s['orig_id']}", **{k: s[k] for k in ("tokens", "entities", "relations")}}
+        for s in gold
+    ]
+
+
 def _protocol(shared_data: Path, out: Path, *argv: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "scripts/quality_protocol.py", "--data-dir", str(shared_data), "--out", str(out)]
     return subprocess.run([*cmd, *argv], cwd=REPO, capture_output=True, text=True, check=False)
@@ -26,14 +45,7 @@ def _protocol(shared_data: Path, out: Path, *argv: str) -> subprocess.CompletedP
 
 def test_compare_and_summary_rescore_hand_made_predictions(shared_data, tmp_path):
     def perfect_and_half(split: str) -> tuple[list[dict], list[dict]]:
-        gold = json.loads((shared_data / "conll04" / f"conll04_{split}.json").read_text(encoding="utf-8"))
-        perfect = [
-            {
-                "id": f"conll04-{split}-{s['orig_id']}",
-                **{k: s[k] for k in ("tokens", "entities", "relations")},
-            }
-            for s in gold
-        ]
+        perfect = _gold_records(shared_data, split)
         # Entities right, relations only in the first half of the sentences: recall ~1/2, precision 1.
         half = [
             {**r, "relations": r["relations"] if i < len(perfect) // 2 else []} for i, r in enumerate(perfect)
@@ -141,11 +153,7 @@ for epoch in range(1, 100):
 
 
 def test_run_until_epoch_stops_after_the_epochs_checkpoint_and_drops_it(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "quality_protocol", REPO / "scripts" / "quality_protocol.py"
-    )
-    protocol = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(protocol)
+    protocol = _load_protocol()
     out = tmp_path / "ce"
     protocol.run_until_epoch([sys.executable, "-c", _FAKE_RUN, str(out)], out, 3, dry=False, poll_s=0.01)
     assert (out / "stopped.txt").read_text().startswith("stopped after epoch 3 (step 6)")
@@ -210,11 +218,7 @@ def test_ce_stop_after_replays_stage_1_up_to_a_chosen_epoch(shared_data, tmp_pat
 
 
 def test_dev_curves_are_committed_and_compared_over_the_later_epochs(shared_data, tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "quality_protocol", REPO / "scripts" / "quality_protocol.py"
-    )
-    protocol = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(protocol)
+    protocol = _load_protocol()
 
     def training_log(run: Path, rel: list[float]) -> Path:  # one dev evaluation per epoch, among other rows
         run.mkdir(parents=True)
@@ -264,11 +268,7 @@ def test_dev_curves_are_committed_and_compared_over_the_later_epochs(shared_data
 
 
 def test_errors_sort_each_gold_relation_by_why_it_was_missed(shared_data, tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "quality_protocol", REPO / "scripts" / "quality_protocol.py"
-    )
-    protocol = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(protocol)
+    protocol = _load_protocol()
     ann, ibm, nyc, bob = ("Ann", "Peop"), ("IBM", "Org"), ("NYC", "Loc"), ("Bob", "Peop")
     paris = ("Paris", "Loc")
     gold_ents = {ann, ibm, nyc, bob, paris}
@@ -295,12 +295,7 @@ def test_errors_sort_each_gold_relation_by_why_it_was_missed(shared_data, tmp_pa
     }
 
     # On a committed result: the gold itself as predictions finds every relation, and nothing false.
-    gold = json.loads((shared_data / "conll04" / "conll04_test.json").read_text(encoding="utf-8"))
-    records = [
-        {"id": f"conll04-test-{s['orig_id']}", **{k: s[k] for k in ("tokens", "entities", "relations")}}
-        for s in gold
-    ]
-    _write(tmp_path / "perfect" / "seed1", records, {})
+    _write(tmp_path / "perfect" / "seed1", _gold_records(shared_data, "test"), {})
     shown = _protocol(shared_data, tmp_path, "--errors", "perfect")
     assert shown.returncode == 0, shown.stderr
     n_gold = sum(len(keys[1]) for keys in protocol.gold_split(shared_data, "test").values())
