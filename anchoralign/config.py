@@ -239,6 +239,25 @@ class DecodeConfig(Section):
         description="a span head's span is a mention when its probability of being one is above this "
         "(lower: more mentions, recall for precision)",
     )
+    relation_head: Literal["auto", "off"] = Field(
+        "auto",
+        description="with a checkpoint that has a relation head (anchoralign fit-relation-head): its vote "
+        "joins the decoders' (auto) or is not asked (off)",
+    )
+    relation_keep: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="a relation the decoders wrote is kept when the relation head gives it more than this "
+        "(default: the threshold chosen on dev when the head was fitted)",
+    )
+    relation_add: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="a relation between two reported entities that the decoders did not write is added when "
+        "the relation head gives it more than this (default: the threshold chosen on dev)",
+    )
     constrained: bool = Field(True, description="decode within the output grammar")
     eos_penalty: float = Field(
         0.0,
@@ -252,6 +271,12 @@ class DecodeConfig(Section):
     def _anchor_bool(cls, v: Any) -> Any:
         # true/false as in earlier versions (`anchor: false`).
         return {True: "typed", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+    @field_validator("relation_head", mode="before")
+    @classmethod
+    def _relation_head_bool(cls, v: Any) -> Any:
+        # YAML reads a bare `off` as false (and `on` as true).
+        return {True: "auto", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
 class EvalConfig(Section):

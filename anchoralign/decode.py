@@ -38,11 +38,13 @@ mentions that overlap none of them (on CoNLL04 +0.85 NER F1 on test and dev, BEN
 With a span head (``ner_source``: ``auto`` or ``span_head``) its mentions take the NER decoder's
 place among the entities reported; the relations' anchor stays on the NER decoder's mentions
 (``anchor="reported"`` moves it to the reported entities). The NER decoder still runs, and its
-output is kept in ``Prediction.outputs``.
+output is kept in ``Prediction.outputs``. With a relation head (``relation_head``: ``auto``), its
+vote (``anchoralign.relation_head.vote``) then decides the relations between the reported entities.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -70,10 +72,12 @@ from anchoralign.linearize import (
     Paradigm,
     ParseReport,
     Span,
+    Triple,
     grammar_of,
     parse_with_report,
 )
 from anchoralign.model import AnchorAlignModel, EncoderState
+from anchoralign.relation_head import entity_pairs, pair_inputs, pair_probabilities, typed_spans, vote
 from anchoralign.schema import Sample
 from anchoralign.span_head import decode_spans
 
@@ -385,6 +389,11 @@ def _predict(
             for j, i in enumerate(chunk):
                 ids = {n: outputs[n][0][j] for n in DECODERS}
                 results[i] = to_prediction(model, inputs[j], ids, cfg, mentions[j])
+            if uses_relation_head(model, cfg):
+                with torch.no_grad():
+                    words = model.word_states(state)
+                    for j, i in enumerate(chunk):
+                        results[i] = relation_vote(model, words[j], state.hidden[j, 0], results[i], cfg)
     finally:
         model.train(was_training)
     return [p for p in results if p is not None]
@@ -395,6 +404,52 @@ def uses_span_head(model: AnchorAlignModel, cfg: DecodeConfig) -> bool:
     if cfg.ner_source == "span_head" and model.span_head is None:
         raise UserError("ner_source=span_head: this checkpoint has no span head")
     return model.span_head is not None and cfg.ner_source != "decoder"
+
+
+def uses_relation_head(model: AnchorAlignModel, cfg: DecodeConfig) -> bool:
+    """Whether the relation head votes on the relations (``cfg.relation_head``)."""
+    return model.relation_head is not None and cfg.relation_head == "auto"
+
+
+def relation_vote(
+    model: AnchorAlignModel,
+    words: torch.Tensor,
+    start: torch.Tensor,
+    prediction: Prediction,
+    cfg: DecodeConfig,
+) -> Prediction:
+    """``prediction`` with the relations that ``relation_head.vote`` reports between its entities;
+    ``words`` [W, H] (padded) and ``start`` [H] are the sentence's encoder states."""
+    keep, add = model.relation_thresholds
+    keep = keep if cfg.relation_keep is None else cfg.relation_keep
+    add = add if cfg.relation_add is None else cfg.relation_add
+    scored = relation_scores(model, words, start, prediction.sample)
+    return dataclasses.replace(prediction, sample=voted(prediction.sample, scored, keep, add))
+
+
+def relation_scores(
+    model: AnchorAlignModel, words: torch.Tensor, start: torch.Tensor, sample: Sample
+) -> dict[Triple, float]:
+    """The relation head's probability of every relation between two of ``sample``'s entities."""
+    spans = [(e.start, e.end, e.type) for e in sample.entities]
+    pairs = entity_pairs(spans)
+    if not pairs:
+        return {}
+    entities, index = pair_inputs([(typed_spans(spans, model.labels.entity_types), pairs)], words.device)
+    logits = model.relation_head(words[None], start[None], entities, index)
+    return pair_probabilities(spans, pairs, torch.sigmoid(logits.float()), model.labels.relation_types)
+
+
+def voted(sample: Sample, scored: dict[Triple, float], keep: float, add: float) -> Sample:
+    """``sample`` with the relations of ``relation_head.vote`` between its entities."""
+    spans = [(e.start, e.end, e.type) for e in sample.entities]
+    predicted = [(spans[r.head], spans[r.tail], r.type) for r in sample.relations]
+    index = {span: k for k, span in enumerate(spans)}
+    relations = [
+        {"head": index[head], "tail": index[tail], "type": label}
+        for head, tail, label in vote(predicted, scored, keep, add)
+    ]
+    return Sample(id=sample.id, tokens=sample.tokens, entities=sample.entities, relations=relations)
 
 
 def span_mentions(

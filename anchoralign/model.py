@@ -28,7 +28,8 @@ sub-word (``decoder_input: token``) or as the representation the pointer scored 
 The model directory that ``save_pretrained`` writes and ``from_pretrained`` reads (no DeepSpeed
 needed) is described once, in the README ("Model directory"); ``config.json`` holds the format
 version, the backbone's name, family and config, the paradigm, the decoder input, the width of
-the span head (0: none; ``anchoralign.span_head``) and the backbone token of every fixed id;
+the span head (0: none; ``anchoralign.span_head``), the relation head's two thresholds (null: none;
+``anchoralign.relation_head``) and the backbone token of every fixed id;
 ``labels.json`` the dataset metadata.
 """
 
@@ -58,6 +59,7 @@ from anchoralign.batching import Collator, special_ids
 from anchoralign.errors import UserError
 from anchoralign.files import read_json_object
 from anchoralign.linearize import LabelSet, Paradigm, as_paradigm
+from anchoralign.relation_head import RelationHead
 from anchoralign.schema import N_MASK_TOKENS, DatasetMeta, mask_token
 from anchoralign.span_head import SpanHead
 
@@ -135,6 +137,9 @@ class AnchorAlignModel(nn.Module):
         self.span_head: SpanHead | None = None
         if span_width:
             self.add_span_head(span_width)
+        self.relation_head: RelationHead | None = None
+        # (keep, add) of relation_head.vote, chosen on dev when the head is fitted.
+        self.relation_thresholds: tuple[float, float] = (0.0, 1.0)
 
     def add_span_head(self, width: int) -> None:
         """A new span head (random weights) scoring spans of up to ``width`` words."""
@@ -142,6 +147,13 @@ class AnchorAlignModel(nn.Module):
         self.span_head = SpanHead(hidden, len(self.labels.entity_types), width).to(
             self.fixed_token_ids.device
         )
+
+    def add_relation_head(self) -> None:
+        """A new relation head (random weights; ``anchoralign.relation_head``) over this encoder."""
+        hidden = self.backbone.embed_tokens.embedding_dim
+        self.relation_head = RelationHead(
+            hidden, len(self.labels.entity_types), len(self.labels.relation_types)
+        ).to(self.fixed_token_ids.device)
 
     @property
     def span_width(self) -> int:
@@ -258,9 +270,12 @@ class AnchorAlignModel(nn.Module):
         from the encoder's output at each word's first sub-word."""
         if self.span_head is None:
             raise UserError("this model has no span head (train one with --model.span_head_width=N)")
+        return self.span_head(self.word_states(state))
+
+    def word_states(self, state: EncoderState) -> torch.Tensor:
+        """[N, W, H] the encoder's output at each word's first sub-word (what the heads read)."""
         hidden = state.hidden
-        words = hidden.gather(1, state.word_starts[..., None].expand(-1, -1, hidden.shape[-1]))
-        return self.span_head(words)
+        return hidden.gather(1, state.word_starts[..., None].expand(-1, -1, hidden.shape[-1]))
 
     def forward(
         self, batch: Mapping[str, torch.Tensor], decoders: Sequence[str] = DECODERS, spans: bool = True
@@ -285,6 +300,9 @@ class AnchorAlignModel(nn.Module):
         if self.span_head is not None:
             counts["span_head"] = sum(p.numel() for p in self.span_head.parameters())
             counts["total"] += counts["span_head"]
+        if self.relation_head is not None:
+            counts["relation_head"] = sum(p.numel() for p in self.relation_head.parameters())
+            counts["total"] += counts["relation_head"]
         return counts
 
     def new_parameter_names(self) -> list[str]:
@@ -293,6 +311,8 @@ class AnchorAlignModel(nn.Module):
         names = [f"backbone.{n}" for n in self.backbone.new_parameter_names()]
         if self.span_head is not None:
             names += [f"span_head.{n}" for n, _ in self.span_head.named_parameters()]
+        if self.relation_head is not None:
+            names += [f"relation_head.{n}" for n, _ in self.relation_head.named_parameters()]
         return names
 
     def num_parameters(self) -> int:
@@ -314,6 +334,9 @@ class AnchorAlignModel(nn.Module):
             "paradigm": int(self.paradigm),
             "decoder_input": self.decoder_input,
             "span_width": self.span_width,
+            "relation_head": None
+            if self.relation_head is None
+            else dict(zip(("keep", "add"), self.relation_thresholds, strict=True)),
             "fixed_tokens": self.tokenizer.convert_ids_to_tokens(self.fixed_token_ids.tolist()),
             "parameters": self.parameter_counts(),
             **{f"backbone_{k}": v for k, v in backbone_config_dict(self.backbone).items()},
@@ -372,6 +395,9 @@ class AnchorAlignModel(nn.Module):
             config.get("decoder_input", "token"),
             config.get("span_width", 0),  # none before the span head existed
         )
+        if config.get("relation_head"):
+            model.add_relation_head()
+            model.relation_thresholds = (config["relation_head"]["keep"], config["relation_head"]["add"])
         missing, unexpected = load_model(
             model, str(root / WEIGHTS_FILE), strict=False, device=str(map_location)
         )

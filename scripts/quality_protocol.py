@@ -27,6 +27,12 @@ Per seed:
    ``entity_union`` and ``ner_entities``: ``--entities union``, the default since it was
    measured, and ``ner``) and on the ``ce`` checkpoints (``ce_only``: the shared starting point;
    after pretraining only this one, ``pretrain_NAME_ce_only``).
+4. ``head`` (asked for in ``--steps``): ``anchoralign fit-relation-head`` on each setting's ``best/``
+   (a pair classifier over the frozen encoder, its vote thresholds chosen on dev), evaluated like
+   the others as ``relation_head`` (of ``full``; ``pretrain_NAME_relation_head`` after pretraining)
+   or ``<setting>_relation_head``; its decoding ablations, asked for by name: ``relation_head_fixed``
+   (the vote at 0.5 / 0.5, not the dev-chosen thresholds) and ``relation_head_add_only`` (the head
+   only adds relations).
 
 Every step is a command of the product (printed before it runs) and is skipped when its output
 exists, so the protocol can be stopped and started again; training steps resume from their
@@ -50,6 +56,7 @@ the same pretrained models as the plain one; its runs and results are named
     python scripts/quality_protocol.py --data-dir ../shared/data --seeds 1,2,3
     python scripts/quality_protocol.py --data-dir ../shared/data --seeds 1 --settings full --steps ce,align,eval
     python scripts/quality_protocol.py --data-dir ../shared/data --summary
+    python scripts/quality_protocol.py --data-dir ../shared/data --seeds 1,2,3 --settings full --steps head
     python scripts/quality_protocol.py --data-dir ../shared/data --seeds 1 --settings full \
         --steps pretrain,ce,align,eval --pretrain llm=corpus/conll04-llm
 """
@@ -160,6 +167,10 @@ MODELS = {
     # selected and exported in both stages; its raw weights train exactly as the plain model's.
     "long_ema": ["--optim.ema_decay=0.998"],
 }
+# A relation head fitted on the frozen encoder of a trained setting's best/ (anchoralign
+# fit-relation-head; its vote thresholds chosen on dev), evaluated as its own result:
+# ``relation_head`` for ``full``, ``<setting>_relation_head`` for the others.
+HEAD = "relation_head"
 # Decoding ablations: evaluate flags on the checkpoints of a training setting.
 DECODING = {
     "no_constraint": ("full", ["--anchor", "off"]),
@@ -179,7 +190,15 @@ DECODING = {
     # A model with a span head (``--model span_head``) decoding its entities with the NER decoder.
     "ner_decoder": ("full", ["--ner-source", "decoder"]),
     "ce_only": ("ce", []),
+    # The relation head's checkpoints (--steps head) with its vote at fixed thresholds instead of
+    # those chosen on dev, or allowed only to add relations, never to drop one the decoders wrote.
+    "relation_head_fixed": (HEAD, ["--relation-keep", "0.5", "--relation-add", "0.5"]),
+    "relation_head_add_only": (HEAD, ["--relation-keep", "0"]),
 }
+
+
+def head_setting(setting: str) -> str:
+    return HEAD if setting == "full" else f"{setting}_{HEAD}"
 
 
 def _env() -> dict[str, str]:
@@ -320,6 +339,17 @@ def train(args: argparse.Namespace, setting: str, seed: int) -> None:
         run_until_epoch(cmd, out, args.ce_stop_after, args.dry_run)
     else:
         run(cmd, args.dry_run)
+
+
+def fit_head(args: argparse.Namespace, setting: str, seed: int) -> None:
+    """``fit-relation-head`` on the setting's ``best/``, written as the ``best/`` of its head setting."""
+    out = run_dir(args, head_setting(setting), seed) / "best"
+    if (out / "config.json").is_file():
+        return
+    cmd = [sys.executable, "-m", "anchoralign.cli", "fit-relation-head"]
+    cmd += ["--checkpoint", str(run_dir(args, setting, seed) / "best"), "--dataset", "conll04"]
+    cmd += ["--data-dir", str(args.data_dir), f"--seed={seed}", "--output", str(out)]
+    run(cmd, args.dry_run)
 
 
 # Where a result's predictions and metrics of each split go, under its seed folder: test, which the
@@ -655,7 +685,9 @@ def main() -> None:
         help=f"training settings ({', '.join(TRAINED)}) or decoding ablations to evaluate "
         f"on their checkpoints ({', '.join(DECODING)}; without pretraining they follow their setting)",
     )
-    p.add_argument("--steps", default="ce,align,eval", help="pretrain, ce, align, eval (comma-separated)")
+    p.add_argument(
+        "--steps", default="ce,align,eval", help="pretrain, ce, align, eval, head (comma-separated)"
+    )
     p.add_argument(
         "--pretrain",
         metavar="NAME=DIR",
@@ -766,6 +798,9 @@ def main() -> None:
                 train(args, setting, seed)
             if "eval" in steps:
                 evaluate(args, setting, setting, seed, [])
+            if "head" in steps:
+                fit_head(args, setting, seed)
+                evaluate(args, head_setting(setting), head_setting(setting), seed, [])
         if "eval" in steps:
             for name, (trained, flags) in DECODING.items():
                 # After pretraining only ce_only unless asked for: what the second stage adds.

@@ -196,6 +196,21 @@ def test_the_joint_variants_select_on_the_mean_in_both_stages(shared_data, tmp_p
         assert f"--output-dir={tmp_path}/runs/with_{model}/ce/seed1" in ce
 
 
+def test_the_head_step_fits_a_relation_head_on_each_setting_and_evaluates_it(shared_data, tmp_path):
+    runs, corpus = tmp_path / "runs", tmp_path / "corpus"
+    flags = ["--seeds", "2", "--settings", "full,no_alignment", "--steps", "head", "--dry-run"]
+    done = _protocol(shared_data, tmp_path / "out", *flags, "--pretrain", f"x={corpus}", "--runs", str(runs))
+    assert done.returncode == 0, done.stderr
+    fit, test, dev, fit_other, *_ = done.stdout.strip().splitlines()
+    assert "anchoralign.cli fit-relation-head" in fit and "--seed=2" in fit
+    assert f"--checkpoint {runs}/pretrain_x/full/seed2/best" in fit
+    assert f"--output {runs}/pretrain_x/relation_head/seed2/best" in fit
+    assert f"--checkpoint {runs}/pretrain_x/relation_head/seed2/best" in test
+    assert test.endswith(f"--output {tmp_path}/out/pretrain_x_relation_head/seed2/predictions.jsonl")
+    assert dev.endswith(f"--output {tmp_path}/out/pretrain_x_relation_head/seed2/dev/predictions.jsonl")
+    assert f"--output {runs}/pretrain_x/no_alignment_relation_head/seed2/best" in fit_other
+
+
 def test_ce_stop_after_replays_stage_1_up_to_a_chosen_epoch(shared_data, tmp_path):
     def ce_command(*flags: str) -> subprocess.CompletedProcess:
         argv = ["--seeds", "1", "--settings", "full", "--steps", "ce", "--dry-run", *flags]

@@ -1,0 +1,234 @@
+"""The relation head: its pure parts against hand-computed values, the model and checkpoint that
+carry it, decoding with its vote, and `anchoralign fit-relation-head` end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from model_fixtures import (
+    TOY_META,
+    cli,
+    one_cpu_thread,  # noqa: F401  (autouse)
+    tiny_model,
+    toy_samples,
+    write_user_dataset,
+)
+
+from anchoralign.config import DecodeConfig
+from anchoralign.decode import Prediction, relation_scores, relation_vote
+from anchoralign.model import AnchorAlignModel
+from anchoralign.relation_fit import FitConfig, fit_relation_head
+from anchoralign.relation_head import (
+    ADD_GRID,
+    KEEP_GRID,
+    RelationHead,
+    _masked_max,
+    choose_thresholds,
+    entity_pairs,
+    pair_inputs,
+    pair_loss,
+    pair_targets,
+    typed_spans,
+    vote,
+)
+from anchoralign.schema import Sample
+
+ANN, ACME, OSLO = (0, 2, "Peop"), (4, 5, "Org"), (6, 7, "Loc")
+
+
+def test_pairs_are_ordered_and_never_join_a_span_to_itself() -> None:
+    spans = [ANN, ACME, (4, 5, "Loc")]  # one span with two types
+    assert entity_pairs(spans) == [(0, 1), (0, 2), (1, 0), (2, 0)]
+    assert entity_pairs([ANN]) == []
+
+
+def test_pair_targets_mark_each_gold_triple_of_each_pair() -> None:
+    spans = [ANN, ACME, OSLO]
+    pairs = entity_pairs(spans)
+    triples = [(ANN, ACME, "Work_For"), (ANN, OSLO, "Live_In")]
+    targets = pair_targets(spans, pairs, triples, ["Work_For", "Live_In"])
+    assert targets.tolist() == [[1, 0], [0, 1], [0, 0], [0, 0], [0, 0], [0, 0]]
+
+
+def test_pair_loss_is_the_summed_binary_cross_entropy() -> None:
+    logits = torch.tensor([[0.0, math.log(3)]])  # probabilities 0.5 and 0.75
+    targets = torch.tensor([[1.0, 0.0]])
+    assert pair_loss(logits, targets).item() == pytest.approx(math.log(2) + math.log(4))
+
+
+def test_masked_max_takes_the_rows_words_and_gives_zeros_for_none() -> None:
+    words = torch.tensor([[1.0, -5.0], [3.0, -1.0], [2.0, -2.0]]).expand(2, -1, -1)
+    mask = torch.tensor([[True, False, True], [False, False, False]])
+    assert _masked_max(words, mask).tolist() == [[2.0, -2.0], [0.0, 0.0]]
+
+
+def test_types_are_indices_into_the_entity_types() -> None:
+    assert typed_spans([ANN, OSLO], ["Peop", "Org", "Loc"]) == [(0, 2, 0), (6, 7, 2)]
+
+
+def test_pair_inputs_number_the_entities_of_a_batch_in_one_table() -> None:
+    entities, pairs = pair_inputs(
+        [([(0, 2, 0), (4, 5, 1)], [(0, 1), (1, 0)]), ([(1, 2, 2), (3, 4, 0)], [(1, 0)])]
+    )
+    assert entities.tolist() == [[0, 0, 2, 0], [0, 4, 5, 1], [1, 1, 2, 2], [1, 3, 4, 0]]
+    assert pairs.tolist() == [[0, 1], [1, 0], [3, 2]]
+
+
+def test_a_pair_reads_its_two_entities_the_words_between_and_the_start_only() -> None:
+    torch.manual_seed(0)
+    head = RelationHead(hidden=8, n_types=3, n_relations=2).eval()
+    words, starts = torch.randn(2, 8, 8), torch.randn(2, 8)
+    spans = [(0, 2, 0), (4, 5, 1)]
+
+    def logits_of(words: torch.Tensor, starts: torch.Tensor, batch: list) -> torch.Tensor:
+        return head(words, starts, *pair_inputs(batch))
+
+    both = logits_of(words, starts, [(spans, [(0, 1)]), (spans, [(0, 1)])])
+    assert both.shape == (2, 2)
+    alone = logits_of(words[:1], starts[:1], [(spans, [(0, 1)])])
+    assert torch.allclose(alone, both[:1])  # a sentence's pairs do not depend on its batch
+    outside = words[:1].clone()
+    outside[0, 6:] = torch.randn(2, 8)  # after both entities
+    assert torch.equal(logits_of(outside, starts[:1], [(spans, [(0, 1)])]), alone)
+    between = words[:1].clone()
+    between[0, 3] = 10.0
+    assert not torch.allclose(logits_of(between, starts[:1], [(spans, [(0, 1)])]), alone)
+
+
+def test_vote_keeps_the_decoders_relations_the_head_backs_and_adds_the_ones_it_is_sure_of() -> None:
+    a, b, c, d, e = ((ANN, ACME, r) for r in "abcde")
+    probs = {a: 0.9, b: 0.2, d: 0.8, e: 0.4}  # c, written by the decoders, is not scored
+    assert vote([a, b, c], probs, keep=0.5, add=0.5) == [a, c, d]
+    assert vote([a, b, c, a], probs, keep=0.0, add=1.0) == [a, b, c]  # the decoders' own output
+
+
+def test_thresholds_maximise_the_score_and_prefer_the_fewest_changes() -> None:
+    assert KEEP_GRID[0] == 0.0 and ADD_GRID[0] == 1.0
+    assert choose_thresholds(lambda keep, add: -((keep - 0.3) ** 2) - (add - 0.6) ** 2) == (0.3, 0.6, 0.0)
+    assert choose_thresholds(lambda keep, add: 1.0) == (0.0, 1.0, 1.0)
+
+
+@pytest.fixture(scope="module")
+def with_head(tmp_path_factory) -> AnchorAlignModel:
+    model = tiny_model()
+    torch.manual_seed(1)
+    model.add_relation_head()
+    model.relation_thresholds = (0.25, 0.75)
+    return model
+
+
+def test_a_relation_head_and_its_thresholds_are_saved_with_the_checkpoint(with_head, tmp_path: Path) -> None:
+    directory = with_head.save_pretrained(tmp_path / "ck")
+    assert json.loads((directory / "config.json").read_text())["relation_head"] == {"keep": 0.25, "add": 0.75}
+    loaded = AnchorAlignModel.from_pretrained(directory)
+    assert loaded.relation_thresholds == (0.25, 0.75)
+    for (name, p), (_, q) in zip(
+        with_head.relation_head.state_dict().items(), loaded.relation_head.state_dict().items(), strict=True
+    ):
+        assert torch.equal(p, q), name
+    assert loaded.parameter_counts()["relation_head"] > 0
+    plain = tiny_model().save_pretrained(tmp_path / "plain")
+    assert json.loads((plain / "config.json").read_text())["relation_head"] is None
+    assert AnchorAlignModel.from_pretrained(plain).relation_head is None
+
+
+def _prediction_of(model: AnchorAlignModel, sample: Sample) -> tuple[Prediction, torch.Tensor, torch.Tensor]:
+    batch = model.collator().inputs([sample])
+    with torch.no_grad():
+        state = model.encode(batch)
+        return Prediction(sample=sample, valid=True), model.word_states(state)[0], state.hidden[0, 0]
+
+
+def test_the_vote_rewrites_the_relations_between_the_reported_entities(with_head) -> None:
+    sample = toy_samples()[0]  # Work_For(Ann Lee, Acme), Live_In(Ann Lee, Oslo)
+    prediction, words, start = _prediction_of(with_head, sample)
+    with torch.no_grad():
+        scores = relation_scores(with_head, words, start, sample)
+    assert len(scores) == 6 * 2  # 6 ordered pairs of 3 entities, 2 relation types
+    cfg = DecodeConfig(relation_keep=0.0, relation_add=1.0)
+    with torch.no_grad():
+        unchanged = relation_vote(with_head, words, start, prediction, cfg).sample
+        everything = relation_vote(
+            with_head, words, start, prediction, cfg.model_copy(update={"relation_add": 1e-9})
+        )
+        nothing = relation_vote(with_head, words, start, prediction, DecodeConfig(relation_keep=0.999999))
+    assert unchanged.relations == sample.relations
+    assert len(everything.sample.relations) == 12 and everything.sample.entities == sample.entities
+    assert nothing.sample.relations == []
+
+
+def test_decode_config_reads_off_as_yaml_writes_it() -> None:
+    assert DecodeConfig(relation_head=False).relation_head == "off"
+    assert DecodeConfig(relation_head="auto").relation_head == "auto"
+
+
+def _type_rule_data() -> list[Sample]:
+    """Sentences whose relations follow from the entity types (Peop-Org: Work_For, Peop-Loc: Live_In)."""
+    samples = [s for s in toy_samples() if s.entities]
+    return [s.model_copy(update={"id": f"{s.id}-{k}"}) for k in range(4) for s in samples]
+
+
+def test_fitting_learns_the_training_relations_and_chooses_thresholds_on_dev() -> None:
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = fit_relation_head(
+        model, _type_rule_data(), toy_samples(), TOY_META, FitConfig(epochs=40, lr=1e-2)
+    )
+    assert report.losses[-1] < report.losses[0] / 4
+    assert report.n_train == 8 and report.n_too_long == 0
+    assert report.keep in KEEP_GRID and report.add in ADD_GRID
+    assert report.dev_after >= report.dev_before  # (0, 1), the decoders' own output, is on the grid
+    assert model.relation_thresholds == (report.keep, report.add)
+    for name, value in model.state_dict().items():  # the rest of the model is frozen
+        if not name.startswith("relation_head."):
+            assert torch.equal(value, before[name]), name
+    sample = toy_samples()[0]
+    _, words, start = _prediction_of(model, sample)
+    with torch.no_grad():
+        scores = relation_scores(model, words, start, sample)
+    gold = {(ANN, ACME, "Work_For"), (ANN, OSLO, "Live_In")}
+    assert {t for t, p in scores.items() if p > 0.5} == gold
+
+
+def test_fit_relation_head_command_writes_a_checkpoint_that_evaluate_uses(tmp_path: Path, capsys) -> None:
+    checkpoint = tiny_model().save_pretrained(tmp_path / "ck")
+    data = write_user_dataset(tmp_path / "toy", TOY_META, {"train": _type_rule_data(), "dev": toy_samples()})
+    out = tmp_path / "with_head"
+    args = ["--checkpoint", checkpoint, "--dataset", data, "--output", out, "--max-len", "8"]
+    code, _, err = cli(["fit-relation-head", *args, "--epochs", "3", "--json"], capsys)
+    assert code == 0, err
+    report = json.loads((out / "relation_head.json").read_text())
+    assert report["fit"]["epochs"] == 3 and len(report["losses"]) == 3 and report["metric"] == "rel_strict_f1"
+    assert AnchorAlignModel.from_pretrained(out).relation_thresholds == (report["keep"], report["add"])
+    scored = {}
+    for name, ck, flags in (
+        ("plain", checkpoint, []),
+        ("off", out, ["--relation-head", "off"]),
+        ("head", out, []),
+    ):
+        code, printed, err = cli(
+            [
+                "evaluate",
+                "--checkpoint",
+                ck,
+                "--dataset",
+                data,
+                "--split",
+                "dev",
+                "--max-len",
+                "8",
+                "--json",
+                *flags,
+            ],
+            capsys,
+        )
+        assert code == 0, err
+        scored[name] = json.loads(printed)
+    assert scored["off"]["rel_strict_tp"] == scored["plain"]["rel_strict_tp"]
+    assert scored["off"]["ner_tp"] == scored["head"]["ner_tp"]  # the head decides relations only
+    code, _, err = cli(["fit-relation-head", *args], capsys)
+    assert code != 0 and "not empty" in err
