@@ -436,8 +436,8 @@ def relation_scores(
     if not pairs:
         return {}
     entities, index = pair_inputs([(typed_spans(spans, model.labels.entity_types), pairs)], words.device)
-    logits = model.relation_head(words[None], start[None], entities, index)
-    return pair_probabilities(spans, pairs, torch.sigmoid(logits.float()), model.labels.relation_types)
+    probs = model.relation_head(words[None], start[None], entities, index)
+    return pair_probabilities(spans, pairs, probs, model.labels.relation_types)
 
 
 def voted(sample: Sample, scored: dict[Triple, float], keep: float, add: float) -> Sample:

@@ -59,7 +59,7 @@ from anchoralign.batching import Collator, special_ids
 from anchoralign.errors import UserError
 from anchoralign.files import read_json_object
 from anchoralign.linearize import LabelSet, Paradigm, as_paradigm
-from anchoralign.relation_head import RelationHead
+from anchoralign.relation_head import RelationHeads
 from anchoralign.schema import N_MASK_TOKENS, DatasetMeta, mask_token
 from anchoralign.span_head import SpanHead
 
@@ -137,7 +137,7 @@ class AnchorAlignModel(nn.Module):
         self.span_head: SpanHead | None = None
         if span_width:
             self.add_span_head(span_width)
-        self.relation_head: RelationHead | None = None
+        self.relation_head: RelationHeads | None = None
         # (keep, add) of relation_head.vote, chosen on dev when the head is fitted.
         self.relation_thresholds: tuple[float, float] = (0.0, 1.0)
 
@@ -148,11 +148,11 @@ class AnchorAlignModel(nn.Module):
             self.fixed_token_ids.device
         )
 
-    def add_relation_head(self) -> None:
-        """A new relation head (random weights; ``anchoralign.relation_head``) over this encoder."""
+    def add_relation_head(self, k: int = 1) -> None:
+        """New relation heads, ``k`` of them averaged (random weights; ``anchoralign.relation_head``)."""
         hidden = self.backbone.embed_tokens.embedding_dim
-        self.relation_head = RelationHead(
-            hidden, len(self.labels.entity_types), len(self.labels.relation_types)
+        self.relation_head = RelationHeads(
+            hidden, len(self.labels.entity_types), len(self.labels.relation_types), k
         ).to(self.fixed_token_ids.device)
 
     @property
@@ -336,7 +336,10 @@ class AnchorAlignModel(nn.Module):
             "span_width": self.span_width,
             "relation_head": None
             if self.relation_head is None
-            else dict(zip(("keep", "add"), self.relation_thresholds, strict=True)),
+            else {
+                **dict(zip(("keep", "add"), self.relation_thresholds, strict=True)),
+                "heads": len(self.relation_head.heads),
+            },
             "fixed_tokens": self.tokenizer.convert_ids_to_tokens(self.fixed_token_ids.tolist()),
             "parameters": self.parameter_counts(),
             **{f"backbone_{k}": v for k, v in backbone_config_dict(self.backbone).items()},
@@ -395,9 +398,15 @@ class AnchorAlignModel(nn.Module):
             config.get("decoder_input", "token"),
             config.get("span_width", 0),  # none before the span head existed
         )
-        if config.get("relation_head"):
-            model.add_relation_head()
-            model.relation_thresholds = (config["relation_head"]["keep"], config["relation_head"]["add"])
+        head = config.get("relation_head")
+        if head:
+            try:
+                model.add_relation_head(head["heads"])
+                model.relation_thresholds = (head["keep"], head["add"])
+            except (KeyError, TypeError):
+                raise UserError(
+                    f"{root / CONFIG_FILE}: relation_head must hold keep, add and heads; got {head!r}"
+                ) from None
         missing, unexpected = load_model(
             model, str(root / WEIGHTS_FILE), strict=False, device=str(map_location)
         )

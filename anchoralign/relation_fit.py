@@ -42,6 +42,7 @@ class FitConfig:
     weight_decay: float = 0.01
     batch_size: int = 16  # sentences per optimiser step
     seed: int = 0
+    heads: int = 1  # trained side by side, their probabilities averaged
 
 
 @dataclass
@@ -53,7 +54,7 @@ class FitReport:
     metric: str
     n_train: int  # training sentences with at least one pair of entities
     n_too_long: int  # training and dev sentences the encoder cannot take whole
-    losses: list[float] = field(default_factory=list)  # mean loss per sentence, per epoch
+    losses: list[float] = field(default_factory=list)  # mean loss per sentence and head, per epoch
 
 
 def encoder_states(
@@ -97,8 +98,8 @@ def fit_relation_head(
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     model.requires_grad_(False)
-    model.add_relation_head()
-    head = model.relation_head
+    model.add_relation_head(cfg.heads)
+    heads = model.relation_head
     labels = model.labels
 
     states = encoder_states(model, train)
@@ -115,10 +116,11 @@ def fit_relation_head(
     n_too_long = sum(s is None for s in states)
     log(f"{len(items)} training sentences with entity pairs ({n_too_long} too long for the encoder)")
 
-    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # The heads' parameters are disjoint, so one optimiser over the summed loss trains each on its own.
+    optimizer = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     losses = []
     for epoch in range(cfg.epochs):
-        head.train()
+        heads.train()
         rng.shuffle(items)
         total = 0.0
         for begin in range(0, len(items), cfg.batch_size):
@@ -127,14 +129,16 @@ def fit_relation_head(
             starts = torch.stack([item[1] for item in batch])
             entities, pairs = pair_inputs([(item[2], item[3]) for item in batch], words.device)
             targets = torch.cat([item[4] for item in batch]).to(words.device)
-            loss = pair_loss(head(words, starts, entities, pairs), targets) / len(batch)
+            loss = sum(pair_loss(h(words, starts, entities, pairs), targets) for h in heads.heads) / len(
+                batch
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item() * len(batch)
+            total += loss.item() * len(batch) / cfg.heads
         losses.append(total / len(items))
         log(f"epoch {epoch + 1}/{cfg.epochs}: loss {losses[-1]:.4f}")
-    head.eval()
+    heads.eval()
 
     # The decoders' dev predictions (the head not asked), then the head's scores of their entity pairs.
     base = (decode_cfg or DecodeConfig()).model_copy(update={"relation_head": "off"})

@@ -10,7 +10,7 @@ A pair (head, tail) is represented by, for each of its two entities, the max ove
 encoder states, a learned embedding of its type and one of its width; the max over the words
 between the two entities (zeros when they touch); and the encoder's state at the sentence start.
 A two-layer network gives one independent logit per relation type (several relations may join
-one pair).
+one pair). ``RelationHeads`` holds one or more such heads and averages their probabilities.
 
 The vote (``vote``): a relation the decoders wrote is kept when the head gives it a probability
 above ``keep``; one they did not write is added above ``add``. Both thresholds are chosen on dev
@@ -90,6 +90,25 @@ class RelationHead(nn.Module):
             dim=-1,
         )
         return self.mlp(x)
+
+
+class RelationHeads(nn.Module):
+    """``k`` relation heads, trained side by side from different initial weights; their mean
+    probability is the vote's (an ensemble: a single fit's result moves with its seed)."""
+
+    def __init__(self, hidden: int, n_types: int, n_relations: int, k: int = 1):
+        super().__init__()
+        if k < 1:
+            raise ValueError(f"a relation head ensemble needs at least one head, got {k}")
+        self.heads = nn.ModuleList(RelationHead(hidden, n_types, n_relations) for _ in range(k))
+
+    def forward(
+        self, words: torch.Tensor, starts: torch.Tensor, entities: torch.Tensor, pairs: torch.Tensor
+    ) -> torch.Tensor:
+        """[P, relations]: the heads' mean probability (``RelationHead.forward`` for the inputs)."""
+        return torch.stack(
+            [torch.sigmoid(h(words, starts, entities, pairs).float()) for h in self.heads]
+        ).mean(0)
 
 
 def _masked_max(words: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ Per seed:
 4. ``head`` (asked for in ``--steps``): ``anchoralign fit-relation-head`` on each setting's ``best/``
    (a pair classifier over the frozen encoder, its vote thresholds chosen on dev), evaluated like
    the others as ``relation_head`` (of ``full``; ``pretrain_NAME_relation_head`` after pretraining)
-   or ``<setting>_relation_head``; its decoding ablations, asked for by name: ``relation_head_fixed``
+   or ``<setting>_relation_head`` (``--heads K``: K heads averaged, ``relation_headK``); its decoding ablations, asked for by name: ``relation_head_fixed``
    (the vote at 0.5 / 0.5, not the dev-chosen thresholds) and ``relation_head_add_only`` (the head
    only adds relations).
 
@@ -197,8 +197,10 @@ DECODING = {
 }
 
 
-def head_setting(setting: str) -> str:
-    return HEAD if setting == "full" else f"{setting}_{HEAD}"
+def head_setting(setting: str, heads: int = 1) -> str:
+    """The head result's name: ``relation_head`` of ``full`` (``relation_head5`` with ``--heads 5``)."""
+    name = HEAD if heads == 1 else f"{HEAD}{heads}"
+    return name if setting == "full" else f"{setting}_{name}"
 
 
 def _env() -> dict[str, str]:
@@ -343,12 +345,12 @@ def train(args: argparse.Namespace, setting: str, seed: int) -> None:
 
 def fit_head(args: argparse.Namespace, setting: str, seed: int) -> None:
     """``fit-relation-head`` on the setting's ``best/``, written as the ``best/`` of its head setting."""
-    out = run_dir(args, head_setting(setting), seed) / "best"
+    out = run_dir(args, head_setting(setting, args.heads), seed) / "best"
     if (out / "config.json").is_file():
         return
     cmd = [sys.executable, "-m", "anchoralign.cli", "fit-relation-head"]
     cmd += ["--checkpoint", str(run_dir(args, setting, seed) / "best"), "--dataset", "conll04"]
-    cmd += ["--data-dir", str(args.data_dir), f"--seed={seed}", "--output", str(out)]
+    cmd += ["--data-dir", str(args.data_dir), f"--seed={seed}", f"--heads={args.heads}", "--output", str(out)]
     run(cmd, args.dry_run)
 
 
@@ -705,6 +707,13 @@ def main() -> None:
         "give the runs their own name (--pretrain NAME=DIR)",
     )
     p.add_argument(
+        "--heads",
+        type=int,
+        default=1,
+        metavar="K",
+        help="relation heads fitted side by side and averaged by the head step (results named relation_headK if K > 1)",
+    )
+    p.add_argument(
         "--ce-stop-after",
         type=int,
         default=CE_STOP_AFTER_EPOCH,
@@ -800,7 +809,8 @@ def main() -> None:
                 evaluate(args, setting, setting, seed, [])
             if "head" in steps:
                 fit_head(args, setting, seed)
-                evaluate(args, head_setting(setting), head_setting(setting), seed, [])
+                name = head_setting(setting, args.heads)
+                evaluate(args, name, name, seed, [])
         if "eval" in steps:
             for name, (trained, flags) in DECODING.items():
                 # After pretraining only ce_only unless asked for: what the second stage adds.

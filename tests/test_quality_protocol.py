@@ -209,6 +209,12 @@ def test_the_head_step_fits_a_relation_head_on_each_setting_and_evaluates_it(sha
     assert test.endswith(f"--output {tmp_path}/out/pretrain_x_relation_head/seed2/predictions.jsonl")
     assert dev.endswith(f"--output {tmp_path}/out/pretrain_x_relation_head/seed2/dev/predictions.jsonl")
     assert f"--output {runs}/pretrain_x/no_alignment_relation_head/seed2/best" in fit_other
+    done = _protocol(
+        shared_data, tmp_path / "out", "--seeds", "1", "--steps", "head", "--dry-run", "--heads", "5"
+    )
+    fit, test, *_ = done.stdout.strip().splitlines()
+    assert "--heads=5" in fit and fit.endswith("/relation_head5/seed1/best")
+    assert test.endswith(f"{tmp_path}/out/relation_head5/seed1/predictions.jsonl")
 
 
 def test_ce_stop_after_replays_stage_1_up_to_a_chosen_epoch(shared_data, tmp_path):

@@ -20,12 +20,14 @@ from model_fixtures import (
 
 from anchoralign.config import DecodeConfig
 from anchoralign.decode import Prediction, relation_scores, relation_vote
+from anchoralign.errors import UserError
 from anchoralign.model import AnchorAlignModel
 from anchoralign.relation_fit import FitConfig, fit_relation_head
 from anchoralign.relation_head import (
     ADD_GRID,
     KEEP_GRID,
     RelationHead,
+    RelationHeads,
     _masked_max,
     choose_thresholds,
     entity_pairs,
@@ -99,6 +101,18 @@ def test_a_pair_reads_its_two_entities_the_words_between_and_the_start_only() ->
     assert not torch.allclose(logits_of(between, starts[:1], [(spans, [(0, 1)])]), alone)
 
 
+def test_an_ensemble_votes_with_its_heads_mean_probability() -> None:
+    torch.manual_seed(0)
+    heads = RelationHeads(hidden=8, n_types=3, n_relations=2, k=3).eval()
+    words, starts = torch.randn(1, 8, 8), torch.randn(1, 8)
+    inputs = pair_inputs([([(0, 2, 0), (4, 5, 1)], [(0, 1), (1, 0)])])
+    each = [torch.sigmoid(h(words, starts, *inputs)) for h in heads.heads]
+    assert torch.allclose(heads(words, starts, *inputs), (each[0] + each[1] + each[2]) / 3)
+    assert not torch.allclose(each[0], each[1])  # different initial weights
+    with pytest.raises(ValueError):
+        RelationHeads(8, 3, 2, k=0)
+
+
 def test_vote_keeps_the_decoders_relations_the_head_backs_and_adds_the_ones_it_is_sure_of() -> None:
     a, b, c, d, e = ((ANN, ACME, r) for r in "abcde")
     probs = {a: 0.9, b: 0.2, d: 0.8, e: 0.4}  # c, written by the decoders, is not scored
@@ -116,21 +130,26 @@ def test_thresholds_maximise_the_score_and_prefer_the_fewest_changes() -> None:
 def with_head(tmp_path_factory) -> AnchorAlignModel:
     model = tiny_model()
     torch.manual_seed(1)
-    model.add_relation_head()
+    model.add_relation_head(k=2)
     model.relation_thresholds = (0.25, 0.75)
     return model
 
 
 def test_a_relation_head_and_its_thresholds_are_saved_with_the_checkpoint(with_head, tmp_path: Path) -> None:
     directory = with_head.save_pretrained(tmp_path / "ck")
-    assert json.loads((directory / "config.json").read_text())["relation_head"] == {"keep": 0.25, "add": 0.75}
+    config = json.loads((directory / "config.json").read_text())
+    assert config["relation_head"] == {"keep": 0.25, "add": 0.75, "heads": 2}
     loaded = AnchorAlignModel.from_pretrained(directory)
     assert loaded.relation_thresholds == (0.25, 0.75)
     for (name, p), (_, q) in zip(
         with_head.relation_head.state_dict().items(), loaded.relation_head.state_dict().items(), strict=True
     ):
         assert torch.equal(p, q), name
-    assert loaded.parameter_counts()["relation_head"] > 0
+    assert loaded.parameter_counts()["relation_head"] > 0 and len(loaded.relation_head.heads) == 2
+    config["relation_head"] = {"keep": 0.25}
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="relation_head must hold keep, add and heads"):
+        AnchorAlignModel.from_pretrained(directory)
     plain = tiny_model().save_pretrained(tmp_path / "plain")
     assert json.loads((plain / "config.json").read_text())["relation_head"] is None
     assert AnchorAlignModel.from_pretrained(plain).relation_head is None
@@ -175,9 +194,9 @@ def _type_rule_data() -> list[Sample]:
 def test_fitting_learns_the_training_relations_and_chooses_thresholds_on_dev() -> None:
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    report = fit_relation_head(
-        model, _type_rule_data(), toy_samples(), TOY_META, FitConfig(epochs=40, lr=1e-2)
-    )
+    cfg = FitConfig(epochs=40, lr=1e-2, heads=2)
+    report = fit_relation_head(model, _type_rule_data(), toy_samples(), TOY_META, cfg)
+    assert len(model.relation_head.heads) == 2
     assert report.losses[-1] < report.losses[0] / 4
     assert report.n_train == 8 and report.n_too_long == 0
     assert report.keep in KEEP_GRID and report.add in ADD_GRID
@@ -199,10 +218,15 @@ def test_fit_relation_head_command_writes_a_checkpoint_that_evaluate_uses(tmp_pa
     data = write_user_dataset(tmp_path / "toy", TOY_META, {"train": _type_rule_data(), "dev": toy_samples()})
     out = tmp_path / "with_head"
     args = ["--checkpoint", checkpoint, "--dataset", data, "--output", out, "--max-len", "8"]
-    code, _, err = cli(["fit-relation-head", *args, "--epochs", "3", "--json"], capsys)
+    code, _, err = cli(["fit-relation-head", *args, "--epochs", "3", "--heads", "2", "--json"], capsys)
     assert code == 0, err
     report = json.loads((out / "relation_head.json").read_text())
-    assert report["fit"]["epochs"] == 3 and len(report["losses"]) == 3 and report["metric"] == "rel_strict_f1"
+    assert (
+        report["fit"]["heads"] == 2
+        and report["fit"]["epochs"] == 3
+        and len(report["losses"]) == 3
+        and report["metric"] == "rel_strict_f1"
+    )
     assert AnchorAlignModel.from_pretrained(out).relation_thresholds == (report["keep"], report["add"])
     scored = {}
     for name, ck, flags in (

@@ -55,6 +55,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=defaults.epochs, help=f"default {defaults.epochs}")
     p.add_argument("--lr", type=float, default=defaults.lr, help=f"default {defaults.lr}")
     p.add_argument("--seed", type=int, default=defaults.seed, help=f"default {defaults.seed}")
+    p.add_argument(
+        "--heads",
+        type=int,
+        default=defaults.heads,
+        help=f"heads trained side by side, their probabilities averaged (default {defaults.heads})",
+    )
     add_decoding_arguments(p)
 
 
@@ -65,8 +71,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--output {out} exists and is not empty; give a new directory")
-    if args.epochs < 1:
-        raise UserError(f"--epochs must be at least 1, got {args.epochs}")
+    for flag, value in (("--epochs", args.epochs), ("--heads", args.heads)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
     meta = get_meta(args.dataset, args.data_dir)
     train = load_split(args.dataset, args.train_split, args.data_dir, fold=args.fold)
     dev = load_split(args.dataset, args.dev_split, args.data_dir, fold=args.fold)
@@ -76,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_checkpoint(args.checkpoint, args.device)
     check_labels(train, model.labels, args.checkpoint, meta.name)
     console = Console(stderr=True, soft_wrap=True)
-    cfg = FitConfig(epochs=args.epochs, lr=args.lr, seed=args.seed)
+    cfg = FitConfig(epochs=args.epochs, lr=args.lr, seed=args.seed, heads=args.heads)
     try:
         report = fit_relation_head(
             model, train, dev, meta, cfg, decode_config(args), log=lambda m: console.print(m, highlight=False)
