@@ -6,12 +6,14 @@ binary target per relation type. Nothing else of the model changes, so a fit tak
 CPU where a training run takes hours. The dev split then chooses the two thresholds of the vote:
 the decoders decode dev once, the head scores every pair of their reported entities, and the
 pair of thresholds with the best dev score (the dataset's headline relation F1) is stored with
-the head. Sentences longer than the encoder takes are left out of the fit and keep the decoders'
+the head. ``choose_relation_thresholds`` alone chooses them again for a model that has a head
+(after a change of decoding flags, say). Sentences longer than the encoder takes are left out of the fit and keep the decoders'
 relations when the thresholds are chosen; the report counts them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -52,7 +54,7 @@ class FitReport:
     dev_before: float  # the dev headline relation F1 of the decoders alone
     dev_after: float  # with the head's vote at the chosen thresholds
     metric: str
-    n_train: int  # training sentences with at least one pair of entities
+    n_train: int  # training sentences with at least one pair of entities (0: thresholds only)
     n_too_long: int  # training and dev sentences the encoder cannot take whole
     losses: list[float] = field(default_factory=list)  # mean loss per sentence and head, per epoch
 
@@ -95,6 +97,18 @@ def fit_relation_head(
     log: Callable[[str], None] = lambda _: None,
 ) -> FitReport:
     """Add a relation head to ``model``, train it on ``train`` and choose its thresholds on ``dev``."""
+    losses, n_train, n_too_long = train_relation_head(model, train, cfg, log)
+    report = choose_relation_thresholds(model, dev, meta, decode_cfg, log)
+    return dataclasses.replace(
+        report, n_train=n_train, n_too_long=report.n_too_long + n_too_long, losses=losses
+    )
+
+
+def train_relation_head(
+    model: AnchorAlignModel, train: Sequence[Sample], cfg: FitConfig, log: Callable[[str], None]
+) -> tuple[list[float], int, int]:
+    """Add ``cfg.heads`` new relation heads to ``model`` and train them on ``train`` over the frozen
+    rest; the mean loss of each epoch, the sentences trained on and those too long to encode."""
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     model.requires_grad_(False)
@@ -139,7 +153,20 @@ def fit_relation_head(
         losses.append(total / len(items))
         log(f"epoch {epoch + 1}/{cfg.epochs}: loss {losses[-1]:.4f}")
     heads.eval()
+    return losses, len(items), n_too_long
 
+
+def choose_relation_thresholds(
+    model: AnchorAlignModel,
+    dev: Sequence[Sample],
+    meta: DatasetMeta,
+    decode_cfg: DecodeConfig | None = None,
+    log: Callable[[str], None] = lambda _: None,
+) -> FitReport:
+    """Choose the vote's thresholds of ``model``'s relation head on ``dev`` (``choose_thresholds``
+    over the dataset's headline relation F1) and set them; the report's training fields are empty."""
+    if model.relation_head is None:
+        raise ValueError("the model has no relation head to choose thresholds for")
     # The decoders' dev predictions (the head not asked), then the head's scores of their entity pairs.
     base = (decode_cfg or DecodeConfig()).model_copy(update={"relation_head": "off"})
     inputs = [Sample(id=s.id, tokens=s.tokens) for s in dev]
@@ -150,7 +177,7 @@ def fit_relation_head(
             {} if state is None else relation_scores(model, *state, sample)
             for sample, state in zip(predicted, dev_states, strict=True)
         ]
-    n_too_long += sum(s is None for s in dev_states)
+    n_too_long = sum(s is None for s in dev_states)
 
     def dev_score(samples: Sequence[Sample]) -> tuple[str, float]:
         result = score(dev, samples, meta.symmetric_relations, meta.boundary_only)
@@ -165,4 +192,4 @@ def fit_relation_head(
     log(
         f"dev {metric}: {before:.2f} from the decoders, {after:.2f} with the head (keep > {keep}, add > {add})"
     )
-    return FitReport(keep, add, before, after, metric, len(items), n_too_long, losses)
+    return FitReport(keep, add, before, after, metric, 0, n_too_long)

@@ -227,7 +227,8 @@ def test_fit_relation_head_command_writes_a_checkpoint_that_evaluate_uses(tmp_pa
         and len(report["losses"]) == 3
         and report["metric"] == "rel_strict_f1"
     )
-    assert AnchorAlignModel.from_pretrained(out).relation_thresholds == (report["keep"], report["add"])
+    loaded = AnchorAlignModel.from_pretrained(out)
+    assert loaded.relation_thresholds == (report["keep"], report["add"])
     scored = {}
     for name, ck, flags in (
         ("plain", checkpoint, []),
@@ -256,3 +257,19 @@ def test_fit_relation_head_command_writes_a_checkpoint_that_evaluate_uses(tmp_pa
     assert scored["off"]["ner_tp"] == scored["head"]["ner_tp"]  # the head decides relations only
     code, _, err = cli(["fit-relation-head", *args], capsys)
     assert code != 0 and "not empty" in err
+    again = ["--dataset", data, "--max-len", "8", "--thresholds-only", "--eos-penalty", "1", "--json"]
+    code, printed, err = cli(
+        ["fit-relation-head", "--checkpoint", out, "--output", tmp_path / "again", *again], capsys
+    )
+    assert code == 0, err
+    report = json.loads(printed)
+    assert report["fit"] is None and report["losses"] == [] and report["n_train"] == 0
+    refitted = AnchorAlignModel.from_pretrained(tmp_path / "again")
+    assert refitted.relation_thresholds == (report["keep"], report["add"])
+    assert torch.equal(
+        refitted.relation_head.heads[1].mlp[1].weight, loaded.relation_head.heads[1].mlp[1].weight
+    )
+    code, _, err = cli(
+        ["fit-relation-head", "--checkpoint", checkpoint, "--output", tmp_path / "none", *again], capsys
+    )
+    assert code != 0 and "has no relation head" in err

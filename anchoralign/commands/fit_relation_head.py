@@ -61,12 +61,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=defaults.heads,
         help=f"heads trained side by side, their probabilities averaged (default {defaults.heads})",
     )
+    p.add_argument(
+        "--thresholds-only",
+        action="store_true",
+        help="keep the checkpoint's relation head and only choose its thresholds again on the dev split "
+        "(after a change of decoding flags)",
+    )
     add_decoding_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from anchoralign.datasets import get_meta, load_split
-    from anchoralign.relation_fit import FitConfig, fit_relation_head
+    from anchoralign.relation_fit import FitConfig, choose_relation_thresholds, fit_relation_head
 
     out = Path(args.output)
     if out.exists() and any(out.iterdir()):
@@ -75,21 +81,31 @@ def run(args: argparse.Namespace) -> int:
         if value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
     meta = get_meta(args.dataset, args.data_dir)
-    train = load_split(args.dataset, args.train_split, args.data_dir, fold=args.fold)
-    dev = load_split(args.dataset, args.dev_split, args.data_dir, fold=args.fold)
-    for split, samples in ((args.train_split, train), (args.dev_split, dev)):
+    splits = [args.dev_split] if args.thresholds_only else [args.train_split, args.dev_split]
+    data = {split: load_split(args.dataset, split, args.data_dir, fold=args.fold) for split in splits}
+    for split, samples in data.items():
         if not samples:
             raise UserError(f"dataset {meta.name} {split} is empty")
+    dev = data[args.dev_split]
     model = load_checkpoint(args.checkpoint, args.device)
-    check_labels(train, model.labels, args.checkpoint, meta.name)
+    check_labels(dev, model.labels, args.checkpoint, meta.name)
     console = Console(stderr=True, soft_wrap=True)
     cfg = FitConfig(epochs=args.epochs, lr=args.lr, seed=args.seed, heads=args.heads)
-    try:
-        report = fit_relation_head(
-            model, train, dev, meta, cfg, decode_config(args), log=lambda m: console.print(m, highlight=False)
-        )
-    except ValueError as err:
-        raise UserError(f"{meta.name} {args.train_split}: {err}") from None
+
+    def log(message: str) -> None:
+        console.print(message, highlight=False)
+
+    if args.thresholds_only:
+        if model.relation_head is None:
+            raise UserError(f"--thresholds-only: {args.checkpoint} has no relation head; fit one without it")
+        report = choose_relation_thresholds(model, dev, meta, decode_config(args), log)
+    else:
+        try:
+            report = fit_relation_head(
+                model, data[args.train_split], dev, meta, cfg, decode_config(args), log
+            )
+        except ValueError as err:
+            raise UserError(f"{meta.name} {args.train_split}: {err}") from None
     model.save_pretrained(out)
     source = Path(args.checkpoint) / TRAIN_CONFIG_FILE
     if source.is_file():
@@ -97,9 +113,9 @@ def run(args: argparse.Namespace) -> int:
     record = {
         "checkpoint": str(args.checkpoint),
         "dataset": meta.name,
-        "train_split": args.train_split,
+        "train_split": None if args.thresholds_only else args.train_split,
         "dev_split": args.dev_split,
-        "fit": dataclasses.asdict(cfg),
+        "fit": None if args.thresholds_only else dataclasses.asdict(cfg),
         **dataclasses.asdict(report),
     }
     (out / REPORT_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
