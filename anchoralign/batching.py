@@ -32,8 +32,10 @@ from anchoralign.linearize import (
     Targets,
     as_paradigm,
     decoder_pairs,
+    gold_structure,
     linearize,
 )
+from anchoralign.relation_head import entity_pairs, pair_inputs, pair_targets, typed_spans
 from anchoralign.schema import Sample
 from anchoralign.span_head import span_labels
 
@@ -133,9 +135,11 @@ class Collator:
         max_target_length: int | None = None,
         align_positions: str = "decision",
         span_width: int = 0,
+        relation_pairs: bool = False,
     ):
         self.pieces = WordPieces(tokenizer)
         self.span_width = span_width  # > 0: the gold classes of the span head's spans too
+        self.relation_pairs = relation_pairs  # the relation heads' gold entity pairs and targets too
         self.align_positions = align_positions
         self.labels = labels
         self.paradigm = as_paradigm(paradigm)
@@ -169,7 +173,21 @@ class Collator:
                 self.span_width,
                 self.labels.entity_types,
             )
+        if self.relation_pairs:
+            batch.update(self._pairs(samples))
         return batch
+
+    def _pairs(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+        """``pair_entities``, ``pair_index`` (``relation_head.pair_inputs``) and ``pair_targets`` of every
+        ordered pair of each sample's gold entities."""
+        sentences, targets = [], []
+        for sample in samples:
+            spans, triples = gold_structure(sample, self.labels)
+            pairs = entity_pairs(spans)
+            sentences.append((typed_spans(spans, self.labels.entity_types), pairs))
+            targets.append(pair_targets(spans, pairs, triples, self.labels.relation_types))
+        entities, index = pair_inputs(sentences)
+        return {"pair_entities": entities, "pair_index": index, "pair_targets": torch.cat(targets)}
 
     def inputs(self, items: Sequence[Item]) -> dict[str, torch.Tensor]:
         """The encoder side only (what decoding needs): input ids, word starts and the vocab mask."""

@@ -73,6 +73,13 @@ class ModelConfig(Section):
         description="train a span head (anchoralign.span_head) that scores every span of up to this "
         "many words as an entity type or none, beside the NER decoder; 0: none",
     )
+    relation_heads: int = Field(
+        0,
+        ge=0,
+        description="train this many relation heads (anchoralign.relation_head) with the model, on the "
+        "gold entity pairs of each batch; 0: none (a head can also be fitted afterwards on the frozen "
+        "encoder: anchoralign fit-relation-head, which also chooses the vote's thresholds)",
+    )
 
 
 class DataConfig(Section):
@@ -182,6 +189,9 @@ class LossConfig(Section):
     fwd_rev: bool = Field(True, description="the forward-reverse term (with alignment)")
     suppress: bool = Field(True, description="the negative-suppression term (with alignment)")
     span: float = Field(1.0, ge=0, description="weight of the span head's cross-entropy (with a span head)")
+    relation: float = Field(
+        1.0, ge=0, description="weight of the relation heads' binary cross-entropy (with relation heads)"
+    )
     label_smoothing: float = Field(
         0.0,
         ge=0,

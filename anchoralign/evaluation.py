@@ -158,7 +158,8 @@ class Evaluator:
     def __call__(self, model: nn.Module, device: torch.device, validity: bool = False) -> EvalResult:
         result = evaluate_split(model, self.gold, self.decode_cfg, self.meta, validity)
         spans = getattr(model, "span_head", None) is not None
-        weights = term_weights(self.loss_cfg, align=True, spans=spans)
+        relations = getattr(model, "relation_head", None) is not None
+        weights = term_weights(self.loss_cfg, align=True, spans=spans, relations=relations)
         result.losses = {
             split: mean_loss_terms(
                 model, samples, self.collate, self.loss_fn, weights, self.decode_cfg.batch_size, device

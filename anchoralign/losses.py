@@ -147,20 +147,25 @@ def negative_suppression(
 
 CE_TERMS = ("ce_ner", "ce_fwd", "ce_rev")
 ALIGN_TERMS = ("kl_ner_re", "kl_fwd_rev", "suppress")
-LOSS_KEYS = (*CE_TERMS, *ALIGN_TERMS, "span", "loss")
+LOSS_KEYS = (*CE_TERMS, *ALIGN_TERMS, "span", "relation", "loss")
 
 
-def term_weights(cfg: LossConfig, align: bool, ramp: float = 1.0, spans: bool = False) -> dict[str, float]:
+def term_weights(
+    cfg: LossConfig, align: bool, ramp: float = 1.0, spans: bool = False, relations: bool = False
+) -> dict[str, float]:
     """The weight of every active term of a phase; a term that is not a key is off (not computed).
 
     The one place that decides whether a term is on: cross-entropy always; an alignment term when
     the phase aligns (``align``), ``cfg.alignment`` and its own switch are on and its weight is
     positive, scaled by ``ramp`` (see :func:`ramp_factor`); the span head's term in every phase
-    when the model has one (``spans``) and ``cfg.span`` is positive.
+    when the model has one (``spans``) and ``cfg.span`` is positive; the relation heads' likewise
+    (``relations``, ``cfg.relation``).
     """
     weights = dict.fromkeys(CE_TERMS, 1.0)
     if spans and cfg.span > 0:
         weights["span"] = cfg.span
+    if relations and cfg.relation > 0:
+        weights["relation"] = cfg.relation
     if align and cfg.alignment:
         for key, on, weight in (
             ("kl_ner_re", cfg.ner_re, cfg.alpha),
@@ -236,8 +241,19 @@ def loss_terms(
         )
     if "span" in weights:
         terms["span"] = span_loss(outputs["span_logits"], batch["span_labels"])
+    if "relation" in weights:
+        terms["relation"] = relation_loss(outputs["relation_logits"], batch["pair_targets"])
     terms["loss"] = weighted_total(terms, weights)
     return terms
+
+
+def relation_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The relation heads' term: binary cross-entropy averaged over heads, pairs and relation types
+    (``logits`` [heads, P, relations], ``targets`` [P, relations]); a mean, not the fit's per-sentence
+    sum, so that it starts near log 2 beside the cross-entropies under one gradient clip. 0 without pairs."""
+    if targets.numel() == 0:
+        return _zero(logits)
+    return F.binary_cross_entropy_with_logits(logits.float(), targets.expand_as(logits).float())
 
 
 def describe_terms(weights: Mapping[str, float]) -> str:

@@ -220,6 +220,7 @@ class AnchorAlignModel(nn.Module):
             max_target_length=limit,
             align_positions=align_positions,
             span_width=self.span_width,
+            relation_pairs=self.relation_head is not None,
         )
 
     def encode(self, batch: Mapping[str, torch.Tensor]) -> EncoderState:
@@ -281,14 +282,23 @@ class AnchorAlignModel(nn.Module):
         self, batch: Mapping[str, torch.Tensor], decoders: Sequence[str] = DECODERS, spans: bool = True
     ) -> dict[str, torch.Tensor]:
         """Teacher-forced logits of ``decoders`` (all three by default; the NER teacher of the
-        alignment term asks for ``("ner",)`` only), and ``span_logits`` when the model has a span
-        head and ``spans``. Through ``forward`` so that ZeRO-3 gathers."""
+        alignment term asks for ``("ner",)`` only), and with ``spans`` the heads' logits: ``span_logits``
+        with a span head, ``relation_logits`` [heads, P, relations] of the batch's gold entity pairs
+        with relation heads. Through ``forward`` so that ZeRO-3 gathers."""
         state = self.encode(batch)
         out = {
             f"{name}_logits": self.decoder_logits(name, batch[f"{name}_input"], state) for name in decoders
         }
         if spans and self.span_head is not None:
             out["span_logits"] = self.span_logits(state)
+        if spans and self.relation_head is not None and "pair_index" in batch:
+            words, starts = self.word_states(state), state.hidden[:, 0]
+            out["relation_logits"] = torch.stack(
+                [
+                    h(words, starts, batch["pair_entities"], batch["pair_index"])
+                    for h in self.relation_head.heads
+                ]
+            )
         return out
 
     # ------------------------------------------------------------------ bookkeeping

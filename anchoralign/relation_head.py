@@ -153,9 +153,8 @@ def pair_targets(
 ) -> torch.Tensor:
     """[P, relations] float: 1 where (head, tail, relation) is one of ``triples``."""
     gold = set(triples)
-    return torch.tensor(
-        [[float((spans[i], spans[j], r) in gold) for r in relations] for i, j in pairs], dtype=torch.float32
-    )
+    rows = [[float((spans[i], spans[j], r) in gold) for r in relations] for i, j in pairs]
+    return torch.tensor(rows, dtype=torch.float32).reshape(len(pairs), len(relations))
 
 
 def pair_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -77,7 +77,7 @@ def load_model(cfg: TrainConfig, meta: DatasetMeta) -> nn.Module:
 
     m = cfg.model
     if cfg.init_from is None:
-        return AnchorAlignModel.from_backbone(
+        model = AnchorAlignModel.from_backbone(
             m.backbone,
             meta,
             paradigm=m.paradigm,
@@ -86,6 +86,9 @@ def load_model(cfg: TrainConfig, meta: DatasetMeta) -> nn.Module:
             decoder_input=m.decoder_input,
             span_width=m.span_head_width,
         )
+        if m.relation_heads:
+            model.add_relation_head(m.relation_heads)
+        return model
     path = Path(cfg.init_from)
     if not (path / "config.json").is_file():
         hint = f" (did you mean {path / 'final'}?)" if (path / "final" / "config.json").is_file() else ""
@@ -105,6 +108,14 @@ def load_model(cfg: TrainConfig, meta: DatasetMeta) -> nn.Module:
                 f"model.span_head_width={m.span_head_width}"
             )
         model.add_span_head(m.span_head_width)  # a new head on a model trained without one
+    heads = 0 if model.relation_head is None else len(model.relation_head.heads)
+    if heads != m.relation_heads:
+        if heads:
+            raise UserError(
+                f"init_from: {path} has {heads} relation heads but the config has "
+                f"model.relation_heads={m.relation_heads}"
+            )
+        model.add_relation_head(m.relation_heads)
     return model
 
 

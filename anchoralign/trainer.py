@@ -94,6 +94,7 @@ class Trainer:
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.state = TrainState(stage=cfg.stage, world_size=self.world)
         self.spans = cfg.model.span_head_width > 0  # the span head's term is on
+        self.relations = cfg.model.relation_heads > 0  # the relation heads' term is on
         optim = cfg.optim
         self.global_batch = optim.micro_batch_size * optim.grad_accum * self.world
         # Sentence lengths for length bucketing, by training set.
@@ -144,7 +145,8 @@ class Trainer:
         st = self.state
         align = self.phases[st.phase].align
         since = st.global_step - (st.align_since if st.align_since is not None else st.global_step)
-        return term_weights(self.cfg.loss, align, ramp_factor(since, self.cfg.loss.ramp_steps), self.spans)
+        ramp = ramp_factor(since, self.cfg.loss.ramp_steps)
+        return term_weights(self.cfg.loss, align, ramp, self.spans, self.relations)
 
     def lr(self, step: int | None = None) -> float:
         """Learning rate (before the per-parameter multiplier) of optimizer update ``step``."""
@@ -467,7 +469,7 @@ class Trainer:
                 )
             self.log.info(
                 f"  phase {i + 1} {p.name}: {p.epochs} epoch(s) on {p.data} ({n} samples, {steps} steps/epoch), "
-                f"loss terms: {describe_terms(term_weights(cfg.loss, p.align, spans=self.spans))}{gate}"
+                f"loss terms: {describe_terms(term_weights(cfg.loss, p.align, spans=self.spans, relations=self.relations))}{gate}"
             )
             self.log.metrics(
                 {

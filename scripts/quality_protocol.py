@@ -149,7 +149,13 @@ VARIANT_EPOCHS = {"long": 2 * ALIGN_EPOCHS, "mix": ALIGN_EPOCHS // 2}
 # The span head of model.span_head_width, its new parameters at ten times the learning rate.
 SPAN_HEAD = ["--model.span-head-width=8", "--optim.new-lr-mult=10"]
 NER_HEADS = {"span_head": ["--trainer.grad_norm_every=58", *SPAN_HEAD]}
-TRAINED = {**SETTINGS, **SWEEP, **ALIGN_VARIANTS, **NER_HEADS}  # every stage-2 setting, by name
+# Stage 2 of `full` with a relation head trained beside the decoders on the gold entity pairs
+# (its encoder no longer frozen, unlike fit-relation-head's); new, so at ten times the stage's rate.
+# Its checkpoints carry the head with the vote off, (0, 1): the head step only chooses thresholds.
+RELATION_HEADS = {
+    "pair_loss": ["--trainer.grad_norm_every=58", "--model.relation-heads=1", "--optim.new-lr-mult=10"]
+}
+TRAINED = {**SETTINGS, **SWEEP, **ALIGN_VARIANTS, **NER_HEADS, **RELATION_HEADS}  # every stage-2 setting
 # Model variants (--model): flags of both fine-tuning stages, so that the variant is trained from
 # stage 1 on; pretraining is shared with the plain model.
 # best/ chosen on the mean of dev NER and relation F1 rather than relations alone.
@@ -350,7 +356,8 @@ def fit_head(args: argparse.Namespace, setting: str, seed: int) -> None:
         return
     cmd = [sys.executable, "-m", "anchoralign.cli", "fit-relation-head"]
     cmd += ["--checkpoint", str(run_dir(args, setting, seed) / "best"), "--dataset", "conll04"]
-    cmd += ["--data-dir", str(args.data_dir), f"--seed={seed}", f"--heads={args.heads}", "--output", str(out)]
+    cmd += ["--data-dir", str(args.data_dir), f"--seed={seed}", "--output", str(out)]
+    cmd += ["--thresholds-only"] if setting in RELATION_HEADS else [f"--heads={args.heads}"]
     run(cmd, args.dry_run)
 
 

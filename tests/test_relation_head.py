@@ -273,3 +273,81 @@ def test_fit_relation_head_command_writes_a_checkpoint_that_evaluate_uses(tmp_pa
         ["fit-relation-head", "--checkpoint", checkpoint, "--output", tmp_path / "none", *again], capsys
     )
     assert code != 0 and "has no relation head" in err
+
+
+# --------------------------------------------------------------------------- trained with the model
+
+
+def test_the_collator_lays_out_each_batchs_gold_entity_pairs() -> None:
+    model = tiny_model()
+    model.add_relation_head()
+    batch = model.collator()(toy_samples())
+    # s1: Ann Lee, Acme, Oslo (6 ordered pairs); s2: Bob Pusterla, Paris (2); s3: no entity.
+    assert batch["pair_entities"].tolist() == [
+        [0, 0, 2, 0],
+        [0, 4, 5, 1],
+        [0, 6, 7, 2],
+        [1, 0, 2, 0],
+        [1, 4, 5, 2],
+    ]
+    assert batch["pair_index"].tolist() == [[0, 1], [0, 2], [1, 0], [1, 2], [2, 0], [2, 1], [3, 4], [4, 3]]
+    assert batch["pair_targets"].tolist() == [[1, 0], [0, 1], [0, 0], [0, 0], [0, 0], [0, 0], [0, 1], [0, 0]]
+    out = model(batch)
+    assert out["relation_logits"].shape == (1, 8, 2)
+    assert "pair_index" not in tiny_model().collator()(toy_samples())
+
+
+def test_the_relation_term_is_the_mean_binary_cross_entropy_of_every_head() -> None:
+    from anchoralign.config import LossConfig
+    from anchoralign.losses import relation_loss, term_weights
+
+    logits = torch.tensor([[[0.0, math.log(3)]], [[0.0, 0.0]]])  # two heads, one pair
+    targets = torch.tensor([[1.0, 0.0]])
+    expected = (math.log(2) + math.log(4) + 2 * math.log(2)) / 4
+    assert relation_loss(logits, targets).item() == pytest.approx(expected)
+    assert relation_loss(torch.zeros(1, 0, 2), torch.zeros(0, 2)).item() == 0.0
+    assert term_weights(LossConfig(relation=0.5), align=False, relations=True)["relation"] == 0.5
+    assert "relation" not in term_weights(LossConfig(), align=False)
+
+
+def test_init_from_adds_relation_heads_or_refuses_another_count(with_head, tmp_path: Path) -> None:
+    from anchoralign.config import SFTConfig
+    from anchoralign.stages import load_model
+
+    saved = with_head.save_pretrained(tmp_path / "two")  # 2 heads
+    plain = tiny_model().save_pretrained(tmp_path / "plain")
+
+    def cfg(init_from: Path, heads: int) -> SFTConfig:
+        return SFTConfig.model_validate(
+            {
+                "dataset": "toy",
+                "output_dir": str(tmp_path / "o"),
+                "init_from": str(init_from),
+                "phases": {"epochs": [0, 1, 0]},
+                "optim": {"lr": 1e-4},
+                "model": {"relation_heads": heads},
+            }
+        )
+
+    assert len(load_model(cfg(plain, 3), TOY_META).relation_head.heads) == 3
+    assert len(load_model(cfg(saved, 2), TOY_META).relation_head.heads) == 2
+    with pytest.raises(UserError, match="has 2 relation heads but the config has model.relation_heads=1"):
+        load_model(cfg(saved, 1), TOY_META)
+
+
+def test_training_with_relation_heads_lowers_their_loss(tmp_path: Path, shared_data: Path) -> None:
+    from test_train_e2e import SMOKE, rows, run_cli
+
+    out = tmp_path / "sft"
+    done = run_cli(
+        "sft/run.py", "--config", "sft/configs/conll04.yaml", *SMOKE, f"--data_dir={shared_data}",
+        "--init_from=null", f"--output_dir={out}", "--phases.epochs=[0,6,0]", "--trainer.log_every=3",
+        "--model.relation_heads=2",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "loss terms: ce, relation x1" in (out / "train.log").read_text(encoding="utf-8")
+    losses = [r["relation"] for r in rows(out, "train")]
+    assert len(losses) >= 4 and losses[-1] < 0.5 * losses[0]
+    assert all(r["relation"] > 0 for r in rows(out, "eval_loss"))  # scored on dev as well
+    trained = AnchorAlignModel.from_pretrained(out / "final")
+    assert len(trained.relation_head.heads) == 2 and trained.relation_thresholds == (0.0, 1.0)
