@@ -213,8 +213,26 @@ def test_the_head_step_fits_a_relation_head_on_each_setting_and_evaluates_it(sha
         shared_data, tmp_path / "out", "--seeds", "1", "--steps", "head", "--dry-run", "--heads", "5"
     )
     fit, test, *_ = done.stdout.strip().splitlines()
-    assert "--heads=5" in fit and fit.endswith("/relation_head5/seed1/best")
+    assert "--heads=5" in fit and "/relation_head5/seed1/best " in fit
     assert test.endswith(f"{tmp_path}/out/relation_head5/seed1/predictions.jsonl")
+    # A setting trained with its head (pair_loss) only has its thresholds chosen.
+    done = _protocol(
+        shared_data,
+        tmp_path / "out",
+        "--seeds",
+        "1",
+        "--steps",
+        "head",
+        "--dry-run",
+        "--settings",
+        "pair_loss",
+    )
+    fit = done.stdout.strip().splitlines()[0]
+    assert (
+        fit.endswith("--thresholds-only")
+        and "/pair_loss_relation_head/seed1/best" in fit
+        and "--heads" not in fit
+    )
 
 
 def test_ce_stop_after_replays_stage_1_up_to_a_chosen_epoch(shared_data, tmp_path):
