@@ -126,6 +126,22 @@ def overfit_checkpoint(tmp_path_factory, shared_data: Path) -> tuple[Path, list[
     return _TRAINED[key]
 
 
+def init_from_config(output: Path, init_from: Path, **model):
+    """A toy SFT config that starts from ``init_from`` with the ``model`` section's fields given."""
+    from anchoralign.config import SFTConfig
+
+    return SFTConfig.model_validate(
+        {
+            "dataset": "toy",
+            "output_dir": str(output),
+            "init_from": str(init_from),
+            "phases": {"epochs": [0, 1, 0]},
+            "optim": {"lr": 1e-4},
+            "model": model,
+        }
+    )
+
+
 def write_user_dataset(directory: Path, meta: DatasetMeta, splits: dict[str, list[Sample]]) -> Path:
     """A user dataset directory (meta.json + <split>.jsonl) that ``anchoralign.datasets`` reads by path."""
     directory.mkdir(parents=True, exist_ok=True)

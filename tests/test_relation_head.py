@@ -12,6 +12,7 @@ import torch
 from model_fixtures import (
     TOY_META,
     cli,
+    init_from_config,
     one_cpu_thread,  # noqa: F401  (autouse)
     tiny_model,
     toy_samples,
@@ -318,16 +319,7 @@ def test_init_from_adds_relation_heads_or_refuses_another_count(with_head, tmp_p
     plain = tiny_model().save_pretrained(tmp_path / "plain")
 
     def cfg(init_from: Path, heads: int) -> SFTConfig:
-        return SFTConfig.model_validate(
-            {
-                "dataset": "toy",
-                "output_dir": str(tmp_path / "o"),
-                "init_from": str(init_from),
-                "phases": {"epochs": [0, 1, 0]},
-                "optim": {"lr": 1e-4},
-                "model": {"relation_heads": heads},
-            }
-        )
+        return init_from_config(tmp_path / "o", init_from, relation_heads=heads)
 
     assert len(load_model(cfg(plain, 3), TOY_META).relation_head.heads) == 3
     assert len(load_model(cfg(saved, 2), TOY_META).relation_head.heads) == 2
@@ -336,14 +328,10 @@ def test_init_from_adds_relation_heads_or_refuses_another_count(with_head, tmp_p
 
 
 def test_training_with_relation_heads_lowers_their_loss(tmp_path: Path, shared_data: Path) -> None:
-    from test_train_e2e import SMOKE, rows, run_cli
+    from test_train_e2e import rows, sft_with_a_head
 
     out = tmp_path / "sft"
-    done = run_cli(
-        "sft/run.py", "--config", "sft/configs/conll04.yaml", *SMOKE, f"--data_dir={shared_data}",
-        "--init_from=null", f"--output_dir={out}", "--phases.epochs=[0,6,0]", "--trainer.log_every=3",
-        "--model.relation_heads=2",
-    )  # fmt: skip
+    done = sft_with_a_head(out, shared_data, "--model.relation_heads=2")
     assert done.returncode == 0, done.stderr[-4000:]
     assert "loss terms: ce, relation x1" in (out / "train.log").read_text(encoding="utf-8")
     losses = [r["relation"] for r in rows(out, "train")]

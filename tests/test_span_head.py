@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_fixtures import TOY_META, toy_samples
-from test_train_e2e import SMOKE, rows, run_cli
+from model_fixtures import TOY_META, init_from_config, toy_samples
+from test_train_e2e import rows, sft_with_a_head
 
 from anchoralign.config import DecodeConfig, SFTConfig
 from anchoralign.decode import predict
@@ -108,16 +108,7 @@ def test_init_from_adds_a_span_head_or_refuses_another_width(with_head, tmp_path
     plain = AnchorAlignModel.from_backbone("tiny", TOY_META).save_pretrained(tmp_path / "plain")
 
     def cfg(init_from: Path, width: int) -> SFTConfig:
-        return SFTConfig.model_validate(
-            {
-                "dataset": "toy",
-                "output_dir": str(tmp_path / "o"),
-                "init_from": str(init_from),
-                "phases": {"epochs": [0, 1, 0]},
-                "optim": {"lr": 1e-4},
-                "model": {"span_head_width": width},
-            }
-        )
+        return init_from_config(tmp_path / "o", init_from, span_head_width=width)
 
     grown = load_model(cfg(plain, 4), TOY_META)
     assert grown.span_width == 4 and grown.span_head is not None
@@ -156,11 +147,7 @@ def test_decoding_takes_the_mentions_of_the_span_head(with_head) -> None:
 
 def test_training_with_a_span_head_lowers_its_loss(tmp_path: Path, shared_data: Path) -> None:
     out = tmp_path / "sft"
-    done = run_cli(
-        "sft/run.py", "--config", "sft/configs/conll04.yaml", *SMOKE, f"--data_dir={shared_data}",
-        "--init_from=null", f"--output_dir={out}", "--phases.epochs=[0,6,0]", "--trainer.log_every=3",
-        "--model.span_head_width=4",
-    )  # fmt: skip
+    done = sft_with_a_head(out, shared_data, "--model.span_head_width=4")
     assert done.returncode == 0, done.stderr[-4000:]
     log = (out / "train.log").read_text(encoding="utf-8")
     assert "span head: spans of up to 4 words;" in log and "of the evaluation split are wider" in log

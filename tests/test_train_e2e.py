@@ -60,6 +60,16 @@ def make_corpus(folder: Path, train: list[Sample]) -> Path:
     return folder
 
 
+def sft_with_a_head(out: Path, shared_data: Path, head_flag: str) -> subprocess.CompletedProcess[str]:
+    """A 6-epoch full-set smoke SFT from the bare tiny backbone with one head's flag, logging every
+    3 steps (the span and relation head tests: does the head's loss fall?)."""
+    return run_cli(
+        "sft/run.py", "--config", "sft/configs/conll04.yaml", *SMOKE, f"--data_dir={shared_data}",
+        "--init_from=null", f"--output_dir={out}", "--phases.epochs=[0,6,0]", "--trainer.log_every=3",
+        head_flag,
+    )  # fmt: skip
+
+
 def rows(run: Path, kind: str) -> list[dict]:
     lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
