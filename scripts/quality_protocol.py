@@ -12,8 +12,9 @@ Per seed:
    cross-entropy only), ``no_ner_re``, ``no_fwd_rev``, ``no_suppress``, ``ema`` (``full``
    evaluated, selected and exported on the moving average of the weights); and, asked for by
    name, ``long`` (twice the epochs), ``mix`` (the training set joined by the pretraining
-   corpus, for half the epochs) and ``span_head`` (``full`` with a new span head for the
-   entities); ``best/`` by dev again;
+   corpus, for half the epochs), ``span_head`` (``full`` with a new span head for the
+   entities) and ``pair_loss`` (``full`` with a relation head trained beside the decoders);
+   ``best/`` by dev again;
 3. ``anchoralign evaluate`` of each ``best/`` on test, written as
    ``benchmarks/quality/conll04/<setting>/seed<k>/predictions.jsonl`` and ``metrics.json``, and on
    dev, the same two files in ``seed<k>/dev/`` (committed for the settings measured since
