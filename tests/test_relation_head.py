@@ -339,3 +339,15 @@ def test_training_with_relation_heads_lowers_their_loss(tmp_path: Path, shared_d
     assert all(r["relation"] > 0 for r in rows(out, "eval_loss"))  # scored on dev as well
     trained = AnchorAlignModel.from_pretrained(out / "final")
     assert len(trained.relation_head.heads) == 2 and trained.relation_thresholds == (0.0, 1.0)
+
+
+def test_threshold_halves_scores_each_half_with_the_others_thresholds(with_head, tmp_path: Path) -> None:
+    from test_train_e2e import run_cli
+
+    checkpoint = with_head.save_pretrained(tmp_path / "ck")
+    data = write_user_dataset(tmp_path / "toy", TOY_META, {"dev": toy_samples()})
+    done = run_cli("scripts/threshold_halves.py", "--dataset", str(data), "--split", "dev", str(checkpoint))
+    assert done.returncode == 0, done.stderr
+    rows = [line.split(" | ") for line in done.stdout.splitlines()[2:]]
+    assert [r[1] for r in rows] == ["even", "odd"]
+    assert all(float(r[3]) >= 0 for r in rows)  # (0, 1), no change, is on the grid of the half that chose
