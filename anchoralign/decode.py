@@ -75,6 +75,7 @@ from anchoralign.linearize import (
     Triple,
     grammar_of,
     parse_with_report,
+    structure,
 )
 from anchoralign.model import AnchorAlignModel, EncoderState
 from anchoralign.relation_head import entity_pairs, pair_inputs, pair_probabilities, typed_spans, vote
@@ -431,7 +432,7 @@ def relation_scores(
     model: AnchorAlignModel, words: torch.Tensor, start: torch.Tensor, sample: Sample
 ) -> dict[Triple, float]:
     """The relation head's probability of every relation between two of ``sample``'s entities."""
-    spans = [(e.start, e.end, e.type) for e in sample.entities]
+    spans, _ = structure(sample)
     pairs = entity_pairs(spans)
     if not pairs:
         return {}
@@ -442,8 +443,7 @@ def relation_scores(
 
 def voted(sample: Sample, scored: dict[Triple, float], keep: float, add: float) -> Sample:
     """``sample`` with the relations of ``relation_head.vote`` between its entities."""
-    spans = [(e.start, e.end, e.type) for e in sample.entities]
-    predicted = [(spans[r.head], spans[r.tail], r.type) for r in sample.relations]
+    spans, predicted = structure(sample)
     index = {span: k for k, span in enumerate(spans)}
     relations = [
         {"head": index[head], "tail": index[tail], "type": label}

@@ -306,10 +306,16 @@ def gold_structure(sample: Sample, labels: LabelSet) -> tuple[list[Span], list[T
         kind, label = unknown[0]
         known = labels.entity_types if kind == "entity" else labels.relation_types
         raise UserError(f"sample {sample.id!r}: {kind} type {label!r} is not in the label set {list(known)}")
-    spans = [(e.start, e.end, e.type) for e in sample.entities]
-    triples = [(spans[r.head], spans[r.tail], r.type) for r in sample.relations]
+    spans, triples = structure(sample)
     entity_order = _entity_order(labels)
     return sorted(set(spans), key=entity_order), sorted(set(triples), key=_triple_order(labels, False))
+
+
+def structure(sample: Sample) -> tuple[list[Span], list[Triple]]:
+    """The sample's entities as spans and its relations as triples of them, as written (in the
+    sample's order, repeats kept)."""
+    spans = [(e.start, e.end, e.type) for e in sample.entities]
+    return spans, [(spans[r.head], spans[r.tail], r.type) for r in sample.relations]
 
 
 def _entity_order(labels: LabelSet) -> Callable[[Span], tuple[int, int, int]]:

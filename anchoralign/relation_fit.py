@@ -23,7 +23,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from anchoralign.config import DecodeConfig
 from anchoralign.decode import predict_long, relation_scores, voted
-from anchoralign.linearize import Span, Triple
+from anchoralign.linearize import structure
 from anchoralign.metrics import score
 from anchoralign.model import AnchorAlignModel
 from anchoralign.relation_head import (
@@ -82,11 +82,6 @@ def encoder_states(
     return out
 
 
-def _structure(sample: Sample) -> tuple[list[Span], list[Triple]]:
-    spans = [(e.start, e.end, e.type) for e in sample.entities]
-    return spans, [(spans[r.head], spans[r.tail], r.type) for r in sample.relations]
-
-
 def fit_relation_head(
     model: AnchorAlignModel,
     train: Sequence[Sample],
@@ -119,7 +114,7 @@ def train_relation_head(
     states = encoder_states(model, train)
     items = []
     for sample, state in zip(train, states, strict=True):
-        spans, triples = _structure(sample)
+        spans, triples = structure(sample)
         pairs = entity_pairs(spans)
         if state is None or not pairs:
             continue
