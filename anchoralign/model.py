@@ -293,11 +293,8 @@ class AnchorAlignModel(nn.Module):
             out["span_logits"] = self.span_logits(state)
         if spans and self.relation_head is not None and "pair_index" in batch:
             words, starts = self.word_states(state), state.hidden[:, 0]
-            out["relation_logits"] = torch.stack(
-                [
-                    h(words, starts, batch["pair_entities"], batch["pair_index"])
-                    for h in self.relation_head.heads
-                ]
+            out["relation_logits"] = self.relation_head.logits(
+                words, starts, batch["pair_entities"], batch["pair_index"]
             )
         return out
 

@@ -23,7 +23,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from anchoralign.config import DecodeConfig
 from anchoralign.decode import predict_long, relation_scores, voted
-from anchoralign.linearize import structure
+from anchoralign.linearize import Triple, structure
 from anchoralign.metrics import score
 from anchoralign.model import AnchorAlignModel
 from anchoralign.relation_head import (
@@ -82,6 +82,30 @@ def encoder_states(
     return out
 
 
+def scored_predictions(
+    model: AnchorAlignModel, gold: Sequence[Sample], decode_cfg: DecodeConfig | None = None
+) -> tuple[list[Sample], list[dict[Triple, float]], int]:
+    """The decoders' predictions of ``gold``'s inputs (the head not asked), the head's score of every
+    relation between two of each prediction's entities (none for a sentence too long to encode
+    whole) and the number of those sentences."""
+    base = (decode_cfg or DecodeConfig()).model_copy(update={"relation_head": "off"})
+    inputs = [Sample(id=s.id, tokens=s.tokens) for s in gold]
+    predicted = [p.sample for p in predict_long(model, inputs, base)[0]]
+    states = encoder_states(model, predicted)
+    with torch.no_grad():
+        scored = [
+            {} if state is None else relation_scores(model, *state, sample)
+            for sample, state in zip(predicted, states, strict=True)
+        ]
+    return predicted, scored, sum(state is None for state in states)
+
+
+def headline(gold: Sequence[Sample], predicted: Sequence[Sample], meta: DatasetMeta) -> tuple[str, float]:
+    """The dataset's headline figure of ``predicted`` against ``gold`` (``metrics.score``'s primary)."""
+    result = score(gold, predicted, meta.symmetric_relations, meta.boundary_only)
+    return str(result["primary"]), float(result[str(result["primary"])])
+
+
 def fit_relation_head(
     model: AnchorAlignModel,
     train: Sequence[Sample],
@@ -138,9 +162,8 @@ def train_relation_head(
             starts = torch.stack([item[1] for item in batch])
             entities, pairs = pair_inputs([(item[2], item[3]) for item in batch], words.device)
             targets = torch.cat([item[4] for item in batch]).to(words.device)
-            loss = sum(pair_loss(h(words, starts, entities, pairs), targets) for h in heads.heads) / len(
-                batch
-            )
+            logits = heads.logits(words, starts, entities, pairs)
+            loss = pair_loss(logits, targets.expand_as(logits)) / len(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -162,26 +185,14 @@ def choose_relation_thresholds(
     over the dataset's headline relation F1) and set them; the report's training fields are empty."""
     if model.relation_head is None:
         raise ValueError("the model has no relation head to choose thresholds for")
-    # The decoders' dev predictions (the head not asked), then the head's scores of their entity pairs.
-    base = (decode_cfg or DecodeConfig()).model_copy(update={"relation_head": "off"})
-    inputs = [Sample(id=s.id, tokens=s.tokens) for s in dev]
-    predicted = [p.sample for p in predict_long(model, inputs, base)[0]]
-    dev_states = encoder_states(model, predicted)
-    with torch.no_grad():
-        scored = [
-            {} if state is None else relation_scores(model, *state, sample)
-            for sample, state in zip(predicted, dev_states, strict=True)
-        ]
-    n_too_long = sum(s is None for s in dev_states)
-
-    def dev_score(samples: Sequence[Sample]) -> tuple[str, float]:
-        result = score(dev, samples, meta.symmetric_relations, meta.boundary_only)
-        return str(result["primary"]), float(result[str(result["primary"])])
+    predicted, scored, n_too_long = scored_predictions(model, dev, decode_cfg)
 
     def f1_of(keep: float, add: float) -> float:
-        return dev_score([voted(s, sc, keep, add) for s, sc in zip(predicted, scored, strict=True)])[1]
+        return headline(
+            dev, [voted(s, sc, keep, add) for s, sc in zip(predicted, scored, strict=True)], meta
+        )[1]
 
-    metric, before = dev_score(predicted)
+    metric, before = headline(dev, predicted, meta)
     keep, add, after = choose_thresholds(f1_of)
     model.relation_thresholds = (keep, add)
     log(

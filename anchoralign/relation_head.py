@@ -106,9 +106,13 @@ class RelationHeads(nn.Module):
         self, words: torch.Tensor, starts: torch.Tensor, entities: torch.Tensor, pairs: torch.Tensor
     ) -> torch.Tensor:
         """[P, relations]: the heads' mean probability (``RelationHead.forward`` for the inputs)."""
-        return torch.stack(
-            [torch.sigmoid(h(words, starts, entities, pairs).float()) for h in self.heads]
-        ).mean(0)
+        return torch.sigmoid(self.logits(words, starts, entities, pairs).float()).mean(0)
+
+    def logits(
+        self, words: torch.Tensor, starts: torch.Tensor, entities: torch.Tensor, pairs: torch.Tensor
+    ) -> torch.Tensor:
+        """[heads, P, relations]: each head's logits (what training scores)."""
+        return torch.stack([h(words, starts, entities, pairs) for h in self.heads])
 
 
 def _masked_max(words: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -158,8 +162,8 @@ def pair_targets(
 
 
 def pair_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy summed over a sentence's pairs and relation types: a sentence with more
-    candidate pairs weighs more, as it holds more decisions."""
+    """Binary cross-entropy summed over pairs and relation types (and heads, given their stacked
+    logits): a sentence with more candidate pairs weighs more, as it holds more decisions."""
     return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum")
 
 

@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from anchoralign.config import DecodeConfig
 from anchoralign.datasets import get_meta, load_split
-from anchoralign.decode import predict_long, relation_scores, voted
-from anchoralign.metrics import score
+from anchoralign.decode import voted
 from anchoralign.model import AnchorAlignModel
-from anchoralign.relation_fit import encoder_states
+from anchoralign.relation_fit import headline, scored_predictions
 from anchoralign.relation_head import choose_thresholds
 from anchoralign.schema import Sample
 
@@ -44,18 +40,11 @@ def split_halves(checkpoint: str, gold: list[Sample], meta, halves: list[list[in
     model = AnchorAlignModel.from_pretrained(checkpoint)
     if model.relation_head is None:
         raise SystemExit(f"{checkpoint}: no relation head")
-    inputs = [Sample(id=s.id, tokens=s.tokens) for s in gold]
-    pred = [p.sample for p in predict_long(model, inputs, DecodeConfig(relation_head="off"))[0]]
-    with torch.no_grad():
-        scored = [
-            {} if state is None else relation_scores(model, *state, s)
-            for s, state in zip(pred, encoder_states(model, pred), strict=True)
-        ]
+    pred, scored, _ = scored_predictions(model, gold)
 
     def f1(half: list[int], keep: float, add: float) -> float:
         voted_half = [voted(pred[i], scored[i], keep, add) for i in half]
-        result = score([gold[i] for i in half], voted_half, meta.symmetric_relations, meta.boundary_only)
-        return float(result[str(result["primary"])])
+        return headline([gold[i] for i in half], voted_half, meta)[1]
 
     rows = []
     for a, b in ((0, 1), (1, 0)):
