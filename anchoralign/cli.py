@@ -1,4 +1,4 @@
-"""`anchoralign` command line: data-stats, score, evaluate, predict, fit-relation-head.
+"""`anchoralign` command line: data-stats, score, evaluate, predict, fit-span-head, fit-relation-head.
 
 Each sub-command lives in ``anchoralign/commands/<name>.py`` with ``register(subparsers)`` that
 adds its parser and sets ``func``; this file only wires them and turns user errors into one line.
@@ -16,7 +16,7 @@ from rich.markup import escape
 
 from anchoralign.errors import UserError
 
-COMMANDS = ["data_stats", "score", "evaluate", "predict", "fit_relation_head"]
+COMMANDS = ["data_stats", "score", "evaluate", "predict", "fit_span_head", "fit_relation_head"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,6 +34,10 @@ Per seed:
    or ``<setting>_relation_head`` (``--heads K``: K heads averaged, ``relation_headK``); its decoding ablations, asked for by name: ``relation_head_fixed``
    (the vote at 0.5 / 0.5, not the dev-chosen thresholds) and ``relation_head_add_only`` (the head
    only adds relations).
+5. ``span`` (asked for in ``--steps``): ``anchoralign fit-span-head`` on each setting's ``best/``
+   (a span classifier for the entities over the frozen encoder), evaluated as ``span_fit`` (of
+   ``full``) or ``<setting>_span_fit``; with ``head`` too, the relation head is fitted on that
+   checkpoint, over its entities: ``[<setting>_]span_fit_relation_head``.
 
 Every step is a command of the product (printed before it runs) and is skipped when its output
 exists, so the protocol can be stopped and started again; training steps resume from their
@@ -206,8 +210,16 @@ DECODING = {
 
 def head_setting(setting: str, heads: int = 1) -> str:
     """The head result's name: ``relation_head`` of ``full`` (``relation_head5`` with ``--heads 5``)."""
-    name = HEAD if heads == 1 else f"{HEAD}{heads}"
-    return name if setting == "full" else f"{setting}_{name}"
+    return fitted_setting(setting, HEAD if heads == 1 else f"{HEAD}{heads}")
+
+
+# The span step's results (--steps span): a span head fitted on the setting's best/ for the entities.
+SPAN_FIT = "span_fit"
+
+
+def fitted_setting(setting: str, fit: str) -> str:
+    """A fit's result name: ``fit`` of ``full``, ``<setting>_<fit>`` of the others."""
+    return fit if setting == "full" else f"{setting}_{fit}"
 
 
 def _env() -> dict[str, str]:
@@ -350,15 +362,33 @@ def train(args: argparse.Namespace, setting: str, seed: int) -> None:
         run(cmd, args.dry_run)
 
 
-def fit_head(args: argparse.Namespace, setting: str, seed: int) -> None:
-    """``fit-relation-head`` on the setting's ``best/``, written as the ``best/`` of its head setting."""
+def fit_head(args: argparse.Namespace, setting: str, seed: int, trained_head: bool) -> None:
+    """``fit-relation-head`` on the setting's ``best/``, written as the ``best/`` of its head setting;
+    ``trained_head``: the checkpoint has a relation head trained with the model, whose thresholds
+    alone are chosen."""
     out = run_dir(args, head_setting(setting, args.heads), seed) / "best"
+    extra = ["--thresholds-only"] if trained_head else [f"--heads={args.heads}"]
+    fit(args, "fit-relation-head", setting, seed, out, extra)
+
+
+def fit_span(args: argparse.Namespace, setting: str, seed: int) -> None:
+    """``fit-span-head`` on the setting's ``best/``, written as the ``best/`` of its span setting."""
+    fit(
+        args,
+        "fit-span-head",
+        setting,
+        seed,
+        run_dir(args, fitted_setting(setting, SPAN_FIT), seed) / "best",
+        [],
+    )
+
+
+def fit(args: argparse.Namespace, command: str, setting: str, seed: int, out: Path, extra: list[str]) -> None:
     if (out / "config.json").is_file():
         return
-    cmd = [sys.executable, "-m", "anchoralign.cli", "fit-relation-head"]
+    cmd = [sys.executable, "-m", "anchoralign.cli", command]
     cmd += ["--checkpoint", str(run_dir(args, setting, seed) / "best"), "--dataset", "conll04"]
-    cmd += ["--data-dir", str(args.data_dir), f"--seed={seed}", "--output", str(out)]
-    cmd += ["--thresholds-only"] if setting in RELATION_HEADS else [f"--heads={args.heads}"]
+    cmd += ["--data-dir", str(args.data_dir), f"--seed={seed}", "--output", str(out), *extra]
     run(cmd, args.dry_run)
 
 
@@ -696,7 +726,7 @@ def main() -> None:
         f"on their checkpoints ({', '.join(DECODING)}; without pretraining they follow their setting)",
     )
     p.add_argument(
-        "--steps", default="ce,align,eval", help="pretrain, ce, align, eval, head (comma-separated)"
+        "--steps", default="ce,align,eval", help="pretrain, ce, align, eval, span, head (comma-separated)"
     )
     p.add_argument(
         "--pretrain",
@@ -815,9 +845,14 @@ def main() -> None:
                 train(args, setting, seed)
             if "eval" in steps:
                 evaluate(args, setting, setting, seed, [])
+            base = setting
+            if "span" in steps:
+                base = fitted_setting(setting, SPAN_FIT)
+                fit_span(args, setting, seed)
+                evaluate(args, base, base, seed, [])
             if "head" in steps:
-                fit_head(args, setting, seed)
-                name = head_setting(setting, args.heads)
+                fit_head(args, base, seed, trained_head=setting in RELATION_HEADS)
+                name = head_setting(base, args.heads)
                 evaluate(args, name, name, seed, [])
         if "eval" in steps:
             for name, (trained, flags) in DECODING.items():

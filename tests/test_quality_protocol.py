@@ -235,6 +235,32 @@ def test_the_head_step_fits_a_relation_head_on_each_setting_and_evaluates_it(sha
     )
 
 
+def test_the_span_step_fits_a_span_head_and_the_head_step_fits_on_its_checkpoint(shared_data, tmp_path):
+    runs = tmp_path / "runs"
+    flags = ["--seeds", "3", "--settings", "full,pair_loss", "--steps", "span,head", "--dry-run"]
+    done = _protocol(shared_data, tmp_path / "out", *flags, "--model", "joint", "--runs", str(runs))
+    assert done.returncode == 0, done.stderr
+    span, test, dev, head, head_test, head_dev, span_pair, _, _, head_pair, *_ = (
+        done.stdout.strip().splitlines()
+    )
+    assert "anchoralign.cli fit-span-head" in span and "--seed=3" in span
+    assert f"--checkpoint {runs}/with_joint/full/seed3/best" in span
+    assert span.endswith(f"--output {runs}/with_joint/span_fit/seed3/best")
+    assert f"--checkpoint {runs}/with_joint/span_fit/seed3/best" in test
+    assert test.endswith(f"{tmp_path}/out/with_joint_span_fit/seed3/predictions.jsonl")
+    assert dev.endswith(f"{tmp_path}/out/with_joint_span_fit/seed3/dev/predictions.jsonl")
+    # The relation head over the span head's entities: fitted on the span step's checkpoint.
+    assert "anchoralign.cli fit-relation-head" in head and "--heads=1" in head
+    assert f"--checkpoint {runs}/with_joint/span_fit/seed3/best" in head
+    assert f"--output {runs}/with_joint/span_fit_relation_head/seed3/best" in head
+    assert head_test.endswith(f"{tmp_path}/out/with_joint_span_fit_relation_head/seed3/predictions.jsonl")
+    assert head_dev.endswith("/with_joint_span_fit_relation_head/seed3/dev/predictions.jsonl")
+    # A setting trained with its relation head keeps it: thresholds only, on the span fit's checkpoint.
+    assert span_pair.endswith(f"--output {runs}/with_joint/pair_loss_span_fit/seed3/best")
+    assert f"--checkpoint {runs}/with_joint/pair_loss_span_fit/seed3/best" in head_pair
+    assert head_pair.endswith("--thresholds-only")
+
+
 def test_ce_stop_after_replays_stage_1_up_to_a_chosen_epoch(shared_data, tmp_path):
     def ce_command(*flags: str) -> subprocess.CompletedProcess:
         argv = ["--seeds", "1", "--settings", "full", "--steps", "ce", "--dry-run", *flags]

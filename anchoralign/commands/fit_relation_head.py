@@ -11,15 +11,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import shutil
-from pathlib import Path
-
-from rich.console import Console
 
 from anchoralign.commands.arguments import add_command
-from anchoralign.commands.evaluate import check_labels
-from anchoralign.commands.predict import add_decoding_arguments, decode_config, load_checkpoint
+from anchoralign.commands.fitting import add_fit_arguments, console, load_for_fit, save_fitted
+from anchoralign.commands.predict import add_decoding_arguments, decode_config
 from anchoralign.errors import UserError
 
 SUMMARY = "fit a relation head on a checkpoint's frozen encoder (minutes on a CPU) and save a new checkpoint"
@@ -28,7 +23,6 @@ DESCRIPTION = (
     "split, choose its two vote thresholds on the dev split, and write checkpoint and report to --output."
 )
 REPORT_FILE = "relation_head.json"
-TRAIN_CONFIG_FILE = "train_config.yaml"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,12 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "json": {"help": "print the report as JSON"},
         },
     )
-    p.add_argument("--output", required=True, metavar="DIR", help="new checkpoint directory (must not exist)")
-    p.add_argument("--train-split", default="train", help="split the head is fitted on (default: train)")
-    p.add_argument("--dev-split", default="dev", help="split that chooses the thresholds (default: dev)")
-    p.add_argument("--epochs", type=int, default=defaults.epochs, help=f"default {defaults.epochs}")
-    p.add_argument("--lr", type=float, default=defaults.lr, help=f"default {defaults.lr}")
-    p.add_argument("--seed", type=int, default=defaults.seed, help=f"default {defaults.seed}")
+    add_fit_arguments(p, defaults.epochs, defaults.lr, defaults.seed)
     p.add_argument(
         "--heads",
         type=int,
@@ -71,29 +60,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from anchoralign.datasets import get_meta, load_split
     from anchoralign.relation_fit import FitConfig, choose_relation_thresholds, fit_relation_head
 
-    out = Path(args.output)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--output {out} exists and is not empty; give a new directory")
-    for flag, value in (("--epochs", args.epochs), ("--heads", args.heads)):
-        if value < 1:
-            raise UserError(f"{flag} must be at least 1, got {value}")
-    meta = get_meta(args.dataset, args.data_dir)
+    if args.heads < 1:
+        raise UserError(f"--heads must be at least 1, got {args.heads}")
     splits = [args.dev_split] if args.thresholds_only else [args.train_split, args.dev_split]
-    data = {split: load_split(args.dataset, split, args.data_dir, fold=args.fold) for split in splits}
-    for split, samples in data.items():
-        if not samples:
-            raise UserError(f"dataset {meta.name} {split} is empty")
+    meta, data, model = load_for_fit(args, splits)
     dev = data[args.dev_split]
-    model = load_checkpoint(args.checkpoint, args.device)
-    check_labels(dev, model.labels, args.checkpoint, meta.name)
-    console = Console(stderr=True, soft_wrap=True)
     cfg = FitConfig(epochs=args.epochs, lr=args.lr, seed=args.seed, heads=args.heads)
+    out = console()
 
     def log(message: str) -> None:
-        console.print(message, highlight=False)
+        out.print(message, highlight=False)
 
     if args.thresholds_only:
         if model.relation_head is None:
@@ -106,24 +84,17 @@ def run(args: argparse.Namespace) -> int:
             )
         except ValueError as err:
             raise UserError(f"{meta.name} {args.train_split}: {err}") from None
-    model.save_pretrained(out)
-    source = Path(args.checkpoint) / TRAIN_CONFIG_FILE
-    if source.is_file():
-        shutil.copyfile(source, out / TRAIN_CONFIG_FILE)
     record = {
-        "checkpoint": str(args.checkpoint),
         "dataset": meta.name,
         "train_split": None if args.thresholds_only else args.train_split,
         "dev_split": args.dev_split,
         "fit": None if args.thresholds_only else dataclasses.asdict(cfg),
         **dataclasses.asdict(report),
     }
-    (out / REPORT_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    if args.json:
-        print(json.dumps(record))
-    else:
-        console.print(
-            f"wrote {out}: dev {report.metric} {report.dev_before:.2f} -> {report.dev_after:.2f} "
+    written = save_fitted(model, args, REPORT_FILE, record)
+    if not args.json:
+        out.print(
+            f"wrote {written}: dev {report.metric} {report.dev_before:.2f} -> {report.dev_after:.2f} "
             f"(keep > {report.keep}, add > {report.add})",
             highlight=False,
         )

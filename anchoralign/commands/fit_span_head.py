@@ -1,0 +1,95 @@
+"""`anchoralign fit-span-head`: give a trained checkpoint a span head for its entities (``anchoralign.span_fit``).
+
+The checkpoint is read, its encoder frozen, a span head fitted on the training split and the
+entities measured on the dev split before and after; the result is a new checkpoint directory,
+the old one untouched, with ``span_head.json`` beside it (the fit's settings, losses and dev
+figures). ``evaluate`` and ``predict`` report a span head's entities (``--ner-source decoder``
+for the NER decoder's). A relation head in the checkpoint has its thresholds chosen again; fitting
+the span head first and the relation head on its checkpoint is the order the README gives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from rich.markup import escape
+
+from anchoralign.commands.arguments import add_command
+from anchoralign.commands.fitting import add_fit_arguments, console, load_for_fit, save_fitted
+from anchoralign.commands.predict import add_decoding_arguments, decode_config
+from anchoralign.errors import UserError
+
+SUMMARY = "fit a span head for the entities on a checkpoint's frozen encoder (minutes on a CPU) and save a new checkpoint"
+DESCRIPTION = (
+    "Train a classifier of word spans over the frozen encoder of a trained checkpoint on the training "
+    "split, measure the entities on the dev split, and write checkpoint and report to --output."
+)
+REPORT_FILE = "span_head.json"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from anchoralign.span_fit import SpanFitConfig
+
+    defaults = SpanFitConfig()
+    p = add_command(
+        subparsers,
+        "fit-span-head",
+        run,
+        SUMMARY,
+        DESCRIPTION,
+        {
+            "checkpoint": {},
+            "dataset": {},
+            "data-dir": {},
+            "fold": {},
+            "json": {"help": "print the report as JSON"},
+        },
+    )
+    add_fit_arguments(p, defaults.epochs, defaults.lr, defaults.seed)
+    p.add_argument(
+        "--width",
+        type=int,
+        default=defaults.width,
+        help=f"longest mention the head can find, in words (default {defaults.width})",
+    )
+    add_decoding_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from anchoralign.span_fit import SpanFitConfig, fit_span_head
+
+    if args.width < 1:
+        raise UserError(f"--width must be at least 1, got {args.width}")
+    meta, data, model = load_for_fit(args, [args.train_split, args.dev_split])
+    cfg = SpanFitConfig(width=args.width, epochs=args.epochs, lr=args.lr, seed=args.seed)
+    out = console()
+
+    def log(message: str) -> None:
+        out.print(message, highlight=False)
+
+    try:
+        report = fit_span_head(
+            model, data[args.train_split], data[args.dev_split], meta, cfg, decode_config(args), log
+        )
+    except ValueError as err:
+        raise UserError(f"{meta.name} {args.train_split}: {err}") from None
+    record = {
+        "dataset": meta.name,
+        "train_split": args.train_split,
+        "dev_split": args.dev_split,
+        "fit": dataclasses.asdict(cfg),
+        **dataclasses.asdict(report),
+    }
+    written = save_fitted(model, args, REPORT_FILE, record)
+    if not args.json:
+        out.print(
+            f"wrote {written}: dev ner_f1 {report.dev_before:.2f} -> {report.dev_after:.2f}", highlight=False
+        )
+    if report.dev_after < report.dev_before:
+        out.print(
+            f"[yellow]the span head's dev entities are worse than the checkpoint's own "
+            f"({report.dev_after:.2f} < {report.dev_before:.2f}): evaluate {escape(str(written))} with "
+            "--ner-source decoder to report the NER decoder's[/yellow]"
+        )
+    return 0

@@ -1,0 +1,70 @@
+"""What the fit commands (``fit-span-head``, ``fit-relation-head``) share: a new output directory,
+the splits and checkpoint to fit on, and the new checkpoint written beside a JSON report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from anchoralign.commands.evaluate import check_labels
+from anchoralign.commands.predict import load_checkpoint
+from anchoralign.errors import UserError
+
+TRAIN_CONFIG_FILE = "train_config.yaml"
+
+
+def add_fit_arguments(p: argparse.ArgumentParser, epochs: int, lr: float, seed: int) -> None:
+    p.add_argument("--output", required=True, metavar="DIR", help="new checkpoint directory (must not exist)")
+    p.add_argument("--train-split", default="train", help="split the head is fitted on (default: train)")
+    p.add_argument(
+        "--dev-split",
+        default="dev",
+        help="split that measures the head and chooses its thresholds (default: dev)",
+    )
+    p.add_argument("--epochs", type=int, default=epochs, help=f"default {epochs}")
+    p.add_argument("--lr", type=float, default=lr, help=f"default {lr}")
+    p.add_argument("--seed", type=int, default=seed, help=f"default {seed}")
+
+
+def load_for_fit(args: argparse.Namespace, splits: list[str]) -> tuple[Any, dict[str, list[Any]], Any]:
+    """The dataset's metadata, the ``splits`` asked for (none empty) and the checkpoint, its labels
+    checked against the last split; refuses an ``--output`` that holds anything."""
+    from anchoralign.datasets import get_meta, load_split
+
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--output {out} exists and is not empty; give a new directory")
+    if args.epochs < 1:
+        raise UserError(f"--epochs must be at least 1, got {args.epochs}")
+    meta = get_meta(args.dataset, args.data_dir)
+    data = {split: load_split(args.dataset, split, args.data_dir, fold=args.fold) for split in splits}
+    for split, samples in data.items():
+        if not samples:
+            raise UserError(f"dataset {meta.name} {split} is empty")
+    model = load_checkpoint(args.checkpoint, args.device)
+    check_labels(data[splits[-1]], model.labels, args.checkpoint, meta.name)
+    return meta, data, model
+
+
+def save_fitted(model: Any, args: argparse.Namespace, report_file: str, record: dict[str, Any]) -> Path:
+    """Write the fitted checkpoint to ``--output`` with the source's training config and the
+    report (``record`` after the source checkpoint's path)."""
+    out = Path(args.output)
+    model.save_pretrained(out)
+    source = Path(args.checkpoint) / TRAIN_CONFIG_FILE
+    if source.is_file():
+        shutil.copyfile(source, out / TRAIN_CONFIG_FILE)
+    record = {"checkpoint": str(args.checkpoint), **record}
+    (out / report_file).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    if args.json:
+        print(json.dumps(record))
+    return out
+
+
+def console() -> Console:
+    return Console(stderr=True, soft_wrap=True)

@@ -1,0 +1,141 @@
+"""Fit a span head (``anchoralign.span_head``) on a trained model's frozen encoder.
+
+Why: on CoNLL04 the generative NER decoder of the recipe with the best relations trails a
+span-based extractor on the same encoder by 2 F1, while the encoder it trained already holds what
+a span classifier needs: a span head fitted over it, the encoder frozen, reports better entities
+than the decoder that trained it (BENCHMARKS.md, "A span head over the trained encoder").
+
+The encoder runs once over the training split (no gradient, no dropout) and its word states are
+kept; the head then trains on every span of up to ``width`` words of each sentence, the gold
+mentions against all the others (``span_head.span_loss``). Nothing else of the model changes.
+The dev split then measures the entities before (the checkpoint's own: its span head's if it had
+one, else the NER decoder's) and after. A relation head already in the checkpoint votes between
+the entities reported, which have just changed, so its thresholds are chosen again on dev.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from anchoralign.config import DecodeConfig
+from anchoralign.decode import predict_long
+from anchoralign.linearize import structure
+from anchoralign.metrics import score
+from anchoralign.model import AnchorAlignModel
+from anchoralign.relation_fit import choose_relation_thresholds, encoder_states
+from anchoralign.schema import DatasetMeta, Sample
+from anchoralign.span_head import span_labels, span_loss, too_wide
+
+
+@dataclass(frozen=True)
+class SpanFitConfig:
+    width: int = 8  # longest mention in words; 3 of CoNLL04 train's 3,377 mentions are wider
+    epochs: int = 20
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    batch_size: int = 16  # sentences per optimiser step
+    seed: int = 0
+
+
+@dataclass
+class SpanFitReport:
+    dev_before: float  # dev NER F1 of the checkpoint's own entities
+    dev_after: float  # with the fitted span head's
+    n_train: int  # training sentences fitted on
+    n_too_long: int  # training sentences the encoder cannot take whole (left out)
+    n_too_wide: int  # gold training mentions wider than the head's width (it cannot find them)
+    relation_thresholds: tuple[float, float] | None = None  # chosen again for a relation head
+    losses: list[float] = field(default_factory=list)  # mean loss per batch, per epoch
+
+
+def dev_ner_f1(
+    model: AnchorAlignModel, dev: Sequence[Sample], meta: DatasetMeta, decode_cfg: DecodeConfig
+) -> float:
+    """NER F1 of ``model``'s reported entities on ``dev`` (the relation head not asked: it does not
+    change the entities)."""
+    cfg = decode_cfg.model_copy(update={"relation_head": "off"})
+    inputs = [Sample(id=s.id, tokens=s.tokens) for s in dev]
+    predicted = [p.sample for p in predict_long(model, inputs, cfg)[0]]
+    return float(score(dev, predicted, meta.symmetric_relations, meta.boundary_only)["ner_f1"])
+
+
+def fit_span_head(
+    model: AnchorAlignModel,
+    train: Sequence[Sample],
+    dev: Sequence[Sample],
+    meta: DatasetMeta,
+    cfg: SpanFitConfig = SpanFitConfig(),
+    decode_cfg: DecodeConfig | None = None,
+    log: Callable[[str], None] = lambda _: None,
+) -> SpanFitReport:
+    """Give ``model`` a new span head trained on ``train`` (replacing any it had), measure the
+    entities on ``dev`` before and after, and choose a relation head's thresholds again."""
+    decode_cfg = decode_cfg or DecodeConfig()
+    before = dev_ner_f1(model, dev, meta, decode_cfg)
+    losses, n_train, n_too_long, n_too_wide = train_span_head(model, train, cfg, log)
+    after = dev_ner_f1(model, dev, meta, decode_cfg.model_copy(update={"ner_source": "span_head"}))
+    log(f"dev ner_f1: {before:.2f} before, {after:.2f} from the span head")
+    thresholds = None
+    if model.relation_head is not None:
+        log("the relation head votes between the new entities: choosing its thresholds again")
+        choose_relation_thresholds(model, dev, meta, decode_cfg, log)
+        thresholds = model.relation_thresholds
+    return SpanFitReport(before, after, n_train, n_too_long, n_too_wide, thresholds, losses)
+
+
+def train_span_head(
+    model: AnchorAlignModel, train: Sequence[Sample], cfg: SpanFitConfig, log: Callable[[str], None]
+) -> tuple[list[float], int, int, int]:
+    """Add a new span head of ``cfg.width`` to ``model`` and train it on ``train`` over the frozen
+    rest; the mean loss of each epoch, the sentences trained on, those too long to encode and the
+    gold mentions too wide for the head."""
+    if cfg.width < 1:
+        raise ValueError(f"span head width must be at least 1, got {cfg.width}")
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    model.requires_grad_(False)
+    model.add_span_head(cfg.width)
+    head = model.span_head
+    types = model.labels.entity_types
+
+    states = encoder_states(model, train)
+    items = [(state[0], structure(s)[0]) for s, state in zip(train, states, strict=True) if state is not None]
+    if not items:
+        raise ValueError("no training sentence fits the encoder: nothing to fit a span head on")
+    n_too_long = len(train) - len(items)
+    n_too_wide = too_wide([spans for _, spans in items], cfg.width)
+    log(
+        f"{len(items)} training sentences ({n_too_long} too long for the encoder); "
+        f"{n_too_wide} gold mentions wider than {cfg.width} words"
+    )
+
+    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    losses = []
+    for epoch in range(cfg.epochs):
+        head.train()
+        rng.shuffle(items)
+        total, steps = 0.0, 0
+        for begin in range(0, len(items), cfg.batch_size):
+            batch = items[begin : begin + cfg.batch_size]
+            words = pad_sequence([item[0] for item in batch], batch_first=True)
+            labels = span_labels(
+                [item[1] for item in batch],
+                [len(item[0]) for item in batch],
+                words.shape[1],
+                cfg.width,
+                types,
+            ).to(words.device)
+            loss = span_loss(head(words), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, steps = total + loss.item(), steps + 1
+        losses.append(total / steps)
+        log(f"epoch {epoch + 1}/{cfg.epochs}: loss {losses[-1]:.4f}")
+    head.eval()
+    return losses, len(items), n_too_long, n_too_wide
