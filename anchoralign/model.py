@@ -61,7 +61,7 @@ from anchoralign.files import read_json_object
 from anchoralign.linearize import LabelSet, Paradigm, as_paradigm
 from anchoralign.relation_head import RelationHeads
 from anchoralign.schema import N_MASK_TOKENS, DatasetMeta, mask_token
-from anchoralign.span_head import SpanHead
+from anchoralign.span_head import SpanHead, word_maxima
 
 FORMAT_VERSION = 1
 DECODER_INPUTS = ("token", "pointer")
@@ -120,6 +120,7 @@ class AnchorAlignModel(nn.Module):
         name: str,
         decoder_input: str = "token",
         span_width: int = 0,
+        span_pooled: bool = False,
     ):
         super().__init__()
         if decoder_input not in DECODER_INPUTS:
@@ -136,15 +137,16 @@ class AnchorAlignModel(nn.Module):
         self.register_buffer("fixed_token_ids", self._fixed_token_ids(), persistent=False)
         self.span_head: SpanHead | None = None
         if span_width:
-            self.add_span_head(span_width)
+            self.add_span_head(span_width, span_pooled)
         self.relation_head: RelationHeads | None = None
         # (keep, add) of relation_head.vote, chosen on dev when the head is fitted.
         self.relation_thresholds: tuple[float, float] = (0.0, 1.0)
 
-    def add_span_head(self, width: int) -> None:
-        """A new span head (random weights) scoring spans of up to ``width`` words."""
+    def add_span_head(self, width: int, pooled: bool = False) -> None:
+        """A new span head (random weights) scoring spans of up to ``width`` words (``pooled``: with
+        the maximum over their sub-words too)."""
         hidden = self.backbone.embed_tokens.embedding_dim
-        self.span_head = SpanHead(hidden, len(self.labels.entity_types), width).to(
+        self.span_head = SpanHead(hidden, len(self.labels.entity_types), width, pooled=pooled).to(
             self.fixed_token_ids.device
         )
 
@@ -159,6 +161,11 @@ class AnchorAlignModel(nn.Module):
     def span_width(self) -> int:
         """Longest span the span head scores; 0 without one."""
         return 0 if self.span_head is None else self.span_head.width
+
+    @property
+    def span_pooled(self) -> bool:
+        """Whether the span head reads the maximum over each span's sub-words."""
+        return self.span_head is not None and self.span_head.pooled
 
     # ------------------------------------------------------------------ construction
 
@@ -271,7 +278,14 @@ class AnchorAlignModel(nn.Module):
         from the encoder's output at each word's first sub-word."""
         if self.span_head is None:
             raise UserError("this model has no span head (train one with --model.span_head_width=N)")
-        return self.span_head(self.word_states(state))
+        return self.span_head(*self.span_inputs(state))
+
+    def span_inputs(self, state: EncoderState) -> tuple[torch.Tensor, ...]:
+        """What the span head reads: the word states, and the word maxima for a pooled head."""
+        words = self.word_states(state)
+        if not self.span_pooled:
+            return (words,)
+        return words, word_maxima(state.hidden, state.word_starts, state.mask)
 
     def word_states(self, state: EncoderState) -> torch.Tensor:
         """[N, W, H] the encoder's output at each word's first sub-word (what the heads read)."""
@@ -341,6 +355,7 @@ class AnchorAlignModel(nn.Module):
             "paradigm": int(self.paradigm),
             "decoder_input": self.decoder_input,
             "span_width": self.span_width,
+            "span_pooled": self.span_pooled,
             "relation_head": None
             if self.relation_head is None
             else {
@@ -404,6 +419,7 @@ class AnchorAlignModel(nn.Module):
             config["backbone"],
             config.get("decoder_input", "token"),
             config.get("span_width", 0),  # none before the span head existed
+            config.get("span_pooled", False),  # none before pooling existed
         )
         head = config.get("relation_head")
         if head:

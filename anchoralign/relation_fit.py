@@ -35,6 +35,7 @@ from anchoralign.relation_head import (
     typed_spans,
 )
 from anchoralign.schema import DatasetMeta, Sample
+from anchoralign.span_head import word_maxima
 
 
 @dataclass(frozen=True)
@@ -60,14 +61,15 @@ class FitReport:
 
 
 def encoder_states(
-    model: AnchorAlignModel, samples: Sequence[Sample], batch_size: int = 32
-) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-    """Each sample's word states [words, H] and start state [H] (float32, no gradient), or None for
-    a sample longer than the encoder takes."""
+    model: AnchorAlignModel, samples: Sequence[Sample], batch_size: int = 32, maxima: bool = False
+) -> list[tuple[torch.Tensor, ...] | None]:
+    """Each sample's word states [words, H] and start state [H] (float32, no gradient), with
+    ``maxima`` also its word maxima [words, H] (``span_head.word_maxima``); None for a sample
+    longer than the encoder takes."""
     collate = model.collator()
     fits = [collate.pieces.input_length(s.tokens) <= collate.max_length for s in samples]
     order = sorted((i for i in range(len(samples)) if fits[i]), key=lambda i: len(samples[i].tokens))
-    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(samples)
+    out: list[tuple[torch.Tensor, ...] | None] = [None] * len(samples)
     model.eval()
     for begin in range(0, len(order), batch_size):
         chunk = order[begin : begin + batch_size]
@@ -75,10 +77,13 @@ def encoder_states(
         batch = {k: t.to(model.device) for k, t in collate.inputs(inputs).items()}
         with torch.no_grad():
             state = model.encode(batch)
-            words = model.word_states(state).float()
+            views = [model.word_states(state).float()]
+            if maxima:
+                views.append(word_maxima(state.hidden, state.word_starts, state.mask).float())
             starts = state.hidden[:, 0].float()
         for j, i in enumerate(chunk):
-            out[i] = (words[j, : len(samples[i].tokens)], starts[j])
+            n = len(samples[i].tokens)
+            out[i] = (views[0][j, :n], starts[j], *(v[j, :n] for v in views[1:]))
     return out
 
 
@@ -94,7 +99,7 @@ def scored_predictions(
     states = encoder_states(model, predicted)
     with torch.no_grad():
         scored = [
-            {} if state is None else relation_scores(model, *state, sample)
+            {} if state is None else relation_scores(model, state[0], state[1], sample)
             for sample, state in zip(predicted, states, strict=True)
         ]
     return predicted, scored, sum(state is None for state in states)
@@ -143,7 +148,9 @@ def train_relation_head(
         if state is None or not pairs:
             continue
         typed = typed_spans(spans, labels.entity_types)
-        items.append((*state, typed, pairs, pair_targets(spans, pairs, triples, labels.relation_types)))
+        items.append(
+            (state[0], state[1], typed, pairs, pair_targets(spans, pairs, triples, labels.relation_types))
+        )
     if not items:
         raise ValueError("no training sentence has two entities: nothing to fit a relation head on")
     n_too_long = sum(s is None for s in states)

@@ -35,6 +35,7 @@ from anchoralign.span_head import span_labels, span_loss, too_wide
 @dataclass(frozen=True)
 class SpanFitConfig:
     width: int = 8  # longest mention in words; 3 of CoNLL04 train's 3,377 mentions are wider
+    pooled: bool = True  # the maximum over each span's sub-words too (span_head.SpanHead)
     epochs: int = 20
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -99,16 +100,20 @@ def train_span_head(
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     model.requires_grad_(False)
-    model.add_span_head(cfg.width)
+    model.add_span_head(cfg.width, cfg.pooled)
     head = model.span_head
     types = model.labels.entity_types
 
-    states = encoder_states(model, train)
-    items = [(state[0], structure(s)[0]) for s, state in zip(train, states, strict=True) if state is not None]
+    states = encoder_states(model, train, maxima=cfg.pooled)
+    items = [
+        (state[0], state[2] if cfg.pooled else None, structure(s)[0])
+        for s, state in zip(train, states, strict=True)
+        if state is not None
+    ]
     if not items:
         raise ValueError("no training sentence fits the encoder: nothing to fit a span head on")
     n_too_long = len(train) - len(items)
-    n_too_wide = too_wide([spans for _, spans in items], cfg.width)
+    n_too_wide = too_wide([spans for *_, spans in items], cfg.width)
     log(
         f"{len(items)} training sentences ({n_too_long} too long for the encoder); "
         f"{n_too_wide} gold mentions wider than {cfg.width} words"
@@ -123,14 +128,15 @@ def train_span_head(
         for begin in range(0, len(items), cfg.batch_size):
             batch = items[begin : begin + cfg.batch_size]
             words = pad_sequence([item[0] for item in batch], batch_first=True)
+            maxima = pad_sequence([item[1] for item in batch], batch_first=True) if cfg.pooled else None
             labels = span_labels(
-                [item[1] for item in batch],
+                [item[2] for item in batch],
                 [len(item[0]) for item in batch],
                 words.shape[1],
                 cfg.width,
                 types,
             ).to(words.device)
-            loss = span_loss(head(words), labels)
+            loss = span_loss(head(words, maxima), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

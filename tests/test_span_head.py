@@ -16,7 +16,16 @@ from anchoralign.decode import predict
 from anchoralign.errors import UserError
 from anchoralign.linearize import IGNORE
 from anchoralign.model import AnchorAlignModel
-from anchoralign.span_head import SpanHead, decode_spans, span_labels, span_loss, span_mask, too_wide
+from anchoralign.span_head import (
+    SpanHead,
+    decode_spans,
+    span_labels,
+    span_loss,
+    span_mask,
+    span_maxima,
+    too_wide,
+    word_maxima,
+)
 from anchoralign.stages import load_model
 
 TYPES = ("Peop", "Org")
@@ -78,6 +87,66 @@ def test_span_head_is_the_classifier_of_first_word_last_word_and_width() -> None
                 last = min(i + w, 3)  # spans past the end are computed, and masked by the labels
                 x = head.start(words[b, i]) + head.end(words[b, last]) + head.widths.weight[w]
                 assert torch.allclose(got[b, i, w], head.out(x), atol=1e-6)
+
+
+def test_word_maxima_take_each_words_maximum_over_its_sub_words() -> None:
+    # [CLS] ann ##a lee [SEP] [PAD]  |  [CLS] bo b ##ob x [SEP]; "b" twice: the second word of
+    # the second sentence has no sub-word of its own (its start is the third word's).
+    hidden = torch.tensor(
+        [
+            [[9.0, 9.0], [1.0, 5.0], [3.0, 2.0], [4.0, 4.0], [9.0, 9.0], [9.0, 9.0]],
+            [[9.0, 9.0], [2.0, 0.0], [0.0, 7.0], [6.0, 1.0], [5.0, 5.0], [9.0, 9.0]],
+        ]
+    )
+    word_starts = torch.tensor([[1, 3, 0, 0], [1, 2, 2, 4]])
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
+    got = word_maxima(hidden, word_starts, attention_mask)
+    expected = [
+        [[3.0, 5.0], [4.0, 4.0], [9.0, 9.0], [9.0, 9.0]],  # past the last word: the state at 0
+        [[2.0, 0.0], [0.0, 7.0], [6.0, 7.0], [5.0, 5.0]],
+    ]
+    assert got.tolist() == expected
+
+
+def test_span_maxima_run_the_maximum_over_each_spans_words() -> None:
+    maxima = torch.tensor([[[1.0], [3.0], [2.0]]])
+    assert span_maxima(maxima, 2)[0, :, :, 0].tolist() == [[1.0, 3.0], [3.0, 3.0], [2.0, 2.0]]
+
+
+def test_a_pooled_span_head_adds_the_spans_maximum_and_needs_it() -> None:
+    torch.manual_seed(0)
+    head = SpanHead(hidden=6, n_types=2, width=3, dropout=0.0, pooled=True).eval()
+    words, maxima = torch.randn(2, 4, 6), torch.randn(2, 4, 6)
+    got = head(words, maxima)
+    for b in range(2):
+        for i in range(4):
+            for w in range(3):
+                last = min(i + w, 3)
+                pooled = maxima[b, i : last + 1].max(0).values
+                x = (
+                    head.start(words[b, i])
+                    + head.end(words[b, last])
+                    + head.widths.weight[w]
+                    + head.pool(pooled)
+                )
+                assert torch.allclose(got[b, i, w], head.out(x), atol=1e-6)
+    with pytest.raises(ValueError, match="needs the word maxima"):
+        head(words)
+
+
+def test_a_pooled_span_head_is_saved_and_decodes(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = AnchorAlignModel.from_backbone("tiny", TOY_META)
+    model.add_span_head(3, pooled=True)
+    again = AnchorAlignModel.from_pretrained(model.save_pretrained(tmp_path / "pooled"))
+    assert again.span_pooled and again.span_width == 3 and again.span_head.pool is not None
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    model.eval()
+    cfg = DecodeConfig(max_len=8, entities="ner", anchor="reported", span_threshold=0.01)
+    predicted = [p.sample.entities for p in predict(model, toy_samples(), cfg)]
+    assert predicted == [p.sample.entities for p in predict(again, toy_samples(), cfg)]
+    assert all(predicted)  # a threshold near 0 reports a mention in every sentence
 
 
 @pytest.fixture(scope="module")

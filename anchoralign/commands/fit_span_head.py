@@ -53,6 +53,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=defaults.width,
         help=f"longest mention the head can find, in words (default {defaults.width})",
     )
+    p.add_argument(
+        "--pooled",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.pooled,
+        help="read the maximum over each span's sub-words beside its first and last word (default: on)",
+    )
     add_decoding_arguments(p)
 
 
@@ -62,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if args.width < 1:
         raise UserError(f"--width must be at least 1, got {args.width}")
     meta, data, model = load_for_fit(args, [args.train_split, args.dev_split])
-    cfg = SpanFitConfig(width=args.width, epochs=args.epochs, lr=args.lr, seed=args.seed)
+    cfg = SpanFitConfig(width=args.width, pooled=args.pooled, epochs=args.epochs, lr=args.lr, seed=args.seed)
     out = console()
 
     def log(message: str) -> None:
