@@ -28,7 +28,7 @@ sub-word (``decoder_input: token``) or as the representation the pointer scored 
 The model directory that ``save_pretrained`` writes and ``from_pretrained`` reads (no DeepSpeed
 needed) is described once, in the README ("Model directory"); ``config.json`` holds the format
 version, the backbone's name, family and config, the paradigm, the decoder input, the width of
-the span head (0: none; ``anchoralign.span_head``), the relation heads' count and two thresholds
+the span head (0: none; ``anchoralign.span_head``) and whether it pools, the relation heads' count and two thresholds
 (null: none; ``anchoralign.relation_head``) and the backbone token of every fixed id;
 ``labels.json`` the dataset metadata.
 """
