@@ -61,7 +61,7 @@ the same pretrained models as the plain one; its runs and results are named
     python scripts/quality_protocol.py --data-dir ../shared/data --seeds 1,2,3
     python scripts/quality_protocol.py --data-dir ../shared/data --seeds 1 --settings full --steps ce,align,eval
     python scripts/quality_protocol.py --data-dir ../shared/data --summary
-    python scripts/quality_protocol.py --data-dir ../shared/data --seeds 1,2,3 --settings full --steps head
+    python scripts/quality_protocol.py --data-dir ../shared/data --seeds 1,2,3 --settings full --steps span,head
     python scripts/quality_protocol.py --data-dir ../shared/data --seeds 1 --settings full \
         --steps pretrain,ce,align,eval --pretrain llm=corpus/conll04-llm
 """
