@@ -12,8 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from anchoralign.commands.arguments import add_command
-from anchoralign.commands.fitting import add_fit_arguments, console, load_for_fit, save_fitted
+from anchoralign.commands.fitting import add_fit_command, console, load_for_fit, save_fitted
 from anchoralign.commands.predict import add_decoding_arguments, decode_config
 from anchoralign.errors import UserError
 
@@ -29,21 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from anchoralign.relation_fit import FitConfig
 
     defaults = FitConfig()
-    p = add_command(
-        subparsers,
-        "fit-relation-head",
-        run,
-        SUMMARY,
-        DESCRIPTION,
-        {
-            "checkpoint": {},
-            "dataset": {},
-            "data-dir": {},
-            "fold": {},
-            "json": {"help": "print the report as JSON"},
-        },
-    )
-    add_fit_arguments(p, defaults.epochs, defaults.lr, defaults.seed)
+    p = add_fit_command(subparsers, "fit-relation-head", run, SUMMARY, DESCRIPTION, defaults)
     p.add_argument(
         "--heads",
         type=int,
@@ -68,10 +53,7 @@ def run(args: argparse.Namespace) -> int:
     meta, data, model = load_for_fit(args, splits)
     dev = data[args.dev_split]
     cfg = FitConfig(epochs=args.epochs, lr=args.lr, seed=args.seed, heads=args.heads)
-    out = console()
-
-    def log(message: str) -> None:
-        out.print(message, highlight=False)
+    out, log = console()
 
     if args.thresholds_only:
         if model.relation_head is None:

@@ -15,8 +15,7 @@ import dataclasses
 
 from rich.markup import escape
 
-from anchoralign.commands.arguments import add_command
-from anchoralign.commands.fitting import add_fit_arguments, console, load_for_fit, save_fitted
+from anchoralign.commands.fitting import add_fit_command, console, load_for_fit, save_fitted
 from anchoralign.commands.predict import add_decoding_arguments, decode_config
 from anchoralign.errors import UserError
 
@@ -32,21 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from anchoralign.span_fit import SpanFitConfig
 
     defaults = SpanFitConfig()
-    p = add_command(
-        subparsers,
-        "fit-span-head",
-        run,
-        SUMMARY,
-        DESCRIPTION,
-        {
-            "checkpoint": {},
-            "dataset": {},
-            "data-dir": {},
-            "fold": {},
-            "json": {"help": "print the report as JSON"},
-        },
-    )
-    add_fit_arguments(p, defaults.epochs, defaults.lr, defaults.seed)
+    p = add_fit_command(subparsers, "fit-span-head", run, SUMMARY, DESCRIPTION, defaults)
     p.add_argument(
         "--width",
         type=int,
@@ -69,10 +54,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--width must be at least 1, got {args.width}")
     meta, data, model = load_for_fit(args, [args.train_split, args.dev_split])
     cfg = SpanFitConfig(width=args.width, pooled=args.pooled, epochs=args.epochs, lr=args.lr, seed=args.seed)
-    out = console()
-
-    def log(message: str) -> None:
-        out.print(message, highlight=False)
+    out, log = console()
 
     try:
         report = fit_span_head(

@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from anchoralign.commands.arguments import add_command
 from anchoralign.commands.evaluate import check_labels
 from anchoralign.commands.predict import load_checkpoint
 from anchoralign.errors import UserError
@@ -18,7 +20,31 @@ from anchoralign.errors import UserError
 TRAIN_CONFIG_FILE = "train_config.yaml"
 
 
-def add_fit_arguments(p: argparse.ArgumentParser, epochs: int, lr: float, seed: int) -> None:
+def add_fit_command(
+    subparsers: argparse._SubParsersAction,
+    name: str,
+    run: Callable[[argparse.Namespace], int],
+    summary: str,
+    description: str,
+    defaults: Any,
+) -> argparse.ArgumentParser:
+    """A fit command's parser with the options every fit takes (``defaults``: its fit config,
+    for the epochs, learning rate and seed); the caller adds its own, then the decoding flags."""
+    p = add_command(
+        subparsers,
+        name,
+        run,
+        summary,
+        description,
+        {
+            "checkpoint": {},
+            "dataset": {},
+            "data-dir": {},
+            "fold": {},
+            "json": {"help": "print the report as JSON"},
+        },
+    )
+    epochs, lr, seed = defaults.epochs, defaults.lr, defaults.seed
     p.add_argument("--output", required=True, metavar="DIR", help="new checkpoint directory (must not exist)")
     p.add_argument("--train-split", default="train", help="split the head is fitted on (default: train)")
     p.add_argument(
@@ -29,6 +55,7 @@ def add_fit_arguments(p: argparse.ArgumentParser, epochs: int, lr: float, seed: 
     p.add_argument("--epochs", type=int, default=epochs, help=f"default {epochs}")
     p.add_argument("--lr", type=float, default=lr, help=f"default {lr}")
     p.add_argument("--seed", type=int, default=seed, help=f"default {seed}")
+    return p
 
 
 def load_for_fit(args: argparse.Namespace, splits: list[str]) -> tuple[Any, dict[str, list[Any]], Any]:
@@ -66,5 +93,7 @@ def save_fitted(model: Any, args: argparse.Namespace, report_file: str, record: 
     return out
 
 
-def console() -> Console:
-    return Console(stderr=True, soft_wrap=True)
+def console() -> tuple[Console, Callable[[str], None]]:
+    """The console a fit reports on (stderr) and the log function that prints a line to it."""
+    out = Console(stderr=True, soft_wrap=True)
+    return out, lambda message: out.print(message, highlight=False)
