@@ -182,6 +182,8 @@ MODELS = {
 # fit-relation-head; its vote thresholds chosen on dev), evaluated as its own result:
 # ``relation_head`` for ``full``, ``<setting>_relation_head`` for the others.
 HEAD = "relation_head"
+# The span step's results (--steps span): a span head fitted on the setting's best/ for the entities.
+SPAN_FIT = "span_fit"
 # Decoding ablations: evaluate flags on the checkpoints of a training setting.
 DECODING = {
     "no_constraint": ("full", ["--anchor", "off"]),
@@ -205,16 +207,16 @@ DECODING = {
     # those chosen on dev, or allowed only to add relations, never to drop one the decoders wrote.
     "relation_head_fixed": (HEAD, ["--relation-keep", "0.5", "--relation-add", "0.5"]),
     "relation_head_add_only": (HEAD, ["--relation-keep", "0"]),
+    # The fitted span head's checkpoints (--steps span) with its mentions alone among the entities
+    # (no RE decoder's unclaimed mention), or with relations anchored on the reported entities.
+    "span_fit_ner_entities": (SPAN_FIT, ["--entities", "ner"]),
+    "span_fit_reported_anchor": (SPAN_FIT, ["--anchor", "reported"]),
 }
 
 
 def head_setting(setting: str, heads: int = 1) -> str:
     """The head result's name: ``relation_head`` of ``full`` (``relation_head5`` with ``--heads 5``)."""
     return fitted_setting(setting, HEAD if heads == 1 else f"{HEAD}{heads}")
-
-
-# The span step's results (--steps span): a span head fitted on the setting's best/ for the entities.
-SPAN_FIT = "span_fit"
 
 
 def fitted_setting(setting: str, fit: str) -> str:
