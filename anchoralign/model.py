@@ -285,7 +285,7 @@ class AnchorAlignModel(nn.Module):
         words = self.word_states(state)
         if not self.span_pooled:
             return (words,)
-        return words, word_maxima(state.hidden, state.word_starts, state.mask)
+        return words, word_maxima(state.hidden, words, state.word_starts, state.mask)
 
     def word_states(self, state: EncoderState) -> torch.Tensor:
         """[N, W, H] the encoder's output at each word's first sub-word (what the heads read)."""

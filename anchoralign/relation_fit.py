@@ -77,13 +77,16 @@ def encoder_states(
         batch = {k: t.to(model.device) for k, t in collate.inputs(inputs).items()}
         with torch.no_grad():
             state = model.encode(batch)
-            views = [model.word_states(state).float()]
-            if maxima:
-                views.append(word_maxima(state.hidden, state.word_starts, state.mask).float())
-            starts = state.hidden[:, 0].float()
+            words = model.word_states(state)
+            peaks = word_maxima(state.hidden, words, state.word_starts, state.mask) if maxima else None
+            words, starts = words.float(), state.hidden[:, 0].float()
         for j, i in enumerate(chunk):
             n = len(samples[i].tokens)
-            out[i] = (views[0][j, :n], starts[j], *(v[j, :n] for v in views[1:]))
+            out[i] = (
+                (words[j, :n], starts[j])
+                if peaks is None
+                else (words[j, :n], starts[j], peaks[j, :n].float())
+            )
     return out
 
 

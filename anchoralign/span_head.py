@@ -34,8 +34,9 @@ class SpanHead(nn.Module):
     A two-layer classifier of [first word; last word; width; (pooled) the maximum over the span]
     in which the first layer is split into its parts (``start``, ``end``, ``width``, ``pool``), so
     that it is applied to W words, not to W x L spans: the same function, L times less work.
-    Pooling: on CoNLL04, fitted over the frozen encoder of ``--model joint``, +0.2 and +0.5 dev NER
-    F1 (+0.7, +1.0 test) on two seeds: the first sub-word alone misses most of a long name.
+    Pooling: on CoNLL04, fitted over the frozen encoder of ``--model joint``, +0.46 dev and +0.33
+    test NER F1 over 3 seeds (BENCHMARKS.md, "A span head over the trained encoder"): the first
+    and last word's first sub-words miss the rest of a long name.
     """
 
     def __init__(self, hidden: int, n_types: int, width: int, dropout: float = 0.1, pooled: bool = False):
@@ -43,12 +44,15 @@ class SpanHead(nn.Module):
         if width < 1:
             raise ValueError(f"span head width must be >= 1, got {width}")
         self.width = width
-        self.pooled = pooled
         self.start = nn.Linear(hidden, hidden)
         self.end = nn.Linear(hidden, hidden, bias=False)
         self.pool = nn.Linear(hidden, hidden, bias=False) if pooled else None
         self.widths = nn.Embedding(width, hidden)
         self.out = nn.Sequential(nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, n_types + 1))
+
+    @property
+    def pooled(self) -> bool:
+        return self.pool is not None
 
     def forward(self, words: torch.Tensor, maxima: torch.Tensor | None = None) -> torch.Tensor:
         n_words = words.shape[1]
@@ -74,13 +78,14 @@ def span_maxima(maxima: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def word_maxima(
-    hidden: torch.Tensor, word_starts: torch.Tensor, attention_mask: torch.Tensor
+    hidden: torch.Tensor, words: torch.Tensor, word_starts: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
     """[N, W, H]: each word's elementwise maximum over the states of its sub-words, from the encoder
     output ``hidden`` [N, S, H], the first sub-word of each word ``word_starts`` [N, W] (0 past
     the last word: position 0 is the start token) and ``attention_mask`` [N, S]; a word's sub-words
     run up to the next word's first, the last word's up to the end token. A word without sub-words
-    (0 past the last, or a word the tokenizer gave none) takes the state at its start."""
+    (0 past the last, or a word the tokenizer gave none) takes its state in ``words`` [N, W, H],
+    the state at its start (``AnchorAlignModel.word_states``)."""
     n, s, h = hidden.shape
     real = word_starts > 0
     starts = torch.where(real, word_starts, s)  # past every position: never counted below
@@ -91,8 +96,7 @@ def word_maxima(
     slot = torch.where(inside, word_of, word_starts.shape[1])  # outside: a spare row, dropped
     out = hidden.new_full((n, word_starts.shape[1] + 1, h), float("-inf"))
     out = out.scatter_reduce(1, slot[..., None].expand(-1, -1, h), hidden, "amax")[:, :-1]
-    first = hidden.gather(1, word_starts[..., None].expand(-1, -1, h))
-    return torch.where(torch.isinf(out), first, out)
+    return torch.where(torch.isinf(out), words, out)
 
 
 def span_ends(n_words: int, width: int, device: torch.device | None = None) -> torch.Tensor:

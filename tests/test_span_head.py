@@ -100,7 +100,8 @@ def test_word_maxima_take_each_words_maximum_over_its_sub_words() -> None:
     )
     word_starts = torch.tensor([[1, 3, 0, 0], [1, 2, 2, 4]])
     attention_mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
-    got = word_maxima(hidden, word_starts, attention_mask)
+    first = hidden.gather(1, word_starts[..., None].expand(-1, -1, 2))  # the model's word states
+    got = word_maxima(hidden, first, word_starts, attention_mask)
     expected = [
         [[3.0, 5.0], [4.0, 4.0], [9.0, 9.0], [9.0, 9.0]],  # past the last word: the state at 0
         [[2.0, 0.0], [0.0, 7.0], [6.0, 7.0], [5.0, 5.0]],
