@@ -90,15 +90,26 @@ def encoder_states(
     return out
 
 
-def scored_predictions(
+def decoder_predictions(
     model: AnchorAlignModel, gold: Sequence[Sample], decode_cfg: DecodeConfig | None = None
-) -> tuple[list[Sample], list[dict[Triple, float]], int]:
-    """The decoders' predictions of ``gold``'s inputs (the head not asked), the head's score of every
-    relation between two of each prediction's entities (none for a sentence too long to encode
-    whole) and the number of those sentences."""
+) -> list[Sample]:
+    """The model's predictions of ``gold``'s inputs without its relation head's vote."""
     base = (decode_cfg or DecodeConfig()).model_copy(update={"relation_head": "off"})
     inputs = [Sample(id=s.id, tokens=s.tokens) for s in gold]
-    predicted = [p.sample for p in predict_long(model, inputs, base)[0]]
+    return [p.sample for p in predict_long(model, inputs, base)[0]]
+
+
+def scored_predictions(
+    model: AnchorAlignModel,
+    gold: Sequence[Sample],
+    decode_cfg: DecodeConfig | None = None,
+    predicted: Sequence[Sample] | None = None,
+) -> tuple[list[Sample], list[dict[Triple, float]], int]:
+    """The decoders' predictions of ``gold``'s inputs (``decoder_predictions``; ``predicted`` when
+    the caller already has them), the head's score of every relation between two of each
+    prediction's entities (none for a sentence too long to encode whole) and the number of those
+    sentences."""
+    predicted = list(predicted) if predicted is not None else decoder_predictions(model, gold, decode_cfg)
     states = encoder_states(model, predicted)
     with torch.no_grad():
         scored = [
@@ -190,12 +201,15 @@ def choose_relation_thresholds(
     meta: DatasetMeta,
     decode_cfg: DecodeConfig | None = None,
     log: Callable[[str], None] = lambda _: None,
+    predicted: Sequence[Sample] | None = None,
 ) -> FitReport:
     """Choose the vote's thresholds of ``model``'s relation head on ``dev`` (``choose_thresholds``
-    over the dataset's headline relation F1) and set them; the report's training fields are empty."""
+    over the dataset's headline relation F1) and set them; the report's training fields are empty.
+    ``predicted``: the model's ``decoder_predictions`` of ``dev`` under ``decode_cfg``, when the
+    caller has decoded them already (a dev decode is the costly part on a large dev set)."""
     if model.relation_head is None:
         raise ValueError("the model has no relation head to choose thresholds for")
-    predicted, scored, n_too_long = scored_predictions(model, dev, decode_cfg)
+    predicted, scored, n_too_long = scored_predictions(model, dev, decode_cfg, predicted)
 
     def f1_of(keep: float, add: float) -> float:
         return headline(

@@ -23,11 +23,10 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from anchoralign.config import DecodeConfig
-from anchoralign.decode import predict_long
 from anchoralign.linearize import structure
 from anchoralign.metrics import score
 from anchoralign.model import AnchorAlignModel
-from anchoralign.relation_fit import choose_relation_thresholds, encoder_states
+from anchoralign.relation_fit import choose_relation_thresholds, decoder_predictions, encoder_states
 from anchoralign.schema import DatasetMeta, Sample
 from anchoralign.span_head import span_labels, span_loss, too_wide
 
@@ -56,13 +55,11 @@ class SpanFitReport:
 
 def dev_ner_f1(
     model: AnchorAlignModel, dev: Sequence[Sample], meta: DatasetMeta, decode_cfg: DecodeConfig
-) -> float:
-    """NER F1 of ``model``'s reported entities on ``dev`` (the relation head not asked: it does not
-    change the entities)."""
-    cfg = decode_cfg.model_copy(update={"relation_head": "off"})
-    inputs = [Sample(id=s.id, tokens=s.tokens) for s in dev]
-    predicted = [p.sample for p in predict_long(model, inputs, cfg)[0]]
-    return float(score(dev, predicted, meta.symmetric_relations, meta.boundary_only)["ner_f1"])
+) -> tuple[float, list[Sample]]:
+    """NER F1 of ``model``'s reported entities on ``dev`` and the predictions it scored (the
+    relation head not asked: it does not change the entities)."""
+    predicted = decoder_predictions(model, dev, decode_cfg)
+    return float(score(dev, predicted, meta.symmetric_relations, meta.boundary_only)["ner_f1"]), predicted
 
 
 def fit_span_head(
@@ -77,14 +74,18 @@ def fit_span_head(
     """Give ``model`` a new span head trained on ``train`` (replacing any it had), measure the
     entities on ``dev`` before and after, and choose a relation head's thresholds again."""
     decode_cfg = decode_cfg or DecodeConfig()
-    before = dev_ner_f1(model, dev, meta, decode_cfg)
+    before, _ = dev_ner_f1(model, dev, meta, decode_cfg)
     losses, n_train, n_too_long, n_too_wide = train_span_head(model, train, cfg, log)
-    after = dev_ner_f1(model, dev, meta, decode_cfg.model_copy(update={"ner_source": "span_head"}))
+    head_cfg = decode_cfg.model_copy(update={"ner_source": "span_head"})
+    after, predicted = dev_ner_f1(model, dev, meta, head_cfg)
     log(f"dev ner_f1: {before:.2f} before, {after:.2f} from the span head")
     thresholds = None
     if model.relation_head is not None:
         log("the relation head votes between the new entities: choosing its thresholds again")
-        choose_relation_thresholds(model, dev, meta, decode_cfg, log)
+        # The decode that measured the head is the one the vote needs, unless the flags ask for
+        # the NER decoder's entities (then the vote's entities are not the head's).
+        reuse = decode_cfg.ner_source != "decoder"
+        choose_relation_thresholds(model, dev, meta, decode_cfg, log, predicted if reuse else None)
         thresholds = model.relation_thresholds
     return SpanFitReport(before, after, n_train, n_too_long, n_too_wide, thresholds, losses)
 

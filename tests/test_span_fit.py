@@ -16,11 +16,12 @@ from model_fixtures import (
     write_user_dataset,
 )
 
+from anchoralign import relation_fit
 from anchoralign.config import DecodeConfig
-from anchoralign.decode import predict
+from anchoralign.decode import predict, predict_long
 from anchoralign.linearize import structure
 from anchoralign.model import AnchorAlignModel
-from anchoralign.relation_fit import FitConfig, fit_relation_head
+from anchoralign.relation_fit import FitConfig, choose_relation_thresholds, fit_relation_head
 from anchoralign.schema import Entity, Sample
 from anchoralign.span_fit import SpanFitConfig, fit_span_head
 
@@ -60,12 +61,23 @@ def test_fitting_learns_the_training_mentions_and_leaves_the_rest_frozen() -> No
     )
 
 
-def test_a_relation_head_has_its_thresholds_chosen_again_for_the_new_entities() -> None:
+def test_a_relation_head_has_its_thresholds_chosen_again_for_the_new_entities(monkeypatch) -> None:
     model = tiny_model()
     fit_relation_head(model, _training_data(), toy_samples(), TOY_META, FitConfig(epochs=2))
     model.relation_thresholds = (0.95, 0.05)  # not what a choice on dev gives: it must change
+    decodes = []
+
+    def counted(*args, **kwargs):
+        decodes.append(args[1])
+        return predict_long(*args, **kwargs)
+
+    monkeypatch.setattr(relation_fit, "predict_long", counted)
     report = fit_span_head(model, _training_data(), toy_samples(), TOY_META, SpanFitConfig(width=3, epochs=2))
     assert report.relation_thresholds == model.relation_thresholds != (0.95, 0.05)
+    assert len(decodes) == 2  # before and after: the choice reused the decode that measured the head
+    # ... and chose what a decode of its own chooses.
+    fresh = choose_relation_thresholds(model, toy_samples(), TOY_META)
+    assert (fresh.keep, fresh.add) == report.relation_thresholds
 
 
 def test_fit_span_head_command_writes_a_checkpoint_whose_entities_evaluate_reports(
