@@ -29,17 +29,6 @@ from anchoralign.files import atomic_write_text
 
 CONFIG_FILE = "train_config.yaml"
 
-# Keys that may change between a run and its resumption: they do not change what is computed.
-RESUMABLE_KEYS = frozenset(
-    {
-        "checkpoint.resume",
-        "checkpoint.keep_final",
-        "trainer.log_every",
-        "trainer.progress",
-        "decode.batch_size",
-    }
-)
-
 
 class Section(BaseModel):
     """A config section: unknown keys are refused, assignments validated."""
@@ -337,6 +326,27 @@ class TrainerConfig(Section):
     progress: bool = Field(True, description="show a progress bar")
 
 
+class HeadsFitConfig(Section):
+    """Heads fitted on the trained model's frozen encoder once the stage is over, as the commands
+    ``anchoralign fit-span-head`` then ``fit-relation-head`` do (``anchoralign.fitted_heads``):
+    minutes, where training takes hours. The result is a new checkpoint, ``output_dir/fitted``."""
+
+    span_head: bool = Field(
+        False,
+        description="fit a span head for the entities on the training split, measured on eval.split "
+        "(keeps every training sentence's encoder states in memory while it fits)",
+    )
+    relation_head: bool = Field(
+        False,
+        description="then fit a relation head over those entities, its vote thresholds chosen on eval.split",
+    )
+    source: Literal["best", "final"] = Field("best", description="the exported model the heads are fitted on")
+    span_width: int = Field(8, ge=1, description="longest mention the span head can find, in words")
+    relation_heads: int = Field(
+        1, ge=1, description="relation heads fitted side by side, their probabilities averaged"
+    )
+
+
 class TrainConfig(Section):
     """Everything both trainers share. Field descriptions are printed by ``--help``."""
 
@@ -383,6 +393,7 @@ class SFTConfig(TrainConfig):
 
     stage: ClassVar[str] = "sft"
     data: SFTDataConfig = Field(default_factory=SFTDataConfig)
+    fit: HeadsFitConfig = Field(default_factory=HeadsFitConfig)
 
 
 C = TypeVar("C", bound=TrainConfig)
@@ -406,6 +417,20 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically), with the stage it belongs to on top."""
     body = yaml.safe_dump(config_tree.dump(cfg), sort_keys=False, allow_unicode=True)
     atomic_write_text(path, f"# stage: {cfg.stage}\n{body}")
+
+
+# Keys that may change between a run and its resumption: they do not change what is trained (the
+# fit section acts on the exported model after training: a finished run can be given its heads).
+RESUMABLE_KEYS = frozenset(
+    {
+        "checkpoint.resume",
+        "checkpoint.keep_final",
+        "trainer.log_every",
+        "trainer.progress",
+        "decode.batch_size",
+        *(f"fit.{key}" for key in HeadsFitConfig.model_fields),
+    }
+)
 
 
 def config_differences(

@@ -190,15 +190,25 @@ def run_stage(cfg: TrainConfig, meta: DatasetMeta, plan: Plan, log: RunLog) -> P
     return trainer.fit()
 
 
-def stage_main(config_cls: type[TrainConfig], plan: Plan, argv: Sequence[str] | None, prog: str) -> int:
-    """The whole entry point of a stage: parse the config, plan its phases, train, report errors."""
+def stage_main(
+    config_cls: type[TrainConfig],
+    plan: Plan,
+    argv: Sequence[str] | None,
+    prog: str,
+    after: Callable[[Any, DatasetMeta, RunLog], None] | None = None,
+) -> int:
+    """The whole entry point of a stage: parse the config, plan its phases, train, run ``after``
+    (config, dataset, log) on the trained run, report errors."""
 
     def run() -> None:
         from anchoralign.datasets import get_meta
 
         cfg = parse_args(config_cls, argv, prog=prog)
         meta = get_meta(cfg.dataset, cfg.data_dir)
-        run_stage(cfg, meta, plan, RunLog(Path(cfg.output_dir)))
+        log = RunLog(Path(cfg.output_dir))
+        run_stage(cfg, meta, plan, log)
+        if after is not None:
+            after(cfg, meta, log)
 
     return main_guard(run)
 

@@ -11,6 +11,9 @@ Starts from a pretrained model (``init_from: <pretrain output_dir>/final``) or, 
 3. ``full-align`` - the whole training set with the alignment and suppression terms, switched
    on as in pretraining (after the configured epochs, or once the dev outputs are valid).
 
+Then, with the ``fit`` section, heads fitted on the frozen encoder of ``best/`` (a span head for the
+entities, a relation head over them), written as ``output_dir/fitted`` (``anchoralign.fitted_heads``).
+
 Launch: ``python sft/run.py --config sft/configs/conll04.yaml [--key=value ...]``, or under
 ``deepspeed`` / ``torchrun``; the same command resumes an interrupted run.
 """
@@ -24,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from anchoralign import distributed
 from anchoralign.config import SFTConfig
 from anchoralign.datasets import load_split
 from anchoralign.errors import UserError
@@ -81,8 +85,30 @@ def plan(cfg: SFTConfig, meta: DatasetMeta, log: RunLog) -> tuple[list[Phase], L
     return phases, load
 
 
+def fit_heads_on_run(cfg: SFTConfig, meta: DatasetMeta, log: RunLog) -> None:
+    """The ``fit`` section, on the trained run: by rank 0 alone, the other ranks are done."""
+    from anchoralign.fitted_heads import FITTED_DIR, fit_heads, planned_fits
+
+    fits = planned_fits(cfg.fit, cfg.seed)
+    if not fits or not distributed.is_main():
+        return
+    out = Path(cfg.output_dir)
+    source = out / cfg.fit.source
+    if not (source / "config.json").is_file():
+        raise UserError(f"fit.source={cfg.fit.source}: the run exported no {source} to fit heads on")
+    splits = (cfg.data.train_split, cfg.eval.split)
+    train, dev = (
+        take(load_split(cfg.dataset, split, cfg.data_dir, fold=cfg.fold), limit, split, log)
+        for split, limit in zip(splits, (cfg.data.limit_train, cfg.data.limit_eval), strict=True)
+    )
+    try:
+        fit_heads(source, out / FITTED_DIR, train, dev, meta, fits, cfg.decode, splits, log.info)
+    except ValueError as err:  # a training split with nothing to fit on
+        raise UserError(f"fit: {meta.name} {splits[0]}: {err}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    return stage_main(SFTConfig, plan, argv, prog="sft/run.py")
+    return stage_main(SFTConfig, plan, argv, prog="sft/run.py", after=fit_heads_on_run)
 
 
 if __name__ == "__main__":

@@ -114,10 +114,11 @@ def test_pretrain_then_sft_then_evaluate(tmp_path: Path, shared_data: Path) -> N
     assert (pre / "final" / "train_config.yaml").is_file()
 
     sft = tmp_path / "sft"
-    done = run_cli(
+    sft_command = [
         "sft/run.py", "--config", "sft/configs/conll04.yaml", *SMOKE, data,
         f"--init_from={pre / 'final'}", f"--output_dir={sft}", "--phases.switch=epochs",
-    )  # fmt: skip
+    ]  # fmt: skip
+    done = run_cli(*sft_command)
     assert done.returncode == 0, done.stderr[-4000:]
     log = (sft / "train.log").read_text(encoding="utf-8")
     simple = sum(len(s.relations) <= 1 for s in train)
@@ -135,6 +136,23 @@ def test_pretrain_then_sft_then_evaluate(tmp_path: Path, shared_data: Path) -> N
     last = rows(sft, "eval")[-1]
     for key in ("ner_f1", "rel_strict_f1", "rel_boundary_f1"):
         assert scores[key] == pytest.approx(last[key])
+
+    # The config's fit section: best/ with a span head and a relation head fitted on its encoder.
+    fitted = sft / "fitted"
+    assert f"wrote {fitted}: {sft / 'best'} with its fitted heads" in log
+    model = AnchorAlignModel.from_pretrained(fitted)
+    assert model.span_width == 8 and len(model.relation_head.heads) == 1
+    for report in ("span_head.json", "relation_head.json"):
+        record = json.loads((fitted / report).read_text(encoding="utf-8"))
+        assert record["checkpoint"] == str(sft / "best") and record["train_split"] == "train"
+        assert record["n_train"] <= N_TRAIN and record["fit"]["seed"] == 42
+    assert (fitted / "train_config.yaml").is_file()
+    # Started again, the finished run and its fitted heads are found and not paid for twice.
+    again = run_cli(*sft_command)
+    assert again.returncode == 0, again.stderr[-4000:]
+    log = (sft / "train.log").read_text(encoding="utf-8")
+    assert "this run already finished" in log and f"heads already fitted on {sft / 'best'}" in log
+    assert log.count("with its fitted heads") == 1
 
 
 def test_misspelled_key_fails_at_once_with_one_line() -> None:

@@ -10,7 +10,6 @@ checkpoint that has one (``--relation-head off`` to compare without it).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from anchoralign.commands.fitting import add_fit_command, console, load_for_fit, save_fitted
 from anchoralign.commands.predict import add_decoding_arguments, decode_config
@@ -21,7 +20,6 @@ DESCRIPTION = (
     "Train a classifier of entity pairs over the frozen encoder of a trained checkpoint on the training "
     "split, choose its two vote thresholds on the dev split, and write checkpoint and report to --output."
 )
-REPORT_FILE = "relation_head.json"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from anchoralign.fitted_heads import RELATION_REPORT, report_record
     from anchoralign.relation_fit import FitConfig, choose_relation_thresholds, fit_relation_head
 
     if args.heads < 1:
@@ -66,14 +65,15 @@ def run(args: argparse.Namespace) -> int:
             )
         except ValueError as err:
             raise UserError(f"{meta.name} {args.train_split}: {err}") from None
-    record = {
-        "dataset": meta.name,
-        "train_split": None if args.thresholds_only else args.train_split,
-        "dev_split": args.dev_split,
-        "fit": None if args.thresholds_only else dataclasses.asdict(cfg),
-        **dataclasses.asdict(report),
-    }
-    written = save_fitted(model, args, REPORT_FILE, record)
+    record = report_record(
+        args.checkpoint,
+        meta.name,
+        None if args.thresholds_only else args.train_split,
+        args.dev_split,
+        None if args.thresholds_only else cfg,
+        report,
+    )
+    written = save_fitted(model, args, RELATION_REPORT, record)
     if not args.json:
         out.print(
             f"wrote {written}: dev {report.metric} {report.dev_before:.2f} -> {report.dev_after:.2f} "

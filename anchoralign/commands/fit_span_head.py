@@ -11,7 +11,6 @@ the span head first and the relation head on its checkpoint is the order the REA
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from rich.markup import escape
 
@@ -24,7 +23,6 @@ DESCRIPTION = (
     "Train a classifier of word spans over the frozen encoder of a trained checkpoint on the training "
     "split, measure the entities on the dev split, and write checkpoint and report to --output."
 )
-REPORT_FILE = "span_head.json"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -48,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from anchoralign.fitted_heads import SPAN_REPORT, report_record
     from anchoralign.span_fit import SpanFitConfig, fit_span_head
 
     if args.width < 1:
@@ -62,14 +61,8 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise UserError(f"{meta.name} {args.train_split}: {err}") from None
-    record = {
-        "dataset": meta.name,
-        "train_split": args.train_split,
-        "dev_split": args.dev_split,
-        "fit": dataclasses.asdict(cfg),
-        **dataclasses.asdict(report),
-    }
-    written = save_fitted(model, args, REPORT_FILE, record)
+    record = report_record(args.checkpoint, meta.name, args.train_split, args.dev_split, cfg, report)
+    written = save_fitted(model, args, SPAN_REPORT, record)
     if not args.json:
         out.print(
             f"wrote {written}: dev ner_f1 {report.dev_before:.2f} -> {report.dev_after:.2f}", highlight=False

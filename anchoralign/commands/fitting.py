@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,6 @@ from anchoralign.commands.arguments import add_command
 from anchoralign.commands.evaluate import check_labels
 from anchoralign.commands.predict import load_checkpoint
 from anchoralign.errors import UserError
-
-TRAIN_CONFIG_FILE = "train_config.yaml"
 
 
 def add_fit_command(
@@ -80,14 +77,10 @@ def load_for_fit(args: argparse.Namespace, splits: list[str]) -> tuple[Any, dict
 
 def save_fitted(model: Any, args: argparse.Namespace, report_file: str, record: dict[str, Any]) -> Path:
     """Write the fitted checkpoint to ``--output`` with the source's training config and the
-    report (``record`` after the source checkpoint's path)."""
-    out = Path(args.output)
-    model.save_pretrained(out)
-    source = Path(args.checkpoint) / TRAIN_CONFIG_FILE
-    if source.is_file():
-        shutil.copyfile(source, out / TRAIN_CONFIG_FILE)
-    record = {"checkpoint": str(args.checkpoint), **record}
-    (out / report_file).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    report ``record`` (``fitted_heads.report_record``)."""
+    from anchoralign.fitted_heads import write_fitted
+
+    out = write_fitted(model, Path(args.output), Path(args.checkpoint), {report_file: record})
     if args.json:
         print(json.dumps(record))
     return out

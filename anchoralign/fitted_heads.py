@@ -1,0 +1,135 @@
+"""Fitted heads as a checkpoint: what `fit-span-head`, `fit-relation-head` and a stage's ``fit``
+section (``sft/run.py``, :class:`anchoralign.config.HeadsFitConfig`) share.
+
+A fit reads a trained checkpoint, adds a head fitted on its frozen encoder (``span_fit``,
+``relation_fit``) and writes the result as a new checkpoint directory with one JSON report per
+head beside the weights: the source checkpoint, the splits, the fit's settings and its figures.
+The directory is written under a temporary name and renamed, so a fit killed midway leaves no
+half checkpoint that looks like a result.
+
+After a stage, the span head is fitted first and the relation head over its entities, the order
+the measured recipe uses (BENCHMARKS.md, "Five seeds of the recipe"). A stage started again finds
+the heads already fitted, with the same settings on the same checkpoint, and does not pay twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from anchoralign.config import DecodeConfig, HeadsFitConfig
+from anchoralign.model import TRAIN_CONFIG_FILE, AnchorAlignModel
+from anchoralign.relation_fit import FitConfig, fit_relation_head
+from anchoralign.schema import DatasetMeta, Sample
+from anchoralign.span_fit import SpanFitConfig, fit_span_head
+
+SPAN_REPORT = "span_head.json"
+RELATION_REPORT = "relation_head.json"
+FITTED_DIR = "fitted"  # under a stage's output_dir, beside best/ and final/
+
+
+def report_record(
+    source: str | Path, dataset: str, train_split: str | None, dev_split: str, fit: Any, report: Any
+) -> dict[str, Any]:
+    """The JSON report of one fit: where it started, on what, with which settings (a dataclass, or
+    None for a choice of thresholds alone), then the fit's own report (a dataclass)."""
+    return {
+        "checkpoint": str(source),
+        "dataset": dataset,
+        "train_split": train_split,
+        "dev_split": dev_split,
+        "fit": None if fit is None else dataclasses.asdict(fit),
+        **dataclasses.asdict(report),
+    }
+
+
+def write_fitted(
+    model: AnchorAlignModel, out: Path, source: Path, reports: Mapping[str, dict[str, Any]]
+) -> Path:
+    """Write ``model`` to ``out`` (replacing it) with the source checkpoint's training config and the
+    ``reports`` (file name -> record), atomically."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if (source / TRAIN_CONFIG_FILE).is_file():
+        shutil.copyfile(source / TRAIN_CONFIG_FILE, tmp / TRAIN_CONFIG_FILE)
+    for name, record in reports.items():
+        (tmp / name).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def planned_fits(cfg: HeadsFitConfig, seed: int) -> dict[str, Any]:
+    """The fits ``cfg`` asks for, in the order they run: report file -> the fit's settings."""
+    fits: dict[str, Any] = {}
+    if cfg.span_head:
+        fits[SPAN_REPORT] = SpanFitConfig(width=cfg.span_width, seed=seed)
+    if cfg.relation_head:
+        fits[RELATION_REPORT] = FitConfig(seed=seed, heads=cfg.relation_heads)
+    return fits
+
+
+def already_fitted(out: Path, source: Path, fits: Mapping[str, Any]) -> bool:
+    """Whether ``out`` holds exactly these fits, made on ``source``."""
+    if not (out / "config.json").is_file():
+        return False
+    for name, fit in fits.items():
+        path = out / name
+        if not path.is_file():
+            return False
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record.get("checkpoint") != str(source) or record.get("fit") != dataclasses.asdict(fit):
+            return False
+    return {p.name for p in out.glob("*_head.json")} == set(fits)
+
+
+def fit_heads(
+    source: Path,
+    out: Path,
+    train: Sequence[Sample],
+    dev: Sequence[Sample],
+    meta: DatasetMeta,
+    fits: Mapping[str, Any],
+    decode_cfg: DecodeConfig,
+    splits: tuple[str, str],
+    log: Callable[[str], None],
+    device: str = "auto",
+) -> Path:
+    """Fit the heads of ``fits`` (``planned_fits``) on the checkpoint ``source``, span head first,
+    and write the result to ``out`` (``splits``: the names of ``train`` and ``dev``, for the
+    reports); nothing is done when ``out`` already holds them."""
+    from anchoralign.api import resolve_device
+
+    if already_fitted(out, source, fits):
+        log(f"heads already fitted on {source}: {out}")
+        return out
+    model = AnchorAlignModel.from_pretrained(source, map_location=resolve_device(device, "device"))
+    reports = {}
+    for name, fit in fits.items():
+        what, then = (
+            ("span head", "measured") if name == SPAN_REPORT else ("relation head", "thresholds chosen")
+        )
+        log(f"fitting a {what} on the frozen encoder of {source} on {splits[0]}, {then} on {splits[1]}")
+
+        def fit_log(message: str, what: str = what) -> None:  # the fit's lines apart from training's
+            log(f"{what}: {message}")
+
+        if name == SPAN_REPORT:
+            report = fit_span_head(model, train, dev, meta, fit, decode_cfg, fit_log)
+            if report.dev_after < report.dev_before:
+                log(
+                    f"the span head's {splits[1]} entities are worse than the checkpoint's own "
+                    f"({report.dev_after:.2f} < {report.dev_before:.2f}): evaluate {out} with "
+                    "--ner-source decoder to report the NER decoder's"
+                )
+        else:
+            report = fit_relation_head(model, train, dev, meta, fit, decode_cfg, fit_log)
+        reports[name] = report_record(source, meta.name, *splits, fit, report)
+    written = write_fitted(model, out, source, reports)
+    log(f"wrote {written}: {source} with its fitted heads")
+    return written
