@@ -33,18 +33,31 @@ FITTED_DIR = "fitted"  # under a stage's output_dir, beside best/ and final/
 
 
 def report_record(
-    source: str | Path, dataset: str, train_split: str | None, dev_split: str, fit: Any, report: Any
+    source: str | Path,
+    dataset: str,
+    train_split: str | None,
+    dev_split: str,
+    fit: Any,
+    decode_cfg: DecodeConfig,
+    report: Any,
 ) -> dict[str, Any]:
     """The JSON report of one fit: where it started, on what, with which settings (a dataclass, or
-    None for a choice of thresholds alone), then the fit's own report (a dataclass)."""
+    None for a choice of thresholds alone) and decoding flags (the dev decode the fit measured and
+    chose its thresholds on), then the fit's own report (a dataclass)."""
     return {
         "checkpoint": str(source),
         "dataset": dataset,
         "train_split": train_split,
         "dev_split": dev_split,
         "fit": None if fit is None else dataclasses.asdict(fit),
+        "decode": decoding(decode_cfg),
         **dataclasses.asdict(report),
     }
+
+
+def decoding(decode_cfg: DecodeConfig) -> dict[str, Any]:
+    """The decoding flags that change what a dev decode gives (all but the batch size)."""
+    return decode_cfg.model_dump(exclude={"batch_size"})
 
 
 def write_fitted(
@@ -74,8 +87,8 @@ def planned_fits(cfg: HeadsFitConfig, seed: int) -> dict[str, Any]:
     return fits
 
 
-def already_fitted(out: Path, source: Path, fits: Mapping[str, Any]) -> bool:
-    """Whether ``out`` holds exactly these fits, made on ``source``."""
+def already_fitted(out: Path, source: Path, fits: Mapping[str, Any], decode_cfg: DecodeConfig) -> bool:
+    """Whether ``out`` holds exactly these fits, made on ``source`` with these decoding flags."""
     if not (out / "config.json").is_file():
         return False
     for name, fit in fits.items():
@@ -83,7 +96,8 @@ def already_fitted(out: Path, source: Path, fits: Mapping[str, Any]) -> bool:
         if not path.is_file():
             return False
         record = json.loads(path.read_text(encoding="utf-8"))
-        if record.get("checkpoint") != str(source) or record.get("fit") != dataclasses.asdict(fit):
+        made = (record.get("checkpoint"), record.get("fit"), record.get("decode"))
+        if made != (str(source), dataclasses.asdict(fit), decoding(decode_cfg)):
             return False
     return {p.name for p in out.glob("*_head.json")} == set(fits)
 
@@ -105,7 +119,7 @@ def fit_heads(
     reports); nothing is done when ``out`` already holds them."""
     from anchoralign.api import resolve_device
 
-    if already_fitted(out, source, fits):
+    if already_fitted(out, source, fits, decode_cfg):
         log(f"heads already fitted on {source}: {out}")
         return out
     model = AnchorAlignModel.from_pretrained(source, map_location=resolve_device(device, "device"))
@@ -129,7 +143,7 @@ def fit_heads(
                 )
         else:
             report = fit_relation_head(model, train, dev, meta, fit, decode_cfg, fit_log)
-        reports[name] = report_record(source, meta.name, *splits, fit, report)
+        reports[name] = report_record(source, meta.name, *splits, fit, decode_cfg, report)
     written = write_fitted(model, out, source, reports)
     log(f"wrote {written}: {source} with its fitted heads")
     return written

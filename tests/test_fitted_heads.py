@@ -58,7 +58,7 @@ def test_both_heads_are_fitted_reported_and_not_fitted_twice(tmp_path: Path, mon
     )
     assert (out / "train_config.yaml").read_text(encoding="utf-8").endswith("seed: 3\n")
     assert not (tmp_path / "fitted.tmp").exists()
-    assert already_fitted(out, source, fits)
+    assert already_fitted(out, source, fits, DECODE)
 
     # Found again: the checkpoint is not even read.
     def refuse(*args, **kwargs):
@@ -71,8 +71,10 @@ def test_both_heads_are_fitted_reported_and_not_fitted_twice(tmp_path: Path, mon
 
     # Other settings, or fewer heads, are a new fit that replaces the folder.
     span_only = {SPAN_REPORT: fits[SPAN_REPORT]}
-    assert not already_fitted(out, source, span_only)
-    assert not already_fitted(out, tmp_path / "final", fits)
+    assert not already_fitted(out, source, span_only, DECODE)
+    assert not already_fitted(out, tmp_path / "final", fits, DECODE)
+    assert not already_fitted(out, source, fits, DECODE.model_copy(update={"beam": 2}))
+    assert already_fitted(out, source, fits, DECODE.model_copy(update={"batch_size": 4}))
     _fit(source, out, span_only, lines)
     assert (
         not (out / RELATION_REPORT).exists() and AnchorAlignModel.from_pretrained(out).relation_head is None
@@ -92,6 +94,6 @@ def test_a_fit_killed_before_its_rename_leaves_no_checkpoint(tmp_path: Path, mon
         patch.setattr(Path, "rename", killed)
         with pytest.raises(KeyboardInterrupt):
             _fit(source, out, fits, [])
-    assert not out.exists() and not already_fitted(out, source, fits)
+    assert not out.exists() and not already_fitted(out, source, fits, DECODE)
     _fit(source, out, fits, [])  # the next start fits again, over the half-written one
-    assert already_fitted(out, source, fits) and not (tmp_path / "fitted.tmp").exists()
+    assert already_fitted(out, source, fits, DECODE) and not (tmp_path / "fitted.tmp").exists()

@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         None if args.thresholds_only else args.train_split,
         args.dev_split,
         None if args.thresholds_only else cfg,
+        decode_config(args),
         report,
     )
     written = save_fitted(model, args, RELATION_REPORT, record)

@@ -61,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise UserError(f"{meta.name} {args.train_split}: {err}") from None
-    record = report_record(args.checkpoint, meta.name, args.train_split, args.dev_split, cfg, report)
+    record = report_record(
+        args.checkpoint, meta.name, args.train_split, args.dev_split, cfg, decode_config(args), report
+    )
     written = save_fitted(model, args, SPAN_REPORT, record)
     if not args.json:
         out.print(
