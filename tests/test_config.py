@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from anchoralign import config_tree
 from anchoralign.config import (
     CONFIG_FILE,
     OptimConfig,
@@ -195,6 +196,23 @@ def test_config_differences_ignore_what_a_resume_may_change(yaml_file: Path) -> 
     assert config_differences(a, b) == []
     c = load_config(PretrainConfig, yaml_file, ["--optim.lr=1e-3", "--phases.epochs=[1,1,1]"])
     assert config_differences(a, c) == ["optim.lr: 3e-05 -> 0.001", "phases.epochs: [2, 1, 3] -> [1, 1, 1]"]
+
+
+def test_heads_can_be_asked_of_a_finished_run() -> None:
+    """The fit section acts after training: a run trained without it (its saved config has no fit
+    section at all) resumes, finds itself finished and fits, with any fit settings."""
+    cfg = load_config(SFTConfig, REPO / "sft/configs/conll04.yaml")
+    saved = config_tree.dump(cfg)
+    del saved["fit"]  # a config saved before the section existed
+    old = SFTConfig.model_validate(saved)
+    assert not old.fit.span_head and cfg.fit.span_head and cfg.fit.relation_head
+    new = load_config(
+        SFTConfig, REPO / "sft/configs/conll04.yaml", ["--fit.source=final", "--fit.span_width=5"]
+    )
+    assert config_differences(old, new) == []
+    assert config_differences(
+        old, load_config(SFTConfig, REPO / "sft/configs/conll04.yaml", ["--seed=1"])
+    ) == ["seed: 42 -> 1"]
 
 
 # --- shipped configs --------------------------------------------------------------------------
