@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from anchoralign.config import DecodeConfig, HeadsFitConfig
-from anchoralign.model import TRAIN_CONFIG_FILE, AnchorAlignModel
+from anchoralign.model import EXPORTED_DIRS, TRAIN_CONFIG_FILE, AnchorAlignModel
 from anchoralign.relation_fit import FitConfig, fit_relation_head
 from anchoralign.schema import DatasetMeta, Sample
 from anchoralign.span_fit import SpanFitConfig, fit_span_head
 
 SPAN_REPORT = "span_head.json"
 RELATION_REPORT = "relation_head.json"
-FITTED_DIR = "fitted"  # under a stage's output_dir, beside best/ and final/
+FITTED_DIR = EXPORTED_DIRS[0]  # under a stage's output_dir, beside best/ and final/
 
 
 def report_record(

@@ -68,6 +68,9 @@ DECODER_INPUTS = ("token", "pointer")
 SEP_TOKEN = "<sep>"
 CONFIG_FILE, LABELS_FILE, WEIGHTS_FILE = "config.json", "labels.json", "model.safetensors"
 TOKENIZER_DIR, TRAIN_CONFIG_FILE = "tokenizer", "train_config.yaml"
+# The models a training run exports, the one a user most likely wants first: best/ with the heads
+# fitted after training (SFT's fit section, anchoralign.fitted_heads), best/, final/.
+EXPORTED_DIRS = ("fitted", "best", "final")
 
 
 def entity_token(label: str) -> str:
@@ -442,8 +445,8 @@ class AnchorAlignModel(nn.Module):
 
 
 def _checkpoint_hint(root: Path) -> str:
-    """What to give instead: a training run folder holds its exported models in best/ and final/."""
-    exported = [root / name for name in ("best", "final") if (root / name / CONFIG_FILE).is_file()]
+    """What to give instead: a training run folder holds its exported models in fitted/, best/ and final/."""
+    exported = [root / name for name in EXPORTED_DIRS if (root / name / CONFIG_FILE).is_file()]
     if exported:
         return "this is a training run folder: give its " + " or ".join(str(p) for p in exported)
     return "give a folder written by save_pretrained, such as a training run's best/ or final/"

@@ -12,6 +12,7 @@ from model_fixtures import TOY_META, one_cpu_thread, tiny_model, toy_samples  # 
 
 from anchoralign import fitted_heads
 from anchoralign.config import DecodeConfig, HeadsFitConfig
+from anchoralign.errors import UserError
 from anchoralign.fitted_heads import RELATION_REPORT, SPAN_REPORT, already_fitted, fit_heads, planned_fits
 from anchoralign.model import AnchorAlignModel
 
@@ -97,3 +98,13 @@ def test_a_fit_killed_before_its_rename_leaves_no_checkpoint(tmp_path: Path, mon
     assert not out.exists() and not already_fitted(out, source, fits, DECODE)
     _fit(source, out, fits, [])  # the next start fits again, over the half-written one
     assert already_fitted(out, source, fits, DECODE) and not (tmp_path / "fitted.tmp").exists()
+
+
+def test_a_run_folder_given_as_a_checkpoint_names_its_fitted_model_first(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    for name in ("best", "fitted"):
+        tiny_model().save_pretrained(run / name)
+    with pytest.raises(
+        UserError, match=f"this is a training run folder: give its {run / 'fitted'} or {run / 'best'}"
+    ):
+        AnchorAlignModel.from_pretrained(run)

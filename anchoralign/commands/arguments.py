@@ -9,7 +9,11 @@ from typing import Any
 
 # The options more than one command takes; a command may word a help text its own way.
 SHARED: dict[str, dict[str, Any]] = {
-    "checkpoint": {"required": True, "metavar": "DIR", "help": "model directory (a run's best/ or final/)"},
+    "checkpoint": {
+        "required": True,
+        "metavar": "DIR",
+        "help": "model directory (a run's fitted/, best/ or final/)",
+    },
     "dataset": {"required": True, "metavar": "NAME", "help": "a built-in dataset or the path of your data"},
     "data-dir": {"metavar": "DIR", "help": "data directory (default: $ANCHORALIGN_DATA, else ./data)"},
     "fold": {"type": int, "metavar": "K", "help": "cross-validation fold (ADE)"},
