@@ -127,7 +127,7 @@ class Extractor:
     def from_pretrained(
         cls, path: str | Path, device: Any = None, decode: DecodeConfig | None = None
     ) -> Extractor:
-        """Load a checkpoint directory (``save_pretrained``; a training run's ``best/`` or ``final/``).
+        """Load a checkpoint directory (``save_pretrained``; a training run's ``fitted/``, ``best/`` or ``final/``).
 
         ``device``: a torch device or its name; None takes cuda when available, else cpu.
         """
