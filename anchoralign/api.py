@@ -1,7 +1,7 @@
 """The Python API: raw text in, entities with character offsets and the relations between them out.
 
     from anchoralign import Extractor
-    extractor = Extractor.from_pretrained("runs/conll04/sft/best")
+    extractor = Extractor.from_pretrained("runs/conll04/sft/fitted")
     result = extractor.extract("Steve Jobs founded Apple in Cupertino.")
 
 Each text is tokenised with ``anchoralign.tokenize`` in the checkpoint's language (the word list
@@ -127,7 +127,8 @@ class Extractor:
     def from_pretrained(
         cls, path: str | Path, device: Any = None, decode: DecodeConfig | None = None
     ) -> Extractor:
-        """Load a checkpoint directory (``save_pretrained``; a training run's ``fitted/``, ``best/`` or ``final/``).
+        """Load a checkpoint directory (``save_pretrained``; a training run's ``fitted/``, ``best/``
+        or ``final/``).
 
         ``device``: a torch device or its name; None takes cuda when available, else cpu.
         """
