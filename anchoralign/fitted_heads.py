@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from anchoralign.config import DecodeConfig, HeadsFitConfig
-from anchoralign.model import EXPORTED_DIRS, TRAIN_CONFIG_FILE, AnchorAlignModel
+from anchoralign.model import CONFIG_FILE, EXPORTED_DIRS, TRAIN_CONFIG_FILE, AnchorAlignModel
 from anchoralign.relation_fit import FitConfig, fit_relation_head
 from anchoralign.schema import DatasetMeta, Sample
 from anchoralign.span_fit import SpanFitConfig, fit_span_head
@@ -89,7 +89,7 @@ def planned_fits(cfg: HeadsFitConfig, seed: int) -> dict[str, Any]:
 
 def already_fitted(out: Path, source: Path, fits: Mapping[str, Any], decode_cfg: DecodeConfig) -> bool:
     """Whether ``out`` holds exactly these fits, made on ``source`` with these decoding flags."""
-    if not (out / "config.json").is_file():
+    if not (out / CONFIG_FILE).is_file():
         return False
     for name, fit in fits.items():
         path = out / name

@@ -88,13 +88,14 @@ def plan(cfg: SFTConfig, meta: DatasetMeta, log: RunLog) -> tuple[list[Phase], L
 def fit_heads_on_run(cfg: SFTConfig, meta: DatasetMeta, log: RunLog) -> None:
     """The ``fit`` section, on the trained run: by rank 0 alone, the other ranks are done."""
     from anchoralign.fitted_heads import FITTED_DIR, fit_heads, planned_fits
+    from anchoralign.model import CONFIG_FILE
 
     fits = planned_fits(cfg.fit, cfg.seed)
     if not fits or not distributed.is_main():
         return
     out = Path(cfg.output_dir)
     source = out / cfg.fit.source
-    if not (source / "config.json").is_file():
+    if not (source / CONFIG_FILE).is_file():
         raise UserError(f"fit.source={cfg.fit.source}: the run exported no {source} to fit heads on")
     splits = (cfg.data.train_split, cfg.eval.split)
     train, dev = (
