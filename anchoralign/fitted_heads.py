@@ -77,6 +77,18 @@ def write_fitted(
     return out
 
 
+def worse_span_head(report: Any, dev_split: str, fitted: str | Path) -> str | None:
+    """The warning for a fitted span head (``span_fit.SpanFitReport``) whose dev entities are worse
+    than the checkpoint's own; None when they are not."""
+    if report.dev_after >= report.dev_before:
+        return None
+    return (
+        f"the span head's {dev_split} entities are worse than the checkpoint's own "
+        f"({report.dev_after:.2f} < {report.dev_before:.2f}): evaluate {fitted} with "
+        "--ner-source decoder to report the NER decoder's"
+    )
+
+
 def planned_fits(cfg: HeadsFitConfig, seed: int) -> dict[str, Any]:
     """The fits ``cfg`` asks for, in the order they run: report file -> the fit's settings."""
     fits: dict[str, Any] = {}
@@ -135,12 +147,9 @@ def fit_heads(
 
         if name == SPAN_REPORT:
             report = fit_span_head(model, train, dev, meta, fit, decode_cfg, fit_log)
-            if report.dev_after < report.dev_before:
-                log(
-                    f"the span head's {splits[1]} entities are worse than the checkpoint's own "
-                    f"({report.dev_after:.2f} < {report.dev_before:.2f}): evaluate {out} with "
-                    "--ner-source decoder to report the NER decoder's"
-                )
+            warning = worse_span_head(report, splits[1], out)
+            if warning:
+                log(warning)
         else:
             report = fit_relation_head(model, train, dev, meta, fit, decode_cfg, fit_log)
         reports[name] = report_record(source, meta.name, *splits, fit, decode_cfg, report)

@@ -52,17 +52,16 @@ def run(args: argparse.Namespace) -> int:
     meta, data, model = load_for_fit(args, splits)
     dev = data[args.dev_split]
     cfg = FitConfig(epochs=args.epochs, lr=args.lr, seed=args.seed, heads=args.heads)
+    decode = decode_config(args)
     out, log = console()
 
     if args.thresholds_only:
         if model.relation_head is None:
             raise UserError(f"--thresholds-only: {args.checkpoint} has no relation head; fit one without it")
-        report = choose_relation_thresholds(model, dev, meta, decode_config(args), log)
+        report = choose_relation_thresholds(model, dev, meta, decode, log)
     else:
         try:
-            report = fit_relation_head(
-                model, data[args.train_split], dev, meta, cfg, decode_config(args), log
-            )
+            report = fit_relation_head(model, data[args.train_split], dev, meta, cfg, decode, log)
         except ValueError as err:
             raise UserError(f"{meta.name} {args.train_split}: {err}") from None
     record = report_record(
@@ -71,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         None if args.thresholds_only else args.train_split,
         args.dev_split,
         None if args.thresholds_only else cfg,
-        decode_config(args),
+        decode,
         report,
     )
     written = save_fitted(model, args, RELATION_REPORT, record)

@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from anchoralign.fitted_heads import SPAN_REPORT, report_record
+    from anchoralign.fitted_heads import SPAN_REPORT, report_record, worse_span_head
     from anchoralign.span_fit import SpanFitConfig, fit_span_head
 
     if args.width < 1:
@@ -55,24 +55,18 @@ def run(args: argparse.Namespace) -> int:
     cfg = SpanFitConfig(width=args.width, pooled=args.pooled, epochs=args.epochs, lr=args.lr, seed=args.seed)
     out, log = console()
 
+    decode = decode_config(args)
     try:
-        report = fit_span_head(
-            model, data[args.train_split], data[args.dev_split], meta, cfg, decode_config(args), log
-        )
+        report = fit_span_head(model, data[args.train_split], data[args.dev_split], meta, cfg, decode, log)
     except ValueError as err:
         raise UserError(f"{meta.name} {args.train_split}: {err}") from None
-    record = report_record(
-        args.checkpoint, meta.name, args.train_split, args.dev_split, cfg, decode_config(args), report
-    )
+    record = report_record(args.checkpoint, meta.name, args.train_split, args.dev_split, cfg, decode, report)
     written = save_fitted(model, args, SPAN_REPORT, record)
     if not args.json:
         out.print(
             f"wrote {written}: dev ner_f1 {report.dev_before:.2f} -> {report.dev_after:.2f}", highlight=False
         )
-    if report.dev_after < report.dev_before:
-        out.print(
-            f"[yellow]the span head's dev entities are worse than the checkpoint's own "
-            f"({report.dev_after:.2f} < {report.dev_before:.2f}): evaluate {escape(str(written))} with "
-            "--ner-source decoder to report the NER decoder's[/yellow]"
-        )
+    warning = worse_span_head(report, args.dev_split, written)
+    if warning:
+        out.print(f"[yellow]{escape(warning)}[/yellow]")
     return 0
