@@ -85,11 +85,8 @@ SFT_CONFIG = "sft/configs/conll04.yaml"
 
 # What both kinds of training run share: the packaged MiniLM encoder with prefix decoders that read
 # the representation of each word they wrote, mixed precision on the CPU, batches of 16 bucketed by
-# length, the full dev set scored after every epoch. The heads the shipped config fits after
-# training are the protocol's own steps here (span, head), each reported as a result of its own.
+# length, the full dev set scored after every epoch.
 COMMON = [
-    "--fit.span_head=false",
-    "--fit.relation_head=false",
     "--model.backbone=minilm",
     "--model.decoder-input=pointer",
     "--optim.micro_batch_size=16",
@@ -100,6 +97,9 @@ COMMON = [
     "--eval.loss_splits=[]",
     "--trainer.progress=false",
 ]
+# The heads the shipped SFT config fits after training are the protocol's own steps here (span,
+# head), each reported as a result of its own; stage 1 has no such section.
+NO_FIT = ["--fit.span_head=false", "--fit.relation_head=false"]
 # 1. Cross-entropy until convergence: 2 curriculum epochs, then 28 on the whole training set, on
 # that schedule, but stopped after epoch CE_STOP_AFTER_EPOCH (the learning rate is then still at
 # a fifth of its peak: the schedule is not shortened).
@@ -358,6 +358,7 @@ def train(args: argparse.Namespace, setting: str, seed: int) -> None:
         SFT_CONFIG,
         f"--data-dir={args.data_dir}",
         *COMMON,
+        *NO_FIT,
         *stage,
     ]
     cmd = [*cmd, *extra, f"--seed={seed}", f"--output-dir={out}"]

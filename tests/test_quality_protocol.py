@@ -367,3 +367,23 @@ def test_errors_sort_each_gold_relation_by_why_it_was_missed(shared_data, tmp_pa
     assert f"| test | 1 | {n_gold} | 0 | 0 | 0 | 0 | 0 |" in shown.stdout
     missing = _protocol(shared_data, tmp_path, "--errors", "nothing")
     assert missing.returncode != 0 and "no finished results" in missing.stderr
+
+
+def test_every_training_command_parses_against_its_stage_config(shared_data, tmp_path):
+    """The dry-run commands of a whole seed are valid configs of the scripts they launch (a flag
+    one stage does not have, such as SFT's ``fit`` section given to pretraining, fails here)."""
+    from anchoralign.config import PretrainConfig, SFTConfig
+    from anchoralign.stages import parse_args
+
+    flags = ["--seeds", "1", "--settings", "full,no_alignment", "--steps", "pretrain,ce,align"]
+    flags += ["--dry-run", "--pretrain", f"x={tmp_path / 'corpus'}", "--model", "joint"]
+    done = _protocol(shared_data, tmp_path / "out", *flags, "--runs", str(tmp_path / "runs"))
+    assert done.returncode == 0, done.stderr
+    configs = {"pretrain/run.py": PretrainConfig, "sft/run.py": SFTConfig}
+    launched = []
+    for line in done.stdout.strip().splitlines():
+        _, _, script, *argv = line.split(" #")[0].split()  # "+ PYTHON SCRIPT FLAGS... [# comment]"
+        argv[argv.index("--config") + 1] = str(REPO / argv[argv.index("--config") + 1])
+        cfg = parse_args(configs[script], argv, prog=script)
+        launched.append((script, cfg.seed))
+    assert launched == [("pretrain/run.py", 1)] + [("sft/run.py", 1)] * 3
