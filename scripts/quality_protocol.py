@@ -38,6 +38,9 @@ Per seed:
    (a span classifier for the entities over the frozen encoder), evaluated as ``span_fit`` (of
    ``full``) or ``<setting>_span_fit``; with ``head`` too, the relation head is fitted on that
    checkpoint, over its entities: ``[<setting>_]span_fit_relation_head``.
+6. ``ce_heads`` (asked for in ``--steps``): both fits on stage 1's ``best/`` instead, span head then
+   relation head, evaluated as ``ce_only_span_fit_relation_head``: what stage 2 adds once the heads
+   are fitted.
 
 Every step is a command of the product (printed before it runs) and is skipped when its output
 exists, so the protocol can be stopped and started again; training steps resume from their
@@ -187,6 +190,8 @@ MODELS = {
 HEAD = "relation_head"
 # The span step's results (--steps span): a span head fitted on the setting's best/ for the entities.
 SPAN_FIT = "span_fit"
+# What --steps may name, in the order a seed runs them.
+STEPS = ("pretrain", "ce", "ce_heads", "align", "eval", "span", "head")
 # Decoding ablations: evaluate flags on the checkpoints of a training setting.
 DECODING = {
     "no_constraint": ("full", ["--anchor", "off"]),
@@ -387,6 +392,16 @@ def fit_span(args: argparse.Namespace, setting: str, seed: int) -> None:
         run_dir(args, fitted_setting(setting, SPAN_FIT), seed) / "best",
         [],
     )
+
+
+def fit_ce_heads(args: argparse.Namespace, seed: int) -> None:
+    """Both fits on stage 1's ``best/``, the span head's checkpoint named as ``ce_only``'s span fit;
+    only the result with both heads is evaluated."""
+    span = fitted_setting("ce_only", SPAN_FIT)
+    fit(args, "fit-span-head", "ce", seed, run_dir(args, span, seed) / "best", [])
+    fit_head(args, span, seed, trained_head=False)
+    head = head_setting(span, args.heads)
+    evaluate(args, head, head, seed, [])
 
 
 def fit(args: argparse.Namespace, command: str, setting: str, seed: int, out: Path, extra: list[str]) -> None:
@@ -732,7 +747,9 @@ def main() -> None:
         f"on their checkpoints ({', '.join(DECODING)}; without pretraining they follow their setting)",
     )
     p.add_argument(
-        "--steps", default="ce,align,eval", help="pretrain, ce, align, eval, span, head (comma-separated)"
+        "--steps",
+        default="ce,align,eval",
+        help=f"{', '.join(STEPS)} (comma-separated)",
     )
     p.add_argument(
         "--pretrain",
@@ -839,11 +856,15 @@ def main() -> None:
     if unknown:
         p.error(f"--settings: unknown {', '.join(unknown)} (known: {', '.join([*TRAINED, *DECODING])})")
     steps = set(args.steps.split(","))
+    if steps - set(STEPS):
+        p.error(f"--steps: unknown {', '.join(sorted(steps - set(STEPS)))} (known: {', '.join(STEPS)})")
     for seed in seeds:
         if "pretrain" in steps and args.pretrained:
             pretrain(args, seed)
         if "ce" in steps:
             train(args, "ce", seed)
+        if "ce_heads" in steps:
+            fit_ce_heads(args, seed)
         for setting in settings:
             if setting in DECODING:  # asked for by name: evaluated below
                 continue

@@ -387,3 +387,26 @@ def test_every_training_command_parses_against_its_stage_config(shared_data, tmp
         cfg = parse_args(configs[script], argv, prog=script)
         launched.append((script, cfg.seed))
     assert launched == [("pretrain/run.py", 1)] + [("sft/run.py", 1)] * 3
+
+
+def test_the_ce_heads_step_fits_both_heads_on_stage_1(shared_data, tmp_path):
+    runs = tmp_path / "runs"
+    flags = ["--seeds", "8", "--steps", "ce_heads", "--dry-run", "--model", "joint", "--runs", str(runs)]
+    done = _protocol(shared_data, tmp_path / "out", *flags)
+    assert done.returncode == 0, done.stderr
+    span, head, test, dev = done.stdout.strip().splitlines()
+    assert "fit-span-head" in span and f"--checkpoint {runs}/with_joint/ce/seed8/best" in span
+    assert span.endswith(f"--output {runs}/with_joint/ce_only_span_fit/seed8/best")
+    assert (
+        "fit-relation-head" in head and f"--checkpoint {runs}/with_joint/ce_only_span_fit/seed8/best" in head
+    )
+    assert f"--output {runs}/with_joint/ce_only_span_fit_relation_head/seed8/best" in head
+    assert f"--checkpoint {runs}/with_joint/ce_only_span_fit_relation_head/seed8/best" in test
+    assert test.endswith("/with_joint_ce_only_span_fit_relation_head/seed8/predictions.jsonl")
+    assert dev.endswith("/with_joint_ce_only_span_fit_relation_head/seed8/dev/predictions.jsonl")
+
+
+def test_an_unknown_step_is_refused_before_anything_runs(shared_data, tmp_path):
+    done = _protocol(shared_data, tmp_path / "out", "--steps", "ce,heads", "--dry-run")
+    assert done.returncode == 2 and "--steps: unknown heads" in done.stderr
+    assert done.stdout == ""
