@@ -570,6 +570,23 @@ def finished(seed_dir: Path) -> bool:
 COMPARED = {"rel": (1, "relation strict F1", "rel_strict_f1"), "ner": (0, "NER F1", "ner_f1")}
 
 
+# Student's t distribution's 0.975 quantile by degrees of freedom: a two-sided 95% interval for the
+# mean of a few seeds' figures (more than 30 degrees of freedom take 30's, a little wider).
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+T_975 += (2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086)
+T_975 += (2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def seed_interval(values: list[float]) -> tuple[float, float] | None:
+    """(low, high): the 95% t interval of the mean of ``values``, one per seed (training draws
+    taken as normal around the recipe's mean); None for fewer than two."""
+    if len(values) < 2:
+        return None
+    half = T_975[min(len(values) - 1, len(T_975)) - 1] * statistics.stdev(values) / len(values) ** 0.5
+    mean = statistics.mean(values)
+    return mean - half, mean + half
+
+
 def compare(args: argparse.Namespace, a: str, b: str, resamples: int = 2000) -> None:
     """Relation strict F1 (or NER F1, ``--metric ner``) of setting ``a`` minus ``b``, paired by
     seed, with a 95% interval from resampling the sentences (the same resample for every seed):
@@ -588,17 +605,20 @@ def compare(args: argparse.Namespace, a: str, b: str, resamples: int = 2000) -> 
                 raise SystemExit(f"--compare: no seed has finished results under both {a} and {b}")
             print(f"{a} - {b}: no seed has {split} results under both")
             continue
-        low, diff, high = paired_difference(args, a, b, split, seeds, resamples)
+        low, diffs, high = paired_difference(args, a, b, split, seeds, resamples)
+        over_seeds = seed_interval(diffs)
+        seeds_part = f"; over the seeds {over_seeds[0]:+.2f} to {over_seeds[1]:+.2f}" if over_seeds else ""
         print(
-            f"{a} - {b}: {COMPARED[args.metric][1]} {diff:+.2f} (mean of {len(seeds)} seeds paired); "
-            f"95% interval over {split} sentences {low:+.2f} to {high:+.2f}"
+            f"{a} - {b}: {COMPARED[args.metric][1]} {statistics.mean(diffs):+.2f} (mean of {len(seeds)} "
+            f"seeds paired); 95% interval over {split} sentences {low:+.2f} to {high:+.2f}{seeds_part}"
         )
 
 
 def paired_difference(
     args: argparse.Namespace, a: str, b: str, split: str, seeds: list[str], resamples: int
-) -> tuple[float, float, float]:
-    """(low, mean, high): ``compare``'s difference on one split with its 95% interval."""
+) -> tuple[float, list[float], float]:
+    """(low, differences, high): ``compare``'s difference on one split, seed by seed, with the 95%
+    interval of their mean over resampled sentences."""
     gold = gold_split(args.data_dir, split)
     sub = SPLIT_FOLDERS[split]
 
@@ -617,16 +637,17 @@ def paired_difference(
         tp, n_pred, n_gold = c[..., 0].sum(-1), c[..., 1].sum(-1), c[..., 2].sum(-1)
         return 100 * 2 * tp / np.maximum(n_pred + n_gold, 1)
 
-    diff = np.mean([micro_f1(x) - micro_f1(y) for x, y in pairs])
+    diffs = [float(micro_f1(x) - micro_f1(y)) for x, y in pairs]
     rng = np.random.default_rng(0)
     picks = rng.integers(0, len(gold), size=(resamples, len(gold)))
     boot = np.mean([micro_f1(x[picks]) - micro_f1(y[picks]) for x, y in pairs], axis=0)
     low, high = np.percentile(boot, [2.5, 97.5])
-    return float(low), float(diff), float(high)
+    return float(low), diffs, float(high)
 
 
 def summary(args: argparse.Namespace) -> None:
-    """Mean ± sd over seeds of each setting, each seed's relation F1, and the difference from
+    """Mean ± sd over seeds of each setting with the 95% t interval of the mean (``seed_interval``),
+    each seed's relation F1, and the difference from
     ``full`` paired by seed (the settings of one seed share its cross-entropy checkpoint, so the
     paired difference is the comparison the protocol is built for); dev relation F1 where a
     setting's dev results are committed."""
@@ -637,11 +658,16 @@ def summary(args: argparse.Namespace) -> None:
         sd = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
         return f"{statistics.mean(values):.2f}{sd}"
 
+    def interval(values: list[float]) -> str:
+        bounds = seed_interval(values)
+        return f"{bounds[0]:.2f} to {bounds[1]:.2f}" if bounds else "-"
+
     print(
-        "| setting | seeds | NER F1 | relation strict F1 | relation boundary F1 | relation strict F1 by seed "
+        "| setting | seeds | NER F1 | relation strict F1 | relation boundary F1 "
+        "| 95% interval of the mean, NER; relation | relation strict F1 by seed "
         "| vs full, paired | dev relation strict F1 (seeds) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     full = results.get("full", {})
     for name, by_seed in results.items():
         cols = list(zip(*by_seed.values(), strict=True))
@@ -655,7 +681,8 @@ def summary(args: argparse.Namespace) -> None:
         dev_rel = [v[1] for v in dev.get(name, {}).values()]
         dev_cell = f"{cell(dev_rel)} ({len(dev_rel)})" if dev_rel else ""
         print(
-            f"| {name} | {len(by_seed)} | {cell(cols[0])} | {cell(cols[1])} | {cell(cols[2])} | {seeds} "
+            f"| {name} | {len(by_seed)} | {cell(cols[0])} | {cell(cols[1])} | {cell(cols[2])} "
+            f"| {interval(list(cols[0]))}; {interval(list(cols[1]))} | {seeds} "
             f"| {paired} | {dev_cell} |"
         )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -76,13 +77,15 @@ def test_compare_and_summary_rescore_hand_made_predictions(shared_data, tmp_path
     _write(tmp_path / "half" / "seed3", half, None)  # an evaluation still running: no metrics.json
 
     def interval(line: str, split: str) -> tuple[float, float]:
-        low, high = (float(x) for x in line.split(f"interval over {split} sentences ")[1].split(" to "))
+        bounds = line.split(f"interval over {split} sentences ")[1].split(";")[0]
+        low, high = (float(x) for x in bounds.split(" to "))
         return low, high
 
     compared = _protocol(shared_data, tmp_path, "--compare", "full,half")
     assert compared.returncode == 0, compared.stderr
     line, no_dev = compared.stdout.strip().splitlines()
     assert line.startswith(f"full - half: relation strict F1 {100 - half_f1:+.2f} (mean of 2 seeds paired)")
+    assert line.endswith(f"; over the seeds {100 - half_f1:+.2f} to {100 - half_f1:+.2f}")
     low, high = interval(line, "test")
     assert low < 100 - half_f1 < high and high - low < 20  # the resampled halves vary, the sign does not
     assert no_dev == "full - half: no seed has dev results under both"
@@ -115,6 +118,8 @@ def test_compare_and_summary_rescore_hand_made_predictions(shared_data, tmp_path
     assert table.returncode == 0, table.stderr
     rows = {r.split(" | ")[0].strip("| "): r for r in table.stdout.splitlines() if r.startswith("| ")}
     assert rows["half"].startswith(f"| half | 2 | 100.00 ± 0.00 | {half_f1:.2f} ± 0.00")
+    # Two equal seeds: an interval of the mean with no width.
+    assert f"| 100.00 to 100.00; {half_f1:.2f} to {half_f1:.2f} |" in rows["half"]
     assert f"{half_f1 - 100:.2f} ± 0.00 (2)" in rows["half"]
     assert rows["half"].endswith(f"| {dev_half_f1:.2f} ± 0.00 (2) |")
     assert "half/seed3: no metrics.json" in table.stderr
@@ -410,3 +415,17 @@ def test_an_unknown_step_is_refused_before_anything_runs(shared_data, tmp_path):
     done = _protocol(shared_data, tmp_path / "out", "--steps", "ce,heads", "--dry-run")
     assert done.returncode == 2 and "--steps: unknown heads" in done.stderr
     assert done.stdout == ""
+
+
+def test_seed_interval_is_the_t_interval_of_the_mean():
+    protocol = _load_protocol()
+    # mean 2, sd 1, 2 degrees of freedom: 2 -/+ 4.303 / sqrt(3)
+    low, high = protocol.seed_interval([1.0, 2.0, 3.0])
+    assert abs(low - (2 - 4.303 / 3**0.5)) < 1e-9 and abs(high - (2 + 4.303 / 3**0.5)) < 1e-9
+    # 7 seeds of the recipe's relation F1: 64.72 ± 0.58, interval 64.19 to 65.26 (BENCHMARKS.md)
+    low, high = protocol.seed_interval([63.99, 64.53, 64.66, 65.23, 65.45, 65.17, 64.04])
+    assert (round(low, 2), round(high, 2)) == (64.19, 65.26)
+    # Past the table's 30 degrees of freedom the last quantile holds; one seed has no interval.
+    low, high = protocol.seed_interval([0.0, 1.0] * 20)
+    assert abs((high - low) / 2 - 2.042 * statistics.stdev([0.0, 1.0] * 20) / 40**0.5) < 1e-9
+    assert protocol.seed_interval([5.0]) is None
