@@ -647,10 +647,9 @@ def paired_difference(
 
 def summary(args: argparse.Namespace) -> None:
     """Mean ± sd over seeds of each setting with the 95% t interval of the mean (``seed_interval``),
-    each seed's relation F1, and the difference from
-    ``full`` paired by seed (the settings of one seed share its cross-entropy checkpoint, so the
-    paired difference is the comparison the protocol is built for); dev relation F1 where a
-    setting's dev results are committed."""
+    each seed's relation F1, and the difference from ``full`` paired by seed (the settings of one
+    seed share its cross-entropy checkpoint, so the paired difference is the comparison the
+    protocol is built for); dev relation F1 where a setting's dev results are committed."""
     scores = {split: checked_scores(args, split) for split in SPLIT_FOLDERS}
     results, dev = scores["test"], scores["dev"]
 
