@@ -422,7 +422,7 @@ def test_seed_interval_is_the_t_interval_of_the_mean():
     # mean 2, sd 1, 2 degrees of freedom: 2 -/+ 4.303 / sqrt(3)
     low, high = protocol.seed_interval([1.0, 2.0, 3.0])
     assert abs(low - (2 - 4.303 / 3**0.5)) < 1e-9 and abs(high - (2 + 4.303 / 3**0.5)) < 1e-9
-    # 7 seeds of the recipe's relation F1: 64.72 ± 0.58, interval 64.19 to 65.26 (BENCHMARKS.md)
+    # The recipe's first 7 seeds of relation F1 (64.72 ± 0.58): the interval computed by hand before
     low, high = protocol.seed_interval([63.99, 64.53, 64.66, 65.23, 65.45, 65.17, 64.04])
     assert (round(low, 2), round(high, 2)) == (64.19, 65.26)
     # Past the table's 30 degrees of freedom the last quantile holds; one seed has no interval.
