@@ -8,7 +8,7 @@ The directory is written under a temporary name and renamed, so a fit killed mid
 half checkpoint that looks like a result.
 
 After a stage, the span head is fitted first and the relation head over its entities, the order
-the measured recipe uses (BENCHMARKS.md, "Seven seeds of the recipe"). A stage started again finds
+the measured recipe uses (BENCHMARKS.md, "Nine seeds of the recipe"). A stage started again finds
 the heads already fitted, with the same settings on the same checkpoint, and does not pay twice.
 """
 

@@ -382,23 +382,18 @@ def fit_head(args: argparse.Namespace, setting: str, seed: int, trained_head: bo
     fit(args, "fit-relation-head", setting, seed, out, extra)
 
 
-def fit_span(args: argparse.Namespace, setting: str, seed: int) -> None:
-    """``fit-span-head`` on the setting's ``best/``, written as the ``best/`` of its span setting."""
-    fit(
-        args,
-        "fit-span-head",
-        setting,
-        seed,
-        run_dir(args, fitted_setting(setting, SPAN_FIT), seed) / "best",
-        [],
-    )
+def fit_span(args: argparse.Namespace, setting: str, seed: int, name: str | None = None) -> None:
+    """``fit-span-head`` on the setting's ``best/``, written as the ``best/`` of the span setting of
+    ``name`` (default: the setting's own)."""
+    out = run_dir(args, fitted_setting(name or setting, SPAN_FIT), seed) / "best"
+    fit(args, "fit-span-head", setting, seed, out, [])
 
 
 def fit_ce_heads(args: argparse.Namespace, seed: int) -> None:
-    """Both fits on stage 1's ``best/``, the span head's checkpoint named as ``ce_only``'s span fit;
-    only the result with both heads is evaluated."""
+    """Both fits on stage 1's ``best/``, named as ``ce_only``'s; only the result with both heads is
+    evaluated."""
+    fit_span(args, "ce", seed, name="ce_only")
     span = fitted_setting("ce_only", SPAN_FIT)
-    fit(args, "fit-span-head", "ce", seed, run_dir(args, span, seed) / "best", [])
     fit_head(args, span, seed, trained_head=False)
     head = head_setting(span, args.heads)
     evaluate(args, head, head, seed, [])
