@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BartConfig, PretrainedConfig
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.masking_utils import create_bidirectional_mask
 
 from anchoralign.batching import special_ids
 from anchoralign.errors import UserError
@@ -119,18 +121,40 @@ class Backbone(nn.Module):
         """Whether the decoders read every encoder layer (``PrefixDecoder``) rather than its output."""
         return isinstance(self.decoders[DECODERS[0]], PrefixDecoder)
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The decoders' memory [B,M,S,H]; ``memory[:, -1]`` is the encoder's output.
+    @property
+    def encoder_layers(self) -> nn.ModuleList:
+        """The encoder's transformer layers, in order."""
+        raise NotImplementedError
+
+    def encode(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The decoders' memory [B,M,S,H], ``memory[:, -1]`` the encoder's output, and with
+        ``layer`` the input [B,S,H] of encoder layer ``layer`` (0: the embeddings' output).
 
         Cross-attention decoders read the output only (M = 1); prefix decoders the input of every
         layer and the output (M = layers + 1).
         """
         out = self.encoder(
-            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=self.prefix_decoders
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=self.prefix_decoders or layer is not None,
         )
-        return (
+        memory = (
             torch.stack(out.hidden_states, dim=1) if self.prefix_decoders else out.last_hidden_state[:, None]
         )
+        return memory, None if layer is None else out.hidden_states[layer]
+
+    def run_layers(
+        self, layers: Sequence[nn.Module], hidden: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """``hidden`` [B,S,H] through ``layers`` (copies of encoder layers: each takes the states and
+        the attention mask the encoder builds from ``attention_mask`` [B,S])."""
+        mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
+        for layer in layers:
+            out = layer(hidden, mask)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
 
     def new_cache(self) -> EncoderDecoderCache | PrefixCache:
         """An empty key/value cache for one decoder."""
@@ -213,6 +237,10 @@ class BartBackbone(Backbone):
     def embed_tokens(self) -> nn.Embedding:
         return self.shared
 
+    @property
+    def encoder_layers(self) -> nn.ModuleList:
+        return self.encoder.layers
+
 
 class EncoderOnlyBackbone(Backbone):
     """A BERT/RoBERTa encoder plus three decoders of the same architecture in decoder mode."""
@@ -253,6 +281,10 @@ class EncoderOnlyBackbone(Backbone):
     @property
     def embed_tokens(self) -> nn.Embedding:
         return self.encoder.embeddings.word_embeddings
+
+    @property
+    def encoder_layers(self) -> nn.ModuleList:
+        return self.encoder.encoder.layer
 
     def new_parameter_names(self) -> list[str]:
         """Parameters that the backbone checkpoint did not provide (cross-attention)."""

@@ -93,7 +93,7 @@ def planned_fits(cfg: HeadsFitConfig, seed: int) -> dict[str, Any]:
     """The fits ``cfg`` asks for, in the order they run: report file -> the fit's settings."""
     fits: dict[str, Any] = {}
     if cfg.span_head:
-        fits[SPAN_REPORT] = SpanFitConfig(width=cfg.span_width, seed=seed)
+        fits[SPAN_REPORT] = SpanFitConfig(width=cfg.span_width, seed=seed, layers=cfg.span_layers)
     if cfg.relation_head:
         fits[RELATION_REPORT] = FitConfig(seed=seed, heads=cfg.relation_heads)
     return fits

@@ -28,13 +28,15 @@ sub-word (``decoder_input: token``) or as the representation the pointer scored 
 The model directory that ``save_pretrained`` writes and ``from_pretrained`` reads (no DeepSpeed
 needed) is described once, in the README ("Model directory"); ``config.json`` holds the format
 version, the backbone's name, family and config, the paradigm, the decoder input, the width of
-the span head (0: none; ``anchoralign.span_head``) and whether it pools, the relation heads' count and two thresholds
-(null: none; ``anchoralign.relation_head``) and the backbone token of every fixed id;
-``labels.json`` the dataset metadata.
+the span head (0: none; ``anchoralign.span_head``), whether it pools and how many of the encoder's
+top layers it has its own copy of, the relation heads' count and two thresholds (null: none;
+``anchoralign.relation_head``) and the backbone token of every fixed id; ``labels.json`` the
+dataset metadata.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import re
@@ -96,6 +98,8 @@ class EncoderState:
     word_starts: torch.Tensor  # [B,W]
     word_reps: torch.Tensor  # [B,W,H] pointer targets
     vocab_mask: torch.Tensor  # [B,V]
+    # [B,S,H] the input of the encoder layers the span head has its own copy of (None without).
+    span_input: torch.Tensor | None = None
 
     @property
     def hidden(self) -> torch.Tensor:
@@ -107,7 +111,10 @@ class EncoderState:
         if k == 1:
             return self
         return EncoderState(
-            *(getattr(self, f.name).repeat_interleave(k, dim=0) for f in dataclasses.fields(self))
+            *(
+                None if getattr(self, f.name) is None else getattr(self, f.name).repeat_interleave(k, dim=0)
+                for f in dataclasses.fields(self)
+            )
         )
 
 
@@ -124,6 +131,7 @@ class AnchorAlignModel(nn.Module):
         decoder_input: str = "token",
         span_width: int = 0,
         span_pooled: bool = False,
+        span_layers: int = 0,
     ):
         super().__init__()
         if decoder_input not in DECODER_INPUTS:
@@ -139,19 +147,30 @@ class AnchorAlignModel(nn.Module):
         self.backbone_name = name
         self.register_buffer("fixed_token_ids", self._fixed_token_ids(), persistent=False)
         self.span_head: SpanHead | None = None
+        # The span head's own copy of the encoder's top layers (span_fit: fine-tuned for the spans
+        # while the shared encoder stays as the decoders know it); None: it reads the encoder's output.
+        self.span_layers: nn.ModuleList | None = None
         if span_width:
-            self.add_span_head(span_width, span_pooled)
+            self.add_span_head(span_width, span_pooled, span_layers)
         self.relation_head: RelationHeads | None = None
         # (keep, add) of relation_head.vote, chosen on dev when the head is fitted.
         self.relation_thresholds: tuple[float, float] = (0.0, 1.0)
 
-    def add_span_head(self, width: int, pooled: bool = False) -> None:
+    def add_span_head(self, width: int, pooled: bool = False, layers: int = 0) -> None:
         """A new span head (random weights) scoring spans of up to ``width`` words (``pooled``: with
-        the maximum over their sub-words too)."""
+        the maximum over their sub-words too), over its own copy of the encoder's top ``layers``
+        layers (0: over the encoder's output), which starts as the encoder's."""
+        encoder_layers = self.backbone.encoder_layers
+        if not 0 <= layers <= len(encoder_layers):
+            raise UserError(
+                f"the span head's own layers must be between 0 and the encoder's {len(encoder_layers)}; got {layers}"
+            )
         hidden = self.backbone.embed_tokens.embedding_dim
         self.span_head = SpanHead(hidden, len(self.labels.entity_types), width, pooled=pooled).to(
             self.fixed_token_ids.device
         )
+        own = [copy.deepcopy(layer).requires_grad_(True) for layer in encoder_layers[len(encoder_layers) - layers :]]
+        self.span_layers = nn.ModuleList(own) if own else None
 
     def add_relation_head(self, k: int = 1) -> None:
         """New relation heads, ``k`` of them averaged (random weights; ``anchoralign.relation_head``)."""
@@ -164,6 +183,18 @@ class AnchorAlignModel(nn.Module):
     def span_width(self) -> int:
         """Longest span the span head scores; 0 without one."""
         return 0 if self.span_head is None else self.span_head.width
+
+    @property
+    def n_span_layers(self) -> int:
+        """How many of the encoder's top layers the span head has its own copy of."""
+        return 0 if self.span_layers is None else len(self.span_layers)
+
+    @property
+    def span_input_layer(self) -> int | None:
+        """The encoder layer whose input the span head's own layers read (None without them)."""
+        if self.span_layers is None:
+            return None
+        return len(self.backbone.encoder_layers) - len(self.span_layers)
 
     @property
     def span_pooled(self) -> bool:
@@ -235,13 +266,13 @@ class AnchorAlignModel(nn.Module):
 
     def encode(self, batch: Mapping[str, torch.Tensor]) -> EncoderState:
         input_ids, word_starts = batch["input_ids"], batch["word_starts"]
-        memory = self.backbone.encode(input_ids, batch["attention_mask"])
+        memory, span_input = self.backbone.encode(input_ids, batch["attention_mask"], self.span_input_layer)
         hidden = memory[:, -1]
         index = word_starts.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
         first_piece = input_ids.gather(1, word_starts)
         word_reps = (hidden.gather(1, index) + self.backbone.embed_tokens.weight[first_piece]) / 2
         return EncoderState(
-            memory, batch["attention_mask"], input_ids, word_starts, word_reps, batch["vocab_mask"]
+            memory, batch["attention_mask"], input_ids, word_starts, word_reps, batch["vocab_mask"], span_input
         )
 
     def to_token_ids(self, ids: torch.Tensor, state: EncoderState) -> torch.Tensor:
@@ -285,15 +316,25 @@ class AnchorAlignModel(nn.Module):
 
     def span_inputs(self, state: EncoderState) -> tuple[torch.Tensor, ...]:
         """What the span head reads: the word states, and the word maxima for a pooled head."""
-        words = self.word_states(state)
+        if self.span_layers is None:
+            return self.span_features(state.hidden, state.mask, state.word_starts)
+        return self.span_features(state.span_input, state.mask, state.word_starts)
+
+    def span_features(
+        self, hidden: torch.Tensor, mask: torch.Tensor, word_starts: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """``span_inputs`` from ``hidden`` [N,S,H]: the encoder's output, or with the span head's own
+        layers their input (``EncoderState.span_input``), which they then run on."""
+        if self.span_layers is not None:
+            hidden = self.backbone.run_layers(self.span_layers, hidden, mask)
+        words = gather_words(hidden, word_starts)
         if not self.span_pooled:
             return (words,)
-        return words, word_maxima(state.hidden, words, state.word_starts, state.mask)
+        return words, word_maxima(hidden, words, word_starts, mask)
 
     def word_states(self, state: EncoderState) -> torch.Tensor:
         """[N, W, H] the encoder's output at each word's first sub-word (what the heads read)."""
-        hidden = state.hidden
-        return hidden.gather(1, state.word_starts[..., None].expand(-1, -1, hidden.shape[-1]))
+        return gather_words(state.hidden, state.word_starts)
 
     def forward(
         self, batch: Mapping[str, torch.Tensor], decoders: Sequence[str] = DECODERS, spans: bool = True
@@ -324,6 +365,9 @@ class AnchorAlignModel(nn.Module):
         if self.span_head is not None:
             counts["span_head"] = sum(p.numel() for p in self.span_head.parameters())
             counts["total"] += counts["span_head"]
+        if self.span_layers is not None:
+            counts["span_layers"] = sum(p.numel() for p in self.span_layers.parameters())
+            counts["total"] += counts["span_layers"]
         if self.relation_head is not None:
             counts["relation_head"] = sum(p.numel() for p in self.relation_head.parameters())
             counts["total"] += counts["relation_head"]
@@ -359,6 +403,7 @@ class AnchorAlignModel(nn.Module):
             "decoder_input": self.decoder_input,
             "span_width": self.span_width,
             "span_pooled": self.span_pooled,
+            "span_layers": self.n_span_layers,
             "relation_head": None
             if self.relation_head is None
             else {
@@ -423,6 +468,7 @@ class AnchorAlignModel(nn.Module):
             config.get("decoder_input", "token"),
             config.get("span_width", 0),  # none before the span head existed
             config.get("span_pooled", False),  # none before pooling existed
+            config.get("span_layers", 0),  # none before the span head had its own layers
         )
         head = config.get("relation_head")
         if head:
@@ -450,6 +496,11 @@ def _checkpoint_hint(root: Path) -> str:
     if exported:
         return "this is a training run folder: give its " + " or ".join(str(p) for p in exported)
     return "give a folder written by save_pretrained, such as a training run's best/ or final/"
+
+
+def gather_words(hidden: torch.Tensor, word_starts: torch.Tensor) -> torch.Tensor:
+    """[N, W, H] the states ``hidden`` [N, S, H] at each word's first sub-word ``word_starts`` [N, W]."""
+    return hidden.gather(1, word_starts[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
 # ---------------------------------------------------------------------- label tokens

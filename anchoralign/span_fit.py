@@ -8,6 +8,13 @@ than the decoder that trained it (BENCHMARKS.md, "A span head over the trained e
 The encoder runs once over the training split (no gradient, no dropout) and its word states are
 kept; the head then trains on every span of up to ``width`` words of each sentence, the gold
 mentions against all the others (``span_head.span_loss``). Nothing else of the model changes.
+
+With ``layers`` > 0 the head gets its own copy of the encoder's top ``layers`` layers, fine-tuned
+with it at ``layer_lr``: the encoder then runs once up to the input of those layers, and the copy
+runs on every batch. The shared encoder is not touched, so the decoders and a relation head read
+what they were trained on. Why: a frozen encoder trained for generation caps what a head over its
+output can find; letting its top layers adapt to spans is what span-based extractors do with the
+whole encoder, at a fraction of the cost (BENCHMARKS.md, "The span head's own top layers").
 The dev split then measures the entities before (the checkpoint's own: its span head's if it had
 one, else the NER decoder's) and after. A relation head already in the checkpoint votes between
 the entities reported, which have just changed, so its thresholds are chosen again on dev.
@@ -40,6 +47,8 @@ class SpanFitConfig:
     weight_decay: float = 0.01
     batch_size: int = 16  # sentences per optimiser step
     seed: int = 0
+    layers: int = 0  # the encoder's top layers the head gets its own fine-tuned copy of
+    layer_lr: float = 5e-5  # their learning rate (the head's is lr)
 
 
 @dataclass
@@ -93,24 +102,30 @@ def fit_span_head(
 def train_span_head(
     model: AnchorAlignModel, train: Sequence[Sample], cfg: SpanFitConfig, log: Callable[[str], None]
 ) -> tuple[list[float], int, int, int]:
-    """Add a new span head of ``cfg.width`` to ``model`` and train it on ``train`` over the frozen
-    rest; the mean loss of each epoch, the sentences trained on, those too long to encode and the
-    gold mentions too wide for the head."""
+    """Add a new span head of ``cfg.width`` (with its own ``cfg.layers`` top layers) to ``model``
+    and train it on ``train`` over the frozen rest; the mean loss of each epoch, the sentences
+    trained on, those too long to encode and the gold mentions too wide for the head."""
     if cfg.width < 1:
         raise ValueError(f"span head width must be at least 1, got {cfg.width}")
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     model.requires_grad_(False)
-    model.add_span_head(cfg.width, cfg.pooled)
+    model.add_span_head(cfg.width, cfg.pooled, cfg.layers)
     head = model.span_head
     types = model.labels.entity_types
 
-    states = encoder_states(model, train, maxima=cfg.pooled)
-    items = [
-        (state[0], state[2] if cfg.pooled else None, structure(s)[0])
-        for s, state in zip(train, states, strict=True)
-        if state is not None
-    ]
+    if cfg.layers:
+        # (input of the head's own layers [S, H], first sub-word of each word [W], mentions)
+        inputs = span_layer_inputs(model, train)
+        items = [(x[0], x[1], structure(s)[0]) for s, x in zip(train, inputs, strict=True) if x is not None]
+    else:
+        # (word states [W, H], word maxima [W, H] or None, mentions)
+        states = encoder_states(model, train, maxima=cfg.pooled)
+        items = [
+            (state[0], state[2] if cfg.pooled else None, structure(s)[0])
+            for s, state in zip(train, states, strict=True)
+            if state is not None
+        ]
     if not items:
         raise ValueError("no training sentence fits the encoder: nothing to fit a span head on")
     n_too_long = len(train) - len(items)
@@ -120,29 +135,73 @@ def train_span_head(
         f"{n_too_wide} gold mentions wider than {cfg.width} words"
     )
 
-    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = [{"params": list(head.parameters()), "lr": cfg.lr}]
+    trained: list[torch.nn.Module] = [head]
+    if model.span_layers is not None:
+        groups.append({"params": list(model.span_layers.parameters()), "lr": cfg.layer_lr})
+        trained.append(model.span_layers)
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     losses = []
     for epoch in range(cfg.epochs):
-        head.train()
+        for module in trained:
+            module.train()
         rng.shuffle(items)
         total, steps = 0.0, 0
         for begin in range(0, len(items), cfg.batch_size):
             batch = items[begin : begin + cfg.batch_size]
-            words = pad_sequence([item[0] for item in batch], batch_first=True)
-            maxima = pad_sequence([item[1] for item in batch], batch_first=True) if cfg.pooled else None
+            if cfg.layers:
+                features = layer_features(model, batch)
+                n_words = [len(item[1]) for item in batch]
+            else:
+                words = pad_sequence([item[0] for item in batch], batch_first=True)
+                maxima = pad_sequence([item[1] for item in batch], batch_first=True) if cfg.pooled else None
+                features = (words, maxima)
+                n_words = [len(item[0]) for item in batch]
             labels = span_labels(
-                [item[2] for item in batch],
-                [len(item[0]) for item in batch],
-                words.shape[1],
-                cfg.width,
-                types,
-            ).to(words.device)
-            loss = span_loss(head(words, maxima), labels)
+                [item[2] for item in batch], n_words, features[0].shape[1], cfg.width, types
+            ).to(features[0].device)
+            loss = span_loss(head(*features), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total, steps = total + loss.item(), steps + 1
         losses.append(total / steps)
         log(f"epoch {epoch + 1}/{cfg.epochs}: loss {losses[-1]:.4f}")
-    head.eval()
+    for module in trained:
+        module.eval()
     return losses, len(items), n_too_long, n_too_wide
+
+
+def span_layer_inputs(
+    model: AnchorAlignModel, samples: Sequence[Sample], batch_size: int = 32
+) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Each sample's input to the span head's own layers [sub-words, H] (float32, no gradient) and
+    the first sub-word of each of its words [words]; None for a sample longer than the encoder takes."""
+    collate = model.collator()
+    fits = [collate.pieces.input_length(s.tokens) <= collate.max_length for s in samples]
+    order = sorted((i for i in range(len(samples)) if fits[i]), key=lambda i: len(samples[i].tokens))
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(samples)
+    model.eval()
+    for begin in range(0, len(order), batch_size):
+        chunk = order[begin : begin + batch_size]
+        batch = collate.inputs([Sample(id=samples[i].id, tokens=samples[i].tokens) for i in chunk])
+        batch = {k: t.to(model.device) for k, t in batch.items()}
+        with torch.no_grad():
+            state = model.encode(batch)
+        for j, i in enumerate(chunk):
+            length = int(state.mask[j].sum())
+            out[i] = (state.span_input[j, :length].float(), state.word_starts[j, : len(samples[i].tokens)])
+    return out
+
+
+def layer_features(
+    model: AnchorAlignModel, batch: Sequence[tuple[torch.Tensor, torch.Tensor, object]]
+) -> tuple[torch.Tensor, ...]:
+    """The span head's inputs (``AnchorAlignModel.span_features``) for a batch of
+    ``span_layer_inputs`` items, padded, through the head's own layers."""
+    hidden = pad_sequence([item[0] for item in batch], batch_first=True)
+    mask = pad_sequence([torch.ones(len(item[0]), dtype=torch.long) for item in batch], batch_first=True)
+    # Padding words point at sub-word 0, the start token: word_maxima treats them as no word.
+    word_starts = pad_sequence([item[1] for item in batch], batch_first=True)
+    dtype = model.backbone.embed_tokens.weight.dtype
+    return model.span_features(hidden.to(model.device, dtype), mask.to(model.device), word_starts.to(model.device))

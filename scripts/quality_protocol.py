@@ -37,7 +37,9 @@ Per seed:
 5. ``span`` (asked for in ``--steps``): ``anchoralign fit-span-head`` on each setting's ``best/``
    (a span classifier for the entities over the frozen encoder), evaluated as ``span_fit`` (of
    ``full``) or ``<setting>_span_fit``; with ``head`` too, the relation head is fitted on that
-   checkpoint, over its entities: ``[<setting>_]span_fit_relation_head``.
+   checkpoint, over its entities: ``[<setting>_]span_fit_relation_head``. With ``--span-layers K``
+   the head has its own fine-tuned copy of the encoder's top K layers, and ``span_fit`` is named
+   ``span_fit_topK``.
 6. ``ce_heads`` (asked for in ``--steps``): both fits on stage 1's ``best/`` instead, span head then
    relation head, evaluated as ``ce_only_span_fit_relation_head``: what stage 2 adds once the heads
    are fitted.
@@ -382,18 +384,24 @@ def fit_head(args: argparse.Namespace, setting: str, seed: int, trained_head: bo
     fit(args, "fit-relation-head", setting, seed, out, extra)
 
 
+def span_fit(args: argparse.Namespace) -> str:
+    """The span step's result: ``span_fit``, or ``span_fit_topK`` with ``--span-layers K``."""
+    return SPAN_FIT if args.span_layers == 0 else f"{SPAN_FIT}_top{args.span_layers}"
+
+
 def fit_span(args: argparse.Namespace, setting: str, seed: int, name: str | None = None) -> None:
     """``fit-span-head`` on the setting's ``best/``, written as the ``best/`` of the span setting of
-    ``name`` (default: the setting's own)."""
-    out = run_dir(args, fitted_setting(name or setting, SPAN_FIT), seed) / "best"
-    fit(args, "fit-span-head", setting, seed, out, [])
+    ``name`` (default: the setting's own). Its own layers are always given, so that a change of
+    the command's default does not change what a result name means."""
+    out = run_dir(args, fitted_setting(name or setting, span_fit(args)), seed) / "best"
+    fit(args, "fit-span-head", setting, seed, out, [f"--layers={args.span_layers}"])
 
 
 def fit_ce_heads(args: argparse.Namespace, seed: int) -> None:
     """Both fits on stage 1's ``best/``, named as ``ce_only``'s; only the result with both heads is
     evaluated."""
     fit_span(args, "ce", seed, name="ce_only")
-    span = fitted_setting("ce_only", SPAN_FIT)
+    span = fitted_setting("ce_only", span_fit(args))
     fit_head(args, span, seed, trained_head=False)
     head = head_setting(span, args.heads)
     evaluate(args, head, head, seed, [])
@@ -796,6 +804,14 @@ def main() -> None:
         help="relation heads fitted side by side and averaged by the head step (results named relation_headK if K > 1)",
     )
     p.add_argument(
+        "--span-layers",
+        type=int,
+        default=0,
+        metavar="K",
+        help="the span step's head gets its own fine-tuned copy of the encoder's top K layers "
+        "(fit-span-head --layers; results named span_fit_topK if K > 0)",
+    )
+    p.add_argument(
         "--ce-stop-after",
         type=int,
         default=CE_STOP_AFTER_EPOCH,
@@ -841,6 +857,8 @@ def main() -> None:
     )
     args = p.parse_args()
     args.data_dir = args.data_dir.resolve()
+    if args.span_layers < 0:
+        p.error("--span-layers: 0 or more")
     if args.ce_epochs is not None and args.ce_epochs < 3:
         p.error("--ce-epochs: at least 3 (2 of curriculum warm-up, then the whole training set)")
     if not 1 <= args.ce_stop_after <= 30 or (
@@ -895,7 +913,7 @@ def main() -> None:
                 evaluate(args, setting, setting, seed, [])
             base = setting
             if "span" in steps:
-                base = fitted_setting(setting, SPAN_FIT)
+                base = fitted_setting(setting, span_fit(args))
                 fit_span(args, setting, seed)
                 evaluate(args, base, base, seed, [])
             if "head" in steps:
