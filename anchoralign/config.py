@@ -343,7 +343,7 @@ class HeadsFitConfig(Section):
     source: Literal["best", "final"] = Field("best", description="the exported model the heads are fitted on")
     span_width: int = Field(8, ge=1, description="longest mention the span head can find, in words")
     span_layers: int = Field(
-        0,
+        2,
         ge=0,
         description="the encoder's top layers the span head gets its own copy of, fine-tuned with it "
         "(0: it reads the frozen encoder's output)",

@@ -47,8 +47,11 @@ class SpanFitConfig:
     weight_decay: float = 0.01
     batch_size: int = 16  # sentences per optimiser step
     seed: int = 0
-    layers: int = 0  # the encoder's top layers the head gets its own fine-tuned copy of
-    layer_lr: float = 5e-5  # their learning rate (the head's is lr)
+    # The encoder's top layers the head gets its own fine-tuned copy of, and their learning rate
+    # (the head's is lr). Two on CoNLL04 with MiniLM: +0.49 test / +0.36 dev NER F1 and +0.22 /
+    # +0.19 relation F1 over 6 seeds against none (BENCHMARKS.md, "The span head's own top layers").
+    layers: int = 2
+    layer_lr: float = 5e-5
 
 
 @dataclass

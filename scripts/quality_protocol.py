@@ -37,9 +37,9 @@ Per seed:
 5. ``span`` (asked for in ``--steps``): ``anchoralign fit-span-head`` on each setting's ``best/``
    (a span classifier for the entities over the frozen encoder), evaluated as ``span_fit`` (of
    ``full``) or ``<setting>_span_fit``; with ``head`` too, the relation head is fitted on that
-   checkpoint, over its entities: ``[<setting>_]span_fit_relation_head``. With ``--span-layers K``
-   the head has its own fine-tuned copy of the encoder's top K layers, and ``span_fit`` is named
-   ``span_fit_topK``.
+   checkpoint, over its entities: ``[<setting>_]span_fit_relation_head``. The head has its own
+   fine-tuned copy of the encoder's top K layers (``--span-layers K``, default 2), and ``span_fit``
+   is named ``span_fit_topK`` (``span_fit`` for 0: the head over the frozen encoder's output).
 6. ``ce_heads`` (asked for in ``--steps``): both fits on stage 1's ``best/`` instead, span head then
    relation head, evaluated as ``ce_only_span_fit_relation_head``: what stage 2 adds once the heads
    are fitted.
@@ -192,6 +192,9 @@ MODELS = {
 HEAD = "relation_head"
 # The span step's results (--steps span): a span head fitted on the setting's best/ for the entities.
 SPAN_FIT = "span_fit"
+# The encoder's top layers the span step's head gets its own copy of (fit-span-head --layers): the
+# recipe's two since 2026-12-02; 0 gives the committed span_fit results of the frozen encoder.
+SPAN_LAYERS = 2
 # What --steps may name, in the order a seed runs them.
 STEPS = ("pretrain", "ce", "ce_heads", "align", "eval", "span", "head")
 # Decoding ablations: evaluate flags on the checkpoints of a training setting.
@@ -806,10 +809,10 @@ def main() -> None:
     p.add_argument(
         "--span-layers",
         type=int,
-        default=0,
+        default=SPAN_LAYERS,
         metavar="K",
         help="the span step's head gets its own fine-tuned copy of the encoder's top K layers "
-        "(fit-span-head --layers; results named span_fit_topK if K > 0)",
+        f"(fit-span-head --layers; default {SPAN_LAYERS}; results named span_fit_topK, span_fit for 0)",
     )
     p.add_argument(
         "--ce-stop-after",

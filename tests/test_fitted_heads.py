@@ -27,9 +27,10 @@ def _fit(source: Path, out: Path, fits: dict, lines: list[str]) -> Path:
 
 
 def test_planned_fits_follow_the_config_span_head_first() -> None:
-    both = planned_fits(HeadsFitConfig(span_head=True, relation_head=True, span_width=3, relation_heads=2), 7)
+    cfg = HeadsFitConfig(span_head=True, relation_head=True, span_width=3, span_layers=2, relation_heads=2)
+    both = planned_fits(cfg, 7)
     assert list(both) == [SPAN_REPORT, RELATION_REPORT]
-    assert (both[SPAN_REPORT].width, both[SPAN_REPORT].seed) == (3, 7)
+    assert (both[SPAN_REPORT].width, both[SPAN_REPORT].layers, both[SPAN_REPORT].seed) == (3, 2, 7)
     assert (both[RELATION_REPORT].heads, both[RELATION_REPORT].seed) == (2, 7)
     assert list(planned_fits(HeadsFitConfig(relation_head=True), 0)) == [RELATION_REPORT]
     assert planned_fits(HeadsFitConfig(), 0) == {}

@@ -337,3 +337,44 @@ def test_decoder_input_is_saved_with_the_checkpoint(tmp_path):
     assert AnchorAlignModel.from_pretrained(tmp_path / "ck").decoder_input == "pointer"
     with pytest.raises(UserError, match="decoder_input must be one of token, pointer"):
         tiny_model(decoder_input="embedding")
+
+
+@pytest.mark.parametrize("backbone", ["bart", "bert"])
+def test_span_head_own_layers_start_as_the_encoders_and_round_trip(backbone, tmp_path):
+    # A copy of the top layers, run on their input, gives the encoder's own output: before any fit,
+    # a head over its own layers scores every span as the same head over the shared output does.
+    if backbone == "bart":
+        model = tiny_model().eval()
+    else:
+        model = AnchorAlignModel.from_backbone(str(save_tiny_bert(tmp_path / "bert")), TOY_META).eval()
+    n_layers = len(model.backbone.encoder_layers)
+    batch = model.collator()(toy_samples())
+    torch.manual_seed(0)
+    model.add_span_head(3, pooled=True)
+    head = model.span_head.eval()
+    with torch.no_grad():
+        shared = model.span_logits(model.encode(batch))
+    for layers in (1, n_layers):
+        model.add_span_head(3, pooled=True, layers=layers)
+        model.span_head = head  # the same head, over its own layers
+        model.span_layers.eval()
+        assert model.n_span_layers == layers and model.span_input_layer == n_layers - layers
+        with torch.no_grad():
+            torch.testing.assert_close(model.span_logits(model.encode(batch)), shared)
+    # Copies, not the encoder's own modules: fitting them leaves the encoder as it was.
+    own = dict(model.span_layers[0].named_parameters())
+    for name, value in model.backbone.encoder_layers[0].named_parameters():
+        assert own[name] is not value and own[name].requires_grad
+    with torch.no_grad():
+        for p in model.span_layers.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+        moved = model.span_logits(model.encode(batch))
+    assert not torch.allclose(moved, shared)
+    model.save_pretrained(tmp_path / "ck")
+    assert json.loads((tmp_path / "ck" / "config.json").read_text())["span_layers"] == n_layers
+    loaded = AnchorAlignModel.from_pretrained(tmp_path / "ck")
+    assert loaded.n_span_layers == n_layers and loaded.parameter_counts() == model.parameter_counts()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.span_logits(loaded.encode(batch)), moved)
+    with pytest.raises(UserError, match="between 0 and the encoder's"):
+        model.add_span_head(3, layers=n_layers + 1)

@@ -250,19 +250,20 @@ def test_the_span_step_fits_a_span_head_and_the_head_step_fits_on_its_checkpoint
     )
     assert "anchoralign.cli fit-span-head" in span and "--seed=3" in span
     assert f"--checkpoint {runs}/with_joint/full/seed3/best" in span
-    assert span.endswith(f"--output {runs}/with_joint/span_fit/seed3/best")
-    assert f"--checkpoint {runs}/with_joint/span_fit/seed3/best" in test
-    assert test.endswith(f"{tmp_path}/out/with_joint_span_fit/seed3/predictions.jsonl")
-    assert dev.endswith(f"{tmp_path}/out/with_joint_span_fit/seed3/dev/predictions.jsonl")
+    assert f"--output {runs}/with_joint/span_fit_top2/seed3/best" in span
+    assert span.endswith("--layers=2")  # always given: the command's default may change
+    assert f"--checkpoint {runs}/with_joint/span_fit_top2/seed3/best" in test
+    assert test.endswith(f"{tmp_path}/out/with_joint_span_fit_top2/seed3/predictions.jsonl")
+    assert dev.endswith(f"{tmp_path}/out/with_joint_span_fit_top2/seed3/dev/predictions.jsonl")
     # The relation head over the span head's entities: fitted on the span step's checkpoint.
     assert "anchoralign.cli fit-relation-head" in head and "--heads=1" in head
-    assert f"--checkpoint {runs}/with_joint/span_fit/seed3/best" in head
-    assert f"--output {runs}/with_joint/span_fit_relation_head/seed3/best" in head
-    assert head_test.endswith(f"{tmp_path}/out/with_joint_span_fit_relation_head/seed3/predictions.jsonl")
-    assert head_dev.endswith("/with_joint_span_fit_relation_head/seed3/dev/predictions.jsonl")
+    assert f"--checkpoint {runs}/with_joint/span_fit_top2/seed3/best" in head
+    assert f"--output {runs}/with_joint/span_fit_top2_relation_head/seed3/best" in head
+    assert head_test.endswith(f"{tmp_path}/out/with_joint_span_fit_top2_relation_head/seed3/predictions.jsonl")
+    assert head_dev.endswith("/with_joint_span_fit_top2_relation_head/seed3/dev/predictions.jsonl")
     # A setting trained with its relation head keeps it: thresholds only, on the span fit's checkpoint.
-    assert span_pair.endswith(f"--output {runs}/with_joint/pair_loss_span_fit/seed3/best")
-    assert f"--checkpoint {runs}/with_joint/pair_loss_span_fit/seed3/best" in head_pair
+    assert f"--output {runs}/with_joint/pair_loss_span_fit_top2/seed3/best" in span_pair
+    assert f"--checkpoint {runs}/with_joint/pair_loss_span_fit_top2/seed3/best" in head_pair
     assert head_pair.endswith("--thresholds-only")
 
 
@@ -397,11 +398,12 @@ def test_every_training_command_parses_against_its_stage_config(shared_data, tmp
 def test_the_ce_heads_step_fits_both_heads_on_stage_1(shared_data, tmp_path):
     runs = tmp_path / "runs"
     flags = ["--seeds", "8", "--steps", "ce_heads", "--dry-run", "--model", "joint", "--runs", str(runs)]
-    done = _protocol(shared_data, tmp_path / "out", *flags)
+    # --span-layers 0: the span head over the frozen encoder's output, as the committed seeds were fitted.
+    done = _protocol(shared_data, tmp_path / "out", *flags, "--span-layers", "0")
     assert done.returncode == 0, done.stderr
     span, head, test, dev = done.stdout.strip().splitlines()
     assert "fit-span-head" in span and f"--checkpoint {runs}/with_joint/ce/seed8/best" in span
-    assert span.endswith(f"--output {runs}/with_joint/ce_only_span_fit/seed8/best")
+    assert f"--output {runs}/with_joint/ce_only_span_fit/seed8/best" in span
     assert (
         "fit-relation-head" in head and f"--checkpoint {runs}/with_joint/ce_only_span_fit/seed8/best" in head
     )
@@ -409,6 +411,26 @@ def test_the_ce_heads_step_fits_both_heads_on_stage_1(shared_data, tmp_path):
     assert f"--checkpoint {runs}/with_joint/ce_only_span_fit_relation_head/seed8/best" in test
     assert test.endswith("/with_joint_ce_only_span_fit_relation_head/seed8/predictions.jsonl")
     assert dev.endswith("/with_joint_ce_only_span_fit_relation_head/seed8/dev/predictions.jsonl")
+
+
+def test_span_layers_give_the_span_fit_its_own_top_layers_and_its_own_name(shared_data, tmp_path):
+    runs = tmp_path / "runs"
+    flags = ["--seeds", "4", "--settings", "full", "--steps", "ce_heads,span,head", "--dry-run"]
+    # 0: the head over the frozen encoder's output, the committed span_fit results.
+    done = _protocol(shared_data, tmp_path / "out", *flags, "--span-layers", "0", "--runs", str(runs))
+    assert done.returncode == 0, done.stderr
+    ce_span, ce_head, _, _, span, test, _, head, head_test, _ = done.stdout.strip().splitlines()
+    assert ce_span.endswith("--layers=0") and f"--output {runs}/ce_only_span_fit/seed4/best" in ce_span
+    assert f"--checkpoint {runs}/ce_only_span_fit/seed4/best" in ce_head
+    assert span.endswith("--layers=0") and f"--output {runs}/span_fit/seed4/best" in span
+    assert test.endswith(f"{tmp_path}/out/span_fit/seed4/predictions.jsonl")
+    assert f"--checkpoint {runs}/span_fit/seed4/best" in head
+    assert head_test.endswith(f"{tmp_path}/out/span_fit_relation_head/seed4/predictions.jsonl")
+    done = _protocol(shared_data, tmp_path / "out", *flags, "--span-layers", "1", "--runs", str(runs))
+    span = done.stdout.strip().splitlines()[4]
+    assert span.endswith("--layers=1") and f"--output {runs}/span_fit_top1/seed4/best" in span
+    refused = _protocol(shared_data, tmp_path / "out", *flags, "--span-layers", "-1")
+    assert refused.returncode == 2 and "--span-layers" in refused.stderr
 
 
 def test_an_unknown_step_is_refused_before_anything_runs(shared_data, tmp_path):

@@ -42,9 +42,9 @@ def test_fitting_learns_the_training_mentions_and_leaves_the_rest_frozen() -> No
     # The span head's entities alone: the random RE decoders' mentions would join them through the
     # union, or through a relation between two of the NER decoder's mentions (the typed anchor).
     own = DecodeConfig(max_len=8, entities="ner", anchor="reported")
-    cfg = SpanFitConfig(width=3, epochs=60, lr=1e-2)
+    cfg = SpanFitConfig(width=3, epochs=60, lr=1e-2, layers=0)
     report = fit_span_head(model, _training_data(), toy_samples(), TOY_META, cfg, own)
-    assert model.span_width == 3
+    assert model.span_width == 3 and model.span_layers is None
     assert report.losses[-1] < report.losses[0] / 10
     assert report.n_train == 16 and report.n_too_long == 0
     assert report.n_too_wide == 4  # "Bank of New England", four times: wider than 3 words
@@ -59,6 +59,29 @@ def test_fitting_learns_the_training_mentions_and_leaves_the_rest_frozen() -> No
     assert report.dev_before < 100.0 and any(
         p.sample.entities != s.entities for p, s in zip(decoder, toy_samples(), strict=True)
     )
+
+
+def test_fitting_with_own_layers_trains_their_copy_and_leaves_the_shared_encoder_frozen() -> None:
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    own = DecodeConfig(max_len=8, entities="ner", anchor="reported")
+    cfg = SpanFitConfig(width=3, epochs=40, lr=1e-2, layers=1, layer_lr=1e-3)
+    report = fit_span_head(model, _training_data(), toy_samples(), TOY_META, cfg, own)
+    assert model.n_span_layers == 1 and report.losses[-1] < report.losses[0] / 10
+    assert report.dev_after == 100.0
+    for name, value in model.state_dict().items():
+        if not name.startswith(("span_head.", "span_layers.")):
+            assert torch.equal(value, before[name]), name
+    # The copy started as the encoder's top layer and was trained away from it.
+    top = f"backbone.encoder.layers.{len(model.backbone.encoder_layers) - 1}."
+    moved = [
+        name
+        for name, value in model.state_dict().items()
+        if name.startswith("span_layers.0.") and not torch.equal(value, before[top + name[len("span_layers.0.") :]])
+    ]
+    assert moved and not model.span_layers.training
+    predicted = predict(model, toy_samples(), own)
+    assert [structure(p.sample)[0] for p in predicted] == [structure(s)[0] for s in toy_samples()]
 
 
 def test_a_relation_head_has_its_thresholds_chosen_again_for_the_new_entities(monkeypatch) -> None:
@@ -98,15 +121,17 @@ def test_fit_span_head_command_writes_a_checkpoint_whose_entities_evaluate_repor
         "--anchor",
         "reported",
     ]
-    options = ["--epochs", "60", "--lr", "0.01", "--width", "3", "--json"]
+    options = ["--epochs", "60", "--lr", "0.01", "--width", "3", "--layers", "1", "--json"]
     fit = ["fit-span-head", *args, "--output", out, *options]
     code, printed, err = cli(fit, capsys)
     assert code == 0, err
     report = json.loads((out / "span_head.json").read_text())
     assert report == json.loads(printed)
     assert report["fit"]["width"] == 3 and len(report["losses"]) == 60 and report["n_too_wide"] == 4
+    assert report["fit"]["layers"] == 1 and report["fit"]["layer_lr"] == SpanFitConfig().layer_lr
     assert report["dev_after"] == 100.0 > report["dev_before"]
-    assert AnchorAlignModel.from_pretrained(out).span_width == 3
+    fitted = AnchorAlignModel.from_pretrained(out)
+    assert fitted.span_width == 3 and fitted.n_span_layers == 1
     scored = {}
     for name, ck, flags in (
         ("plain", checkpoint, []),
@@ -124,3 +149,5 @@ def test_fit_span_head_command_writes_a_checkpoint_whose_entities_evaluate_repor
     assert code != 0 and "not empty" in err
     code, _, err = cli(["fit-span-head", *args, "--output", tmp_path / "zero", "--width", "0"], capsys)
     assert code != 0 and "--width must be at least 1" in err
+    code, _, err = cli(["fit-span-head", *args, "--output", tmp_path / "deep", "--layers", "9"], capsys)
+    assert code != 0 and "between 0 and the encoder's 2" in err

@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=defaults.layers,
         help="the encoder's top layers the head gets its own copy of, fine-tuned with it "
-        f"(default {defaults.layers}: the head reads the frozen encoder's output)",
+        f"(default {defaults.layers}; 0: the head reads the frozen encoder's output)",
     )
     p.add_argument(
         "--layer-lr",
