@@ -150,7 +150,9 @@ class Backbone(nn.Module):
     ) -> torch.Tensor:
         """``hidden`` [B,S,H] through ``layers`` (copies of encoder layers: each takes the states and
         the attention mask the encoder builds from ``attention_mask`` [B,S])."""
-        mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
+        mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=hidden, attention_mask=attention_mask
+        )
         for layer in layers:
             out = layer(hidden, mask)
             hidden = out[0] if isinstance(out, tuple) else out

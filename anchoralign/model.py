@@ -169,7 +169,10 @@ class AnchorAlignModel(nn.Module):
         self.span_head = SpanHead(hidden, len(self.labels.entity_types), width, pooled=pooled).to(
             self.fixed_token_ids.device
         )
-        own = [copy.deepcopy(layer).requires_grad_(True) for layer in encoder_layers[len(encoder_layers) - layers :]]
+        own = [
+            copy.deepcopy(layer).requires_grad_(True)
+            for layer in encoder_layers[len(encoder_layers) - layers :]
+        ]
         self.span_layers = nn.ModuleList(own) if own else None
 
     def add_relation_head(self, k: int = 1) -> None:
@@ -272,7 +275,13 @@ class AnchorAlignModel(nn.Module):
         first_piece = input_ids.gather(1, word_starts)
         word_reps = (hidden.gather(1, index) + self.backbone.embed_tokens.weight[first_piece]) / 2
         return EncoderState(
-            memory, batch["attention_mask"], input_ids, word_starts, word_reps, batch["vocab_mask"], span_input
+            memory,
+            batch["attention_mask"],
+            input_ids,
+            word_starts,
+            word_reps,
+            batch["vocab_mask"],
+            span_input,
         )
 
     def to_token_ids(self, ids: torch.Tensor, state: EncoderState) -> torch.Tensor:

@@ -207,4 +207,6 @@ def layer_features(
     # Padding words point at sub-word 0, the start token: word_maxima treats them as no word.
     word_starts = pad_sequence([item[1] for item in batch], batch_first=True)
     dtype = model.backbone.embed_tokens.weight.dtype
-    return model.span_features(hidden.to(model.device, dtype), mask.to(model.device), word_starts.to(model.device))
+    return model.span_features(
+        hidden.to(model.device, dtype), mask.to(model.device), word_starts.to(model.device)
+    )

@@ -259,7 +259,9 @@ def test_the_span_step_fits_a_span_head_and_the_head_step_fits_on_its_checkpoint
     assert "anchoralign.cli fit-relation-head" in head and "--heads=1" in head
     assert f"--checkpoint {runs}/with_joint/span_fit_top2/seed3/best" in head
     assert f"--output {runs}/with_joint/span_fit_top2_relation_head/seed3/best" in head
-    assert head_test.endswith(f"{tmp_path}/out/with_joint_span_fit_top2_relation_head/seed3/predictions.jsonl")
+    assert head_test.endswith(
+        f"{tmp_path}/out/with_joint_span_fit_top2_relation_head/seed3/predictions.jsonl"
+    )
     assert head_dev.endswith("/with_joint_span_fit_top2_relation_head/seed3/dev/predictions.jsonl")
     # A setting trained with its relation head keeps it: thresholds only, on the span fit's checkpoint.
     assert f"--output {runs}/with_joint/pair_loss_span_fit_top2/seed3/best" in span_pair

@@ -77,7 +77,8 @@ def test_fitting_with_own_layers_trains_their_copy_and_leaves_the_shared_encoder
     moved = [
         name
         for name, value in model.state_dict().items()
-        if name.startswith("span_layers.0.") and not torch.equal(value, before[top + name[len("span_layers.0.") :]])
+        if name.startswith("span_layers.0.")
+        and not torch.equal(value, before[top + name[len("span_layers.0.") :]])
     ]
     assert moved and not model.span_layers.training
     predicted = predict(model, toy_samples(), own)
