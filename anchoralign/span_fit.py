@@ -8,16 +8,16 @@ than the decoder that trained it (BENCHMARKS.md, "A span head over the trained e
 The encoder runs once over the training split (no gradient, no dropout) and its word states are
 kept; the head then trains on every span of up to ``width`` words of each sentence, the gold
 mentions against all the others (``span_head.span_loss``). Nothing else of the model changes.
-
-With ``layers`` > 0 the head gets its own copy of the encoder's top ``layers`` layers, fine-tuned
-with it at ``layer_lr``: the encoder then runs once up to the input of those layers, and the copy
-runs on every batch. The shared encoder is not touched, so the decoders and a relation head read
-what they were trained on. Why: a frozen encoder trained for generation caps what a head over its
-output can find; letting its top layers adapt to spans is what span-based extractors do with the
-whole encoder, at a fraction of the cost (BENCHMARKS.md, "The span head's own top layers").
 The dev split then measures the entities before (the checkpoint's own: its span head's if it had
 one, else the NER decoder's) and after. A relation head already in the checkpoint votes between
 the entities reported, which have just changed, so its thresholds are chosen again on dev.
+
+The head has its own copy of the encoder's top ``layers`` layers (two by default; 0: none, the
+head reads the encoder's output), fine-tuned with it at ``layer_lr``: the encoder then runs once
+up to the input of those layers, which is what is kept, and the copy runs on every batch. The shared encoder is not touched, so the decoders and a relation head read
+what they were trained on. Why: a frozen encoder trained for generation caps what a head over its
+output can find; letting its top layers adapt to spans is what span-based extractors do with the
+whole encoder, at a fraction of the cost (BENCHMARKS.md, "The span head's own top layers").
 """
 
 from __future__ import annotations

@@ -64,9 +64,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.width < 1:
         raise UserError(f"--width must be at least 1, got {args.width}")
-    meta, data, model = load_for_fit(args, [args.train_split, args.dev_split])
     if args.layers < 0:
         raise UserError(f"--layers must be at least 0, got {args.layers}")
+    meta, data, model = load_for_fit(args, [args.train_split, args.dev_split])
     cfg = SpanFitConfig(
         width=args.width,
         pooled=args.pooled,
