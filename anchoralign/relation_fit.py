@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +25,7 @@ from anchoralign.config import DecodeConfig
 from anchoralign.decode import predict_long, relation_scores, voted
 from anchoralign.linearize import Triple, structure
 from anchoralign.metrics import score
-from anchoralign.model import AnchorAlignModel
+from anchoralign.model import AnchorAlignModel, EncoderState
 from anchoralign.relation_head import (
     choose_thresholds,
     entity_pairs,
@@ -66,17 +66,9 @@ def encoder_states(
     """Each sample's word states [words, H] and start state [H] (float32, no gradient), with
     ``maxima`` also its word maxima [words, H] (``span_head.word_maxima``); None for a sample
     longer than the encoder takes."""
-    collate = model.collator()
-    fits = [collate.pieces.input_length(s.tokens) <= collate.max_length for s in samples]
-    order = sorted((i for i in range(len(samples)) if fits[i]), key=lambda i: len(samples[i].tokens))
     out: list[tuple[torch.Tensor, ...] | None] = [None] * len(samples)
-    model.eval()
-    for begin in range(0, len(order), batch_size):
-        chunk = order[begin : begin + batch_size]
-        inputs = [Sample(id=samples[i].id, tokens=samples[i].tokens) for i in chunk]
-        batch = {k: t.to(model.device) for k, t in collate.inputs(inputs).items()}
+    for chunk, state in encoded_batches(model, samples, batch_size):
         with torch.no_grad():
-            state = model.encode(batch)
             words = model.word_states(state)
             peaks = word_maxima(state.hidden, words, state.word_starts, state.mask) if maxima else None
             words, starts = words.float(), state.hidden[:, 0].float()
@@ -88,6 +80,24 @@ def encoder_states(
                 else (words[j, :n], starts[j], peaks[j, :n].float())
             )
     return out
+
+
+def encoded_batches(
+    model: AnchorAlignModel, samples: Sequence[Sample], batch_size: int = 32
+) -> Iterator[tuple[list[int], EncoderState]]:
+    """The encoding (eval mode, no gradient) of every sample the encoder takes whole, in batches of
+    similar length: each batch's indices into ``samples`` and its state."""
+    collate = model.collator()
+    fits = [collate.pieces.input_length(s.tokens) <= collate.max_length for s in samples]
+    order = sorted((i for i in range(len(samples)) if fits[i]), key=lambda i: len(samples[i].tokens))
+    model.eval()
+    for begin in range(0, len(order), batch_size):
+        chunk = order[begin : begin + batch_size]
+        inputs = [Sample(id=samples[i].id, tokens=samples[i].tokens) for i in chunk]
+        batch = {k: t.to(model.device) for k, t in collate.inputs(inputs).items()}
+        with torch.no_grad():
+            state = model.encode(batch)
+        yield chunk, state
 
 
 def decoder_predictions(

@@ -33,7 +33,12 @@ from anchoralign.config import DecodeConfig
 from anchoralign.linearize import structure
 from anchoralign.metrics import score
 from anchoralign.model import AnchorAlignModel
-from anchoralign.relation_fit import choose_relation_thresholds, decoder_predictions, encoder_states
+from anchoralign.relation_fit import (
+    choose_relation_thresholds,
+    decoder_predictions,
+    encoded_batches,
+    encoder_states,
+)
 from anchoralign.schema import DatasetMeta, Sample
 from anchoralign.span_head import span_labels, span_loss, too_wide
 
@@ -180,17 +185,8 @@ def span_layer_inputs(
 ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
     """Each sample's input to the span head's own layers [sub-words, H] (float32, no gradient) and
     the first sub-word of each of its words [words]; None for a sample longer than the encoder takes."""
-    collate = model.collator()
-    fits = [collate.pieces.input_length(s.tokens) <= collate.max_length for s in samples]
-    order = sorted((i for i in range(len(samples)) if fits[i]), key=lambda i: len(samples[i].tokens))
     out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(samples)
-    model.eval()
-    for begin in range(0, len(order), batch_size):
-        chunk = order[begin : begin + batch_size]
-        batch = collate.inputs([Sample(id=samples[i].id, tokens=samples[i].tokens) for i in chunk])
-        batch = {k: t.to(model.device) for k, t in batch.items()}
-        with torch.no_grad():
-            state = model.encode(batch)
+    for chunk, state in encoded_batches(model, samples, batch_size):
         for j, i in enumerate(chunk):
             length = int(state.mask[j].sum())
             out[i] = (state.span_input[j, :length].float(), state.word_starts[j, : len(samples[i].tokens)])
