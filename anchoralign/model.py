@@ -107,13 +107,15 @@ class EncoderState:
         return self.memory[:, -1]
 
     def repeat(self, k: int) -> EncoderState:
-        """Each row ``k`` times in a row (row ``b * k + j`` is beam ``j`` of sample ``b``)."""
+        """Each row ``k`` times in a row (row ``b * k + j`` is beam ``j`` of sample ``b``), for the
+        decoders' beams; ``span_input``, which no decoder reads, is left out rather than copied."""
         if k == 1:
             return self
         return EncoderState(
             *(
-                None if getattr(self, f.name) is None else getattr(self, f.name).repeat_interleave(k, dim=0)
+                getattr(self, f.name).repeat_interleave(k, dim=0)
                 for f in dataclasses.fields(self)
+                if f.name != "span_input"
             )
         )
 
