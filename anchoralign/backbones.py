@@ -127,10 +127,10 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     def encode(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The decoders' memory [B,M,S,H], ``memory[:, -1]`` the encoder's output, and with
-        ``layer`` the input [B,S,H] of encoder layer ``layer`` (0: the embeddings' output).
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[int] = ()
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The decoders' memory [B,M,S,H], ``memory[:, -1]`` the encoder's output, and the input
+        [B,S,H] of each encoder layer in ``layers`` (0: the embeddings' output), by layer.
 
         Cross-attention decoders read the output only (M = 1); prefix decoders the input of every
         layer and the output (M = layers + 1).
@@ -138,12 +138,12 @@ class Backbone(nn.Module):
         out = self.encoder(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            output_hidden_states=self.prefix_decoders or layer is not None,
+            output_hidden_states=self.prefix_decoders or bool(layers),
         )
         memory = (
             torch.stack(out.hidden_states, dim=1) if self.prefix_decoders else out.last_hidden_state[:, None]
         )
-        return memory, None if layer is None else out.hidden_states[layer]
+        return memory, {layer: out.hidden_states[layer] for layer in layers}
 
     def run_layers(
         self, layers: Sequence[nn.Module], hidden: torch.Tensor, attention_mask: torch.Tensor

@@ -351,6 +351,12 @@ class HeadsFitConfig(Section):
     relation_heads: int = Field(
         1, ge=1, description="relation heads fitted side by side, their probabilities averaged"
     )
+    relation_layers: int = Field(
+        0,
+        ge=0,
+        description="the encoder's top layers the relation heads get their own copy of, fine-tuned "
+        "with them (0: they read the frozen encoder's output)",
+    )
 
 
 class TrainConfig(Section):

@@ -392,9 +392,9 @@ def _predict(
                 results[i] = to_prediction(model, inputs[j], ids, cfg, mentions[j])
             if uses_relation_head(model, cfg):
                 with torch.no_grad():
-                    words = model.word_states(state)
+                    words, starts = model.relation_inputs(state)
                     for j, i in enumerate(chunk):
-                        results[i] = relation_vote(model, words[j], state.hidden[j, 0], results[i], cfg)
+                        results[i] = relation_vote(model, words[j], starts[j], results[i], cfg)
     finally:
         model.train(was_training)
     return [p for p in results if p is not None]
@@ -420,7 +420,8 @@ def relation_vote(
     cfg: DecodeConfig,
 ) -> Prediction:
     """``prediction`` with the relations that ``relation_head.vote`` reports between its entities;
-    ``words`` [W, H] (padded) and ``start`` [H] are the sentence's encoder states."""
+    ``words`` [W, H] (padded) and ``start`` [H] are what the head reads of the sentence
+    (``AnchorAlignModel.relation_inputs``)."""
     keep, add = model.relation_thresholds
     keep = keep if cfg.relation_keep is None else cfg.relation_keep
     add = add if cfg.relation_add is None else cfg.relation_add

@@ -95,7 +95,7 @@ def planned_fits(cfg: HeadsFitConfig, seed: int) -> dict[str, Any]:
     if cfg.span_head:
         fits[SPAN_REPORT] = SpanFitConfig(width=cfg.span_width, seed=seed, layers=cfg.span_layers)
     if cfg.relation_head:
-        fits[RELATION_REPORT] = FitConfig(seed=seed, heads=cfg.relation_heads)
+        fits[RELATION_REPORT] = FitConfig(seed=seed, heads=cfg.relation_heads, layers=cfg.relation_layers)
     return fits
 
 

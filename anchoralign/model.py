@@ -98,8 +98,9 @@ class EncoderState:
     word_starts: torch.Tensor  # [B,W]
     word_reps: torch.Tensor  # [B,W,H] pointer targets
     vocab_mask: torch.Tensor  # [B,V]
-    # [B,S,H] the input of the encoder layers the span head has its own copy of (None without).
-    span_input: torch.Tensor | None = None
+    # [B,S,H] by encoder layer: the input of the layers a head has its own copy of, from that
+    # layer up (AnchorAlignModel.head_input_layers); empty when no head has one.
+    layer_inputs: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     @property
     def hidden(self) -> torch.Tensor:
@@ -108,14 +109,14 @@ class EncoderState:
 
     def repeat(self, k: int) -> EncoderState:
         """Each row ``k`` times in a row (row ``b * k + j`` is beam ``j`` of sample ``b``), for the
-        decoders' beams; ``span_input``, which no decoder reads, is left out rather than copied."""
+        decoders' beams; ``layer_inputs``, which no decoder reads, are left out rather than copied."""
         if k == 1:
             return self
         return EncoderState(
             *(
                 getattr(self, f.name).repeat_interleave(k, dim=0)
                 for f in dataclasses.fields(self)
-                if f.name != "span_input"
+                if f.name != "layer_inputs"
             )
         )
 
@@ -155,6 +156,8 @@ class AnchorAlignModel(nn.Module):
         if span_width:
             self.add_span_head(span_width, span_pooled, span_layers)
         self.relation_head: RelationHeads | None = None
+        # The relation head's own copy of the encoder's top layers (relation_fit), as the span head's.
+        self.relation_layers: nn.ModuleList | None = None
         # (keep, add) of relation_head.vote, chosen on dev when the head is fitted.
         self.relation_thresholds: tuple[float, float] = (0.0, 1.0)
 
@@ -162,27 +165,35 @@ class AnchorAlignModel(nn.Module):
         """A new span head (random weights) scoring spans of up to ``width`` words (``pooled``: with
         the maximum over their sub-words too), over its own copy of the encoder's top ``layers``
         layers (0: over the encoder's output), which starts as the encoder's."""
-        encoder_layers = self.backbone.encoder_layers
-        if not 0 <= layers <= len(encoder_layers):
-            raise UserError(
-                f"the span head's own layers must be between 0 and the encoder's {len(encoder_layers)}; got {layers}"
-            )
+        own = self._top_layers(layers, "the span head")
         hidden = self.backbone.embed_tokens.embedding_dim
         self.span_head = SpanHead(hidden, len(self.labels.entity_types), width, pooled=pooled).to(
             self.fixed_token_ids.device
         )
-        own = [
-            copy.deepcopy(layer).requires_grad_(True)
-            for layer in encoder_layers[len(encoder_layers) - layers :]
-        ]
-        self.span_layers = nn.ModuleList(own) if own else None
+        self.span_layers = own
 
-    def add_relation_head(self, k: int = 1) -> None:
-        """New relation heads, ``k`` of them averaged (random weights; ``anchoralign.relation_head``)."""
+    def add_relation_head(self, k: int = 1, layers: int = 0) -> None:
+        """New relation heads, ``k`` of them averaged (random weights; ``anchoralign.relation_head``),
+        over their own copy of the encoder's top ``layers`` layers (0: over the encoder's output),
+        which starts as the encoder's; the ``k`` heads share it."""
+        own = self._top_layers(layers, "the relation head")
         hidden = self.backbone.embed_tokens.embedding_dim
         self.relation_head = RelationHeads(
             hidden, len(self.labels.entity_types), len(self.labels.relation_types), k
         ).to(self.fixed_token_ids.device)
+        self.relation_layers = own
+
+    def _top_layers(self, k: int, whose: str) -> nn.ModuleList | None:
+        """A trainable copy of the shared encoder's top ``k`` layers (None for 0)."""
+        encoder_layers = self.backbone.encoder_layers
+        if not 0 <= k <= len(encoder_layers):
+            raise UserError(
+                f"{whose}'s own layers must be between 0 and the encoder's {len(encoder_layers)}; got {k}"
+            )
+        own = [
+            copy.deepcopy(layer).requires_grad_(True) for layer in encoder_layers[len(encoder_layers) - k :]
+        ]
+        return nn.ModuleList(own) if own else None
 
     @property
     def span_width(self) -> int:
@@ -195,11 +206,19 @@ class AnchorAlignModel(nn.Module):
         return 0 if self.span_layers is None else len(self.span_layers)
 
     @property
-    def span_input_layer(self) -> int | None:
-        """The encoder layer whose input the span head's own layers read (None without them)."""
-        if self.span_layers is None:
-            return None
-        return len(self.backbone.encoder_layers) - len(self.span_layers)
+    def n_relation_layers(self) -> int:
+        """How many of the encoder's top layers the relation head has its own copy of."""
+        return 0 if self.relation_layers is None else len(self.relation_layers)
+
+    def input_layer(self, own: nn.ModuleList | None) -> int | None:
+        """The encoder layer whose input a head's own top layers ``own`` read (None without them)."""
+        return None if own is None else len(self.backbone.encoder_layers) - len(own)
+
+    @property
+    def head_input_layers(self) -> tuple[int, ...]:
+        """The encoder layers whose input ``encode`` keeps for the heads' own layers."""
+        wanted = {self.input_layer(self.span_layers), self.input_layer(self.relation_layers)}
+        return tuple(sorted(layer for layer in wanted if layer is not None))
 
     @property
     def span_pooled(self) -> bool:
@@ -271,7 +290,9 @@ class AnchorAlignModel(nn.Module):
 
     def encode(self, batch: Mapping[str, torch.Tensor]) -> EncoderState:
         input_ids, word_starts = batch["input_ids"], batch["word_starts"]
-        memory, span_input = self.backbone.encode(input_ids, batch["attention_mask"], self.span_input_layer)
+        memory, layer_inputs = self.backbone.encode(
+            input_ids, batch["attention_mask"], self.head_input_layers
+        )
         hidden = memory[:, -1]
         index = word_starts.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
         first_piece = input_ids.gather(1, word_starts)
@@ -283,7 +304,7 @@ class AnchorAlignModel(nn.Module):
             word_starts,
             word_reps,
             batch["vocab_mask"],
-            span_input,
+            layer_inputs,
         )
 
     def to_token_ids(self, ids: torch.Tensor, state: EncoderState) -> torch.Tensor:
@@ -329,13 +350,14 @@ class AnchorAlignModel(nn.Module):
         """What the span head reads: the word states, and the word maxima for a pooled head."""
         if self.span_layers is None:
             return self.span_features(state.hidden, state.mask, state.word_starts)
-        return self.span_features(state.span_input, state.mask, state.word_starts)
+        hidden = state.layer_inputs[self.input_layer(self.span_layers)]
+        return self.span_features(hidden, state.mask, state.word_starts)
 
     def span_features(
         self, hidden: torch.Tensor, mask: torch.Tensor, word_starts: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
         """``span_inputs`` from ``hidden`` [N,S,H]: the encoder's output, or with the span head's own
-        layers their input (``EncoderState.span_input``), which they then run on."""
+        layers their input (``EncoderState.layer_inputs``), which they then run on."""
         if self.span_layers is not None:
             hidden = self.backbone.run_layers(self.span_layers, hidden, mask)
         words = gather_words(hidden, word_starts)
@@ -346,6 +368,22 @@ class AnchorAlignModel(nn.Module):
     def word_states(self, state: EncoderState) -> torch.Tensor:
         """[N, W, H] the encoder's output at each word's first sub-word (what the heads read)."""
         return gather_words(state.hidden, state.word_starts)
+
+    def relation_inputs(self, state: EncoderState) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the relation head reads: the word states [N, W, H] and the start state [N, H]."""
+        if self.relation_layers is None:
+            return self.word_states(state), state.hidden[:, 0]
+        hidden = state.layer_inputs[self.input_layer(self.relation_layers)]
+        return self.relation_features(hidden, state.mask, state.word_starts)
+
+    def relation_features(
+        self, hidden: torch.Tensor, mask: torch.Tensor, word_starts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``relation_inputs`` from ``hidden`` [N,S,H]: the encoder's output, or with the relation
+        head's own layers their input, which they then run on."""
+        if self.relation_layers is not None:
+            hidden = self.backbone.run_layers(self.relation_layers, hidden, mask)
+        return gather_words(hidden, word_starts), hidden[:, 0]
 
     def forward(
         self, batch: Mapping[str, torch.Tensor], decoders: Sequence[str] = DECODERS, spans: bool = True
@@ -361,7 +399,7 @@ class AnchorAlignModel(nn.Module):
         if spans and self.span_head is not None:
             out["span_logits"] = self.span_logits(state)
         if spans and self.relation_head is not None and "pair_index" in batch:
-            words, starts = self.word_states(state), state.hidden[:, 0]
+            words, starts = self.relation_inputs(state)
             out["relation_logits"] = self.relation_head.logits(
                 words, starts, batch["pair_entities"], batch["pair_index"]
             )
@@ -382,6 +420,9 @@ class AnchorAlignModel(nn.Module):
         if self.relation_head is not None:
             counts["relation_head"] = sum(p.numel() for p in self.relation_head.parameters())
             counts["total"] += counts["relation_head"]
+        if self.relation_layers is not None:
+            counts["relation_layers"] = sum(p.numel() for p in self.relation_layers.parameters())
+            counts["total"] += counts["relation_layers"]
         return counts
 
     def new_parameter_names(self) -> list[str]:
@@ -420,6 +461,7 @@ class AnchorAlignModel(nn.Module):
             else {
                 **dict(zip(("keep", "add"), self.relation_thresholds, strict=True)),
                 "heads": len(self.relation_head.heads),
+                "layers": self.n_relation_layers,
             },
             "fixed_tokens": self.tokenizer.convert_ids_to_tokens(self.fixed_token_ids.tolist()),
             "parameters": self.parameter_counts(),
@@ -484,7 +526,8 @@ class AnchorAlignModel(nn.Module):
         head = config.get("relation_head")
         if head:
             try:
-                model.add_relation_head(head["heads"])
+                # none before the relation head could have its own layers
+                model.add_relation_head(head["heads"], head.get("layers", 0))
                 model.relation_thresholds = (head["keep"], head["add"])
             except (KeyError, TypeError):
                 raise UserError(

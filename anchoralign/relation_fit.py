@@ -9,6 +9,11 @@ pair of thresholds with the best dev score (the dataset's headline relation F1) 
 the head. ``choose_relation_thresholds`` alone chooses them again for a model that has a head
 (after a change of decoding flags, say). Sentences longer than the encoder takes are left out of the fit and keep the decoders'
 relations when the thresholds are chosen; the report counts them.
+
+With ``layers`` the head gets its own copy of the encoder's top layers, fine-tuned with it at
+``layer_lr``, as the span head does (``span_fit``): the encoder then runs once up to the input of
+those layers, which is what is kept, and the copy runs on every batch. The shared encoder is not
+touched, so the decoders and the span head read what they were trained on.
 """
 
 from __future__ import annotations
@@ -46,6 +51,10 @@ class FitConfig:
     batch_size: int = 16  # sentences per optimiser step
     seed: int = 0
     heads: int = 1  # trained side by side, their probabilities averaged
+    # The encoder's top layers the heads get their own fine-tuned copy of (0: they read the frozen
+    # encoder's output), and the copy's learning rate (the heads' is lr).
+    layers: int = 0
+    layer_lr: float = 5e-5
 
 
 @dataclass
@@ -80,6 +89,51 @@ def encoder_states(
                 else (words[j, :n], starts[j], peaks[j, :n].float())
             )
     return out
+
+
+def relation_states(
+    model: AnchorAlignModel, samples: Sequence[Sample], batch_size: int = 32
+) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """What the relation head reads of each sample (``AnchorAlignModel.relation_inputs``): its word
+    states [words, H] and start state [H] (float32, no gradient); None for a sample longer than the
+    encoder takes."""
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(samples)
+    for chunk, state in encoded_batches(model, samples, batch_size):
+        with torch.no_grad():
+            words, starts = model.relation_inputs(state)
+        for j, i in enumerate(chunk):
+            out[i] = (words[j, : len(samples[i].tokens)].float(), starts[j].float())
+    return out
+
+
+def layer_inputs(
+    model: AnchorAlignModel, samples: Sequence[Sample], layer: int, batch_size: int = 32
+) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Each sample's input to encoder layer ``layer`` [sub-words, H] (float32, no gradient; one of
+    the model's ``head_input_layers``) and the first sub-word of each of its words [words]; None
+    for a sample longer than the encoder takes."""
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(samples)
+    for chunk, state in encoded_batches(model, samples, batch_size):
+        for j, i in enumerate(chunk):
+            length = int(state.mask[j].sum())
+            out[i] = (
+                state.layer_inputs[layer][j, :length].float(),
+                state.word_starts[j, : len(samples[i].tokens)],
+            )
+    return out
+
+
+def padded_layer_inputs(
+    model: AnchorAlignModel, hidden: Sequence[torch.Tensor], word_starts: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of ``layer_inputs`` items padded, on the model's device and in its dtype: the states
+    [N,S,H], their attention mask [N,S] and the word starts [N,W]."""
+    states = pad_sequence(list(hidden), batch_first=True)
+    mask = pad_sequence([torch.ones(len(h), dtype=torch.long) for h in hidden], batch_first=True)
+    # Padding words point at sub-word 0, the start token: word_maxima treats them as no word.
+    starts = pad_sequence(list(word_starts), batch_first=True)
+    dtype = model.backbone.embed_tokens.weight.dtype
+    return states.to(model.device, dtype), mask.to(model.device), starts.to(model.device)
 
 
 def encoded_batches(
@@ -120,7 +174,7 @@ def scored_predictions(
     prediction's entities (none for a sentence too long to encode whole) and the number of those
     sentences."""
     predicted = list(predicted) if predicted is not None else decoder_predictions(model, gold, decode_cfg)
-    states = encoder_states(model, predicted)
+    states = relation_states(model, predicted)
     with torch.no_grad():
         scored = [
             {} if state is None else relation_scores(model, state[0], state[1], sample)
@@ -155,16 +209,22 @@ def fit_relation_head(
 def train_relation_head(
     model: AnchorAlignModel, train: Sequence[Sample], cfg: FitConfig, log: Callable[[str], None]
 ) -> tuple[list[float], int, int]:
-    """Add ``cfg.heads`` new relation heads to ``model`` and train them on ``train`` over the frozen
-    rest; the mean loss of each epoch, the sentences trained on and those too long to encode."""
+    """Add ``cfg.heads`` new relation heads (with their own ``cfg.layers`` top layers) to ``model``
+    and train them on ``train`` over the frozen rest; the mean loss of each epoch, the sentences
+    trained on and those too long to encode."""
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     model.requires_grad_(False)
-    model.add_relation_head(cfg.heads)
-    heads = model.relation_head
+    model.add_relation_head(cfg.heads, cfg.layers)
+    heads, own = model.relation_head, model.relation_layers
     labels = model.labels
 
-    states = encoder_states(model, train)
+    # (word states [W, H] and start state [H]; with own layers: their input [S, H] and word starts [W])
+    states = (
+        layer_inputs(model, train, model.input_layer(own))
+        if own is not None
+        else relation_states(model, train)
+    )
     items = []
     for sample, state in zip(train, states, strict=True):
         spans, triples = structure(sample)
@@ -180,17 +240,28 @@ def train_relation_head(
     n_too_long = sum(s is None for s in states)
     log(f"{len(items)} training sentences with entity pairs ({n_too_long} too long for the encoder)")
 
-    # The heads' parameters are disjoint, so one optimiser over the summed loss trains each on its own.
-    optimizer = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # The heads' parameters are disjoint, so one optimiser over the summed loss trains each on its
+    # own; their shared copy of the top layers, if any, learns from all of them.
+    groups = [{"params": list(heads.parameters()), "lr": cfg.lr}]
+    trained: list[torch.nn.Module] = [heads]
+    if own is not None:
+        groups.append({"params": list(own.parameters()), "lr": cfg.layer_lr})
+        trained.append(own)
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     losses = []
     for epoch in range(cfg.epochs):
-        heads.train()
+        for module in trained:
+            module.train()
         rng.shuffle(items)
         total = 0.0
         for begin in range(0, len(items), cfg.batch_size):
             batch = items[begin : begin + cfg.batch_size]
-            words = pad_sequence([item[0] for item in batch], batch_first=True)
-            starts = torch.stack([item[1] for item in batch])
+            if own is not None:
+                padded = padded_layer_inputs(model, [item[0] for item in batch], [item[1] for item in batch])
+                words, starts = model.relation_features(*padded)
+            else:
+                words = pad_sequence([item[0] for item in batch], batch_first=True)
+                starts = torch.stack([item[1] for item in batch])
             entities, pairs = pair_inputs([(item[2], item[3]) for item in batch], words.device)
             targets = torch.cat([item[4] for item in batch]).to(words.device)
             logits = heads.logits(words, starts, entities, pairs)
@@ -201,7 +272,8 @@ def train_relation_head(
             total += loss.item() * len(batch) / cfg.heads
         losses.append(total / len(items))
         log(f"epoch {epoch + 1}/{cfg.epochs}: loss {losses[-1]:.4f}")
-    heads.eval()
+    for module in trained:
+        module.eval()
     return losses, len(items), n_too_long
 
 

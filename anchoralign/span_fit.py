@@ -36,8 +36,9 @@ from anchoralign.model import AnchorAlignModel
 from anchoralign.relation_fit import (
     choose_relation_thresholds,
     decoder_predictions,
-    encoded_batches,
     encoder_states,
+    layer_inputs,
+    padded_layer_inputs,
 )
 from anchoralign.schema import DatasetMeta, Sample
 from anchoralign.span_head import span_labels, span_loss, too_wide
@@ -124,7 +125,7 @@ def train_span_head(
 
     if cfg.layers:
         # (input of the head's own layers [S, H], first sub-word of each word [W], mentions)
-        inputs = span_layer_inputs(model, train)
+        inputs = layer_inputs(model, train, model.input_layer(model.span_layers))
         items = [(x[0], x[1], structure(s)[0]) for s, x in zip(train, inputs, strict=True) if x is not None]
     else:
         # (word states [W, H], word maxima [W, H] or None, mentions)
@@ -180,29 +181,10 @@ def train_span_head(
     return losses, len(items), n_too_long, n_too_wide
 
 
-def span_layer_inputs(
-    model: AnchorAlignModel, samples: Sequence[Sample], batch_size: int = 32
-) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-    """Each sample's input to the span head's own layers [sub-words, H] (float32, no gradient) and
-    the first sub-word of each of its words [words]; None for a sample longer than the encoder takes."""
-    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(samples)
-    for chunk, state in encoded_batches(model, samples, batch_size):
-        for j, i in enumerate(chunk):
-            length = int(state.mask[j].sum())
-            out[i] = (state.span_input[j, :length].float(), state.word_starts[j, : len(samples[i].tokens)])
-    return out
-
-
 def layer_features(
     model: AnchorAlignModel, batch: Sequence[tuple[torch.Tensor, torch.Tensor, object]]
 ) -> tuple[torch.Tensor, ...]:
     """The span head's inputs (``AnchorAlignModel.span_features``) for a batch of
-    ``span_layer_inputs`` items, padded, through the head's own layers."""
-    hidden = pad_sequence([item[0] for item in batch], batch_first=True)
-    mask = pad_sequence([torch.ones(len(item[0]), dtype=torch.long) for item in batch], batch_first=True)
-    # Padding words point at sub-word 0, the start token: word_maxima treats them as no word.
-    word_starts = pad_sequence([item[1] for item in batch], batch_first=True)
-    dtype = model.backbone.embed_tokens.weight.dtype
-    return model.span_features(
-        hidden.to(model.device, dtype), mask.to(model.device), word_starts.to(model.device)
-    )
+    ``relation_fit.layer_inputs`` items, padded, through the head's own layers."""
+    padded = padded_layer_inputs(model, [item[0] for item in batch], [item[1] for item in batch])
+    return model.span_features(*padded)

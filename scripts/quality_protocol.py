@@ -31,7 +31,9 @@ Per seed:
 4. ``head`` (asked for in ``--steps``): ``anchoralign fit-relation-head`` on each setting's ``best/``
    (a pair classifier over the frozen encoder, its vote thresholds chosen on dev), evaluated like
    the others as ``relation_head`` (of ``full``; ``pretrain_NAME_relation_head`` after pretraining)
-   or ``<setting>_relation_head`` (``--heads K``: K heads averaged, ``relation_headK``); its decoding ablations, asked for by name: ``relation_head_fixed``
+   or ``<setting>_relation_head`` (``--heads K``: K heads averaged, ``relation_headK``;
+   ``--relation-layers K``: the head with its own fine-tuned copy of the encoder's top K layers,
+   ``relation_head_topK``); its decoding ablations, asked for by name: ``relation_head_fixed``
    (the vote at 0.5 / 0.5, not the dev-chosen thresholds) and ``relation_head_add_only`` (the head
    only adds relations).
 5. ``span`` (asked for in ``--steps``): ``anchoralign fit-span-head`` on each setting's ``best/``
@@ -195,6 +197,9 @@ SPAN_FIT = "span_fit"
 # The encoder's top layers the span step's head gets its own copy of (fit-span-head --layers): the
 # recipe's two since 2026-12-02; 0 gives the committed span_fit results of the frozen encoder.
 SPAN_LAYERS = 2
+# The same for the head step's relation head (fit-relation-head --layers): none by default; K > 0
+# names its results relation_head_topK.
+RELATION_LAYERS = 0
 # What --steps may name, in the order a seed runs them.
 STEPS = ("pretrain", "ce", "ce_heads", "align", "eval", "span", "head")
 # Decoding ablations: evaluate flags on the checkpoints of a training setting.
@@ -227,9 +232,11 @@ DECODING = {
 }
 
 
-def head_setting(setting: str, heads: int = 1) -> str:
-    """The head result's name: ``relation_head`` of ``full`` (``relation_head5`` with ``--heads 5``)."""
-    return fitted_setting(setting, HEAD if heads == 1 else f"{HEAD}{heads}")
+def head_setting(setting: str, heads: int = 1, layers: int = 0) -> str:
+    """The head result's name: ``relation_head`` of ``full`` (``relation_head5`` with ``--heads 5``,
+    ``relation_head_top2`` with ``--relation-layers 2``)."""
+    name = HEAD if heads == 1 else f"{HEAD}{heads}"
+    return fitted_setting(setting, name if layers == 0 else f"{name}_top{layers}")
 
 
 def fitted_setting(setting: str, fit: str) -> str:
@@ -382,8 +389,12 @@ def fit_head(args: argparse.Namespace, setting: str, seed: int, trained_head: bo
     """``fit-relation-head`` on the setting's ``best/``, written as the ``best/`` of its head setting;
     ``trained_head``: the checkpoint has a relation head trained with the model, whose thresholds
     alone are chosen."""
-    out = run_dir(args, head_setting(setting, args.heads), seed) / "best"
-    extra = ["--thresholds-only"] if trained_head else [f"--heads={args.heads}"]
+    out = run_dir(args, head_setting(setting, args.heads, args.relation_layers), seed) / "best"
+    extra = (
+        ["--thresholds-only"]
+        if trained_head
+        else [f"--heads={args.heads}", f"--layers={args.relation_layers}"]
+    )
     fit(args, "fit-relation-head", setting, seed, out, extra)
 
 
@@ -406,7 +417,7 @@ def fit_ce_heads(args: argparse.Namespace, seed: int) -> None:
     fit_span(args, "ce", seed, name="ce_only")
     span = fitted_setting("ce_only", span_fit(args))
     fit_head(args, span, seed, trained_head=False)
-    head = head_setting(span, args.heads)
+    head = head_setting(span, args.heads, args.relation_layers)
     evaluate(args, head, head, seed, [])
 
 
@@ -815,6 +826,14 @@ def main() -> None:
         f"(fit-span-head --layers; default {SPAN_LAYERS}; results named span_fit_topK, span_fit for 0)",
     )
     p.add_argument(
+        "--relation-layers",
+        type=int,
+        default=RELATION_LAYERS,
+        metavar="K",
+        help="the head step's relation head gets its own fine-tuned copy of the encoder's top K layers "
+        f"(fit-relation-head --layers; default {RELATION_LAYERS}; results named relation_head_topK for K > 0)",
+    )
+    p.add_argument(
         "--ce-stop-after",
         type=int,
         default=CE_STOP_AFTER_EPOCH,
@@ -862,6 +881,8 @@ def main() -> None:
     args.data_dir = args.data_dir.resolve()
     if args.span_layers < 0:
         p.error("--span-layers: 0 or more")
+    if args.relation_layers < 0:
+        p.error("--relation-layers: 0 or more")
     if args.ce_epochs is not None and args.ce_epochs < 3:
         p.error("--ce-epochs: at least 3 (2 of curriculum warm-up, then the whole training set)")
     if not 1 <= args.ce_stop_after <= 30 or (
@@ -921,7 +942,7 @@ def main() -> None:
                 evaluate(args, base, base, seed, [])
             if "head" in steps:
                 fit_head(args, base, seed, trained_head=setting in RELATION_HEADS)
-                name = head_setting(base, args.heads)
+                name = head_setting(base, args.heads, args.relation_layers)
                 evaluate(args, name, name, seed, [])
         if "eval" in steps:
             for name, (trained, flags) in DECODING.items():

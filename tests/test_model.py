@@ -358,7 +358,7 @@ def test_span_head_own_layers_start_as_the_encoders_and_round_trip(backbone, tmp
         model.add_span_head(3, pooled=True, layers=layers)
         model.span_head = head  # the same head, over its own layers
         model.span_layers.eval()
-        assert model.n_span_layers == layers and model.span_input_layer == n_layers - layers
+        assert model.n_span_layers == layers and model.head_input_layers == (n_layers - layers,)
         with torch.no_grad():
             torch.testing.assert_close(model.span_logits(model.encode(batch)), shared)
     # Copies, not the encoder's own modules: fitting them leaves the encoder as it was.
@@ -378,3 +378,54 @@ def test_span_head_own_layers_start_as_the_encoders_and_round_trip(backbone, tmp
         torch.testing.assert_close(loaded.span_logits(loaded.encode(batch)), moved)
     with pytest.raises(UserError, match="between 0 and the encoder's"):
         model.add_span_head(3, layers=n_layers + 1)
+
+
+@pytest.mark.parametrize("backbone", ["bart", "bert"])
+def test_relation_head_own_layers_start_as_the_encoders_and_round_trip(backbone, tmp_path):
+    # As the span head's: before any fit, the relation head over its own copy of the top layers
+    # reads exactly what it reads over the shared output, beside a span head with a copy of another depth.
+    if backbone == "bart":
+        model = tiny_model().eval()
+    else:
+        model = AnchorAlignModel.from_backbone(str(save_tiny_bert(tmp_path / "bert")), TOY_META).eval()
+    n_layers = len(model.backbone.encoder_layers)
+    batch = model.collator()(toy_samples())
+    model.add_span_head(3, layers=1)
+    model.add_relation_head()
+    model.eval()  # new modules start in training mode: no dropout in what is compared
+    with torch.no_grad():
+        state = model.encode(batch)
+        shared = model.relation_inputs(state)
+        spans = model.span_logits(state)
+    torch.testing.assert_close(shared[0], model.word_states(state))
+    torch.testing.assert_close(shared[1], state.hidden[:, 0])
+    for layers in (n_layers, 1):
+        model.add_relation_head(layers=layers)
+        model.eval()
+        assert model.n_relation_layers == layers
+        assert model.head_input_layers == tuple(sorted({n_layers - 1, n_layers - layers}))
+        with torch.no_grad():
+            state = model.encode(batch)
+            for own, expected in zip(model.relation_inputs(state), shared, strict=True):
+                torch.testing.assert_close(own, expected)
+            torch.testing.assert_close(model.span_logits(state), spans)
+    # The relation head's copy is its own, not the span head's or the encoder's.
+    assert (
+        model.relation_layers[0].parameters().__next__() is not model.span_layers[0].parameters().__next__()
+    )
+    with torch.no_grad():
+        for p in model.relation_layers.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+        moved = model.relation_inputs(model.encode(batch))
+        torch.testing.assert_close(model.span_logits(model.encode(batch)), spans)
+    assert not torch.allclose(moved[0], shared[0])
+    model.save_pretrained(tmp_path / "ck")
+    config = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert config["relation_head"]["layers"] == 1
+    loaded = AnchorAlignModel.from_pretrained(tmp_path / "ck")
+    assert loaded.n_relation_layers == 1 and loaded.parameter_counts() == model.parameter_counts()
+    with torch.no_grad():
+        for own, expected in zip(loaded.relation_inputs(loaded.encode(batch)), moved, strict=True):
+            torch.testing.assert_close(own, expected)
+    with pytest.raises(UserError, match="the relation head's own layers must be between 0"):
+        model.add_relation_head(layers=n_layers + 1)

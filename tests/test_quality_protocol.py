@@ -435,6 +435,26 @@ def test_span_layers_give_the_span_fit_its_own_top_layers_and_its_own_name(share
     assert refused.returncode == 2 and "--span-layers" in refused.stderr
 
 
+def test_relation_layers_give_the_head_its_own_top_layers_and_its_own_name(shared_data, tmp_path):
+    runs = tmp_path / "runs"
+    flags = ["--seeds", "4", "--settings", "full", "--steps", "span,head", "--dry-run", "--runs", str(runs)]
+    done = _protocol(shared_data, tmp_path / "out", *flags)
+    head = done.stdout.strip().splitlines()[3]
+    assert (
+        head.endswith("--heads=1 --layers=0")
+        and f"--output {runs}/span_fit_top2_relation_head/seed4/best" in head
+    )
+    done = _protocol(shared_data, tmp_path / "out", *flags, "--relation-layers", "2")
+    assert done.returncode == 0, done.stderr
+    _, _, _, head, test, dev = done.stdout.strip().splitlines()
+    assert head.endswith("--layers=2") and f"--checkpoint {runs}/span_fit_top2/seed4/best" in head
+    assert f"--output {runs}/span_fit_top2_relation_head_top2/seed4/best" in head
+    assert test.endswith(f"{tmp_path}/out/span_fit_top2_relation_head_top2/seed4/predictions.jsonl")
+    assert dev.endswith(f"{tmp_path}/out/span_fit_top2_relation_head_top2/seed4/dev/predictions.jsonl")
+    refused = _protocol(shared_data, tmp_path / "out", *flags, "--relation-layers", "-1")
+    assert refused.returncode == 2 and "--relation-layers" in refused.stderr
+
+
 def test_an_unknown_step_is_refused_before_anything_runs(shared_data, tmp_path):
     done = _protocol(shared_data, tmp_path / "out", "--steps", "ce,heads", "--dry-run")
     assert done.returncode == 2 and "--steps: unknown heads" in done.stderr

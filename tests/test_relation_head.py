@@ -139,7 +139,7 @@ def with_head(tmp_path_factory) -> AnchorAlignModel:
 def test_a_relation_head_and_its_thresholds_are_saved_with_the_checkpoint(with_head, tmp_path: Path) -> None:
     directory = with_head.save_pretrained(tmp_path / "ck")
     config = json.loads((directory / "config.json").read_text())
-    assert config["relation_head"] == {"keep": 0.25, "add": 0.75, "heads": 2}
+    assert config["relation_head"] == {"keep": 0.25, "add": 0.75, "heads": 2, "layers": 0}
     loaded = AnchorAlignModel.from_pretrained(directory)
     assert loaded.relation_thresholds == (0.25, 0.75)
     for (name, p), (_, q) in zip(
@@ -147,6 +147,9 @@ def test_a_relation_head_and_its_thresholds_are_saved_with_the_checkpoint(with_h
     ):
         assert torch.equal(p, q), name
     assert loaded.parameter_counts()["relation_head"] > 0 and len(loaded.relation_head.heads) == 2
+    del config["relation_head"]["layers"]  # written before the head could have its own layers
+    (directory / "config.json").write_text(json.dumps(config))
+    assert AnchorAlignModel.from_pretrained(directory).n_relation_layers == 0
     config["relation_head"] = {"keep": 0.25}
     (directory / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="relation_head must hold keep, add and heads"):
@@ -159,8 +162,8 @@ def test_a_relation_head_and_its_thresholds_are_saved_with_the_checkpoint(with_h
 def _prediction_of(model: AnchorAlignModel, sample: Sample) -> tuple[Prediction, torch.Tensor, torch.Tensor]:
     batch = model.collator().inputs([sample])
     with torch.no_grad():
-        state = model.encode(batch)
-        return Prediction(sample=sample, valid=True), model.word_states(state)[0], state.hidden[0, 0]
+        words, starts = model.relation_inputs(model.encode(batch))
+        return Prediction(sample=sample, valid=True), words[0], starts[0]
 
 
 def test_the_vote_rewrites_the_relations_between_the_reported_entities(with_head) -> None:
@@ -214,6 +217,32 @@ def test_fitting_learns_the_training_relations_and_chooses_thresholds_on_dev() -
     assert {t for t, p in scores.items() if p > 0.5} == gold
 
 
+def test_fitting_with_own_layers_trains_their_copy_and_leaves_the_rest_frozen() -> None:
+    model = tiny_model()
+    model.add_span_head(3, layers=1)  # a span head's own copy is not the relation head's
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    n_layers = len(model.backbone.encoder_layers)
+    cfg = FitConfig(epochs=40, lr=1e-2, layers=2, layer_lr=1e-3)
+    report = fit_relation_head(model, _type_rule_data(), toy_samples(), TOY_META, cfg)
+    assert model.n_relation_layers == 2 and model.n_span_layers == 1
+    assert model.head_input_layers == (n_layers - 2, n_layers - 1)
+    assert report.losses[-1] < report.losses[0] / 4 and report.n_train == 8
+    for name, value in model.state_dict().items():
+        if not name.startswith(("relation_head.", "relation_layers.")):
+            assert torch.equal(value, before[name]), name
+    # Each copy started as its encoder layer and was trained away from it.
+    for k in range(2):
+        top = f"backbone.encoder.layers.{n_layers - 2 + k}."
+        own = {n: v for n, v in model.state_dict().items() if n.startswith(f"relation_layers.{k}.")}
+        assert any(not torch.equal(v, before[top + n.split(".", 2)[2]]) for n, v in own.items())
+    assert not model.relation_layers.training and not model.relation_head.training
+    sample = toy_samples()[0]
+    _, words, start = _prediction_of(model, sample)
+    with torch.no_grad():
+        scores = relation_scores(model, words, start, sample)
+    assert {t for t, p in scores.items() if p > 0.5} == {(ANN, ACME, "Work_For"), (ANN, OSLO, "Live_In")}
+
+
 def test_fit_relation_head_command_writes_a_checkpoint_that_evaluate_uses(tmp_path: Path, capsys) -> None:
     checkpoint = tiny_model().save_pretrained(tmp_path / "ck")
     data = write_user_dataset(tmp_path / "toy", TOY_META, {"train": _type_rule_data(), "dev": toy_samples()})
@@ -258,6 +287,17 @@ def test_fit_relation_head_command_writes_a_checkpoint_that_evaluate_uses(tmp_pa
     assert scored["off"]["ner_tp"] == scored["head"]["ner_tp"]  # the head decides relations only
     code, _, err = cli(["fit-relation-head", *args], capsys)
     assert code != 0 and "not empty" in err
+    base = ["--checkpoint", checkpoint, "--dataset", data, "--max-len", "8", "--output"]
+    code, _, err = cli(["fit-relation-head", *base, tmp_path / "neg", "--layers", "-1"], capsys)
+    assert code != 0 and "--layers must be at least 0" in err and not (tmp_path / "neg").exists()
+    options = ["--epochs", "2", "--layers", "1", "--layer-lr", "0.001", "--json"]
+    code, _, err = cli(["fit-relation-head", *base, tmp_path / "own", *options], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "own" / "relation_head.json").read_text())
+    assert report["fit"]["layers"] == 1 and report["fit"]["layer_lr"] == 0.001
+    config = json.loads((tmp_path / "own" / "config.json").read_text())
+    assert config["relation_head"]["layers"] == 1 and config["parameters"]["relation_layers"] > 0
+    assert AnchorAlignModel.from_pretrained(tmp_path / "own").n_relation_layers == 1
     again = ["--dataset", data, "--max-len", "8", "--thresholds-only", "--eos-penalty", "1", "--json"]
     code, printed, err = cli(
         ["fit-relation-head", "--checkpoint", out, "--output", tmp_path / "again", *again], capsys
