@@ -339,14 +339,18 @@ def test_decoder_input_is_saved_with_the_checkpoint(tmp_path):
         tiny_model(decoder_input="embedding")
 
 
+def _tiny_of(backbone: str, tmp_path) -> AnchorAlignModel:
+    """A tiny model of either backbone family, in eval mode."""
+    if backbone == "bart":
+        return tiny_model().eval()
+    return AnchorAlignModel.from_backbone(str(save_tiny_bert(tmp_path / "bert")), TOY_META).eval()
+
+
 @pytest.mark.parametrize("backbone", ["bart", "bert"])
 def test_span_head_own_layers_start_as_the_encoders_and_round_trip(backbone, tmp_path):
     # A copy of the top layers, run on their input, gives the encoder's own output: before any fit,
     # a head over its own layers scores every span as the same head over the shared output does.
-    if backbone == "bart":
-        model = tiny_model().eval()
-    else:
-        model = AnchorAlignModel.from_backbone(str(save_tiny_bert(tmp_path / "bert")), TOY_META).eval()
+    model = _tiny_of(backbone, tmp_path)
     n_layers = len(model.backbone.encoder_layers)
     batch = model.collator()(toy_samples())
     torch.manual_seed(0)
@@ -384,10 +388,7 @@ def test_span_head_own_layers_start_as_the_encoders_and_round_trip(backbone, tmp
 def test_relation_head_own_layers_start_as_the_encoders_and_round_trip(backbone, tmp_path):
     # As the span head's: before any fit, the relation head over its own copy of the top layers
     # reads exactly what it reads over the shared output, beside a span head with a copy of another depth.
-    if backbone == "bart":
-        model = tiny_model().eval()
-    else:
-        model = AnchorAlignModel.from_backbone(str(save_tiny_bert(tmp_path / "bert")), TOY_META).eval()
+    model = _tiny_of(backbone, tmp_path)
     n_layers = len(model.backbone.encoder_layers)
     batch = model.collator()(toy_samples())
     model.add_span_head(3, layers=1)

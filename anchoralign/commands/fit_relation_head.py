@@ -34,19 +34,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"heads trained side by side, their probabilities averaged (default {defaults.heads})",
     )
     p.add_argument(
-        "--layers",
-        type=int,
-        default=defaults.layers,
-        help="the encoder's top layers the heads get their own copy of, fine-tuned with them "
-        f"(default {defaults.layers}: the heads read the frozen encoder's output)",
-    )
-    p.add_argument(
-        "--layer-lr",
-        type=float,
-        default=defaults.layer_lr,
-        help=f"learning rate of the heads' own layers (default {defaults.layer_lr})",
-    )
-    p.add_argument(
         "--thresholds-only",
         action="store_true",
         help="keep the checkpoint's relation head and only choose its thresholds again on the dev split "
@@ -61,8 +48,6 @@ def run(args: argparse.Namespace) -> int:
 
     if args.heads < 1:
         raise UserError(f"--heads must be at least 1, got {args.heads}")
-    if args.layers < 0:
-        raise UserError(f"--layers must be at least 0, got {args.layers}")
     splits = [args.dev_split] if args.thresholds_only else [args.train_split, args.dev_split]
     meta, data, model = load_for_fit(args, splits)
     dev = data[args.dev_split]

@@ -42,19 +42,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=defaults.pooled,
         help="read the maximum over each span's sub-words beside its first and last word (default: on)",
     )
-    p.add_argument(
-        "--layers",
-        type=int,
-        default=defaults.layers,
-        help="the encoder's top layers the head gets its own copy of, fine-tuned with it "
-        f"(default {defaults.layers}; 0: the head reads the frozen encoder's output)",
-    )
-    p.add_argument(
-        "--layer-lr",
-        type=float,
-        default=defaults.layer_lr,
-        help=f"learning rate of the head's own layers (default {defaults.layer_lr})",
-    )
     add_decoding_arguments(p)
 
 
@@ -64,8 +51,6 @@ def run(args: argparse.Namespace) -> int:
 
     if args.width < 1:
         raise UserError(f"--width must be at least 1, got {args.width}")
-    if args.layers < 0:
-        raise UserError(f"--layers must be at least 0, got {args.layers}")
     meta, data, model = load_for_fit(args, [args.train_split, args.dev_split])
     cfg = SpanFitConfig(
         width=args.width,

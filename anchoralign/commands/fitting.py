@@ -26,7 +26,8 @@ def add_fit_command(
     defaults: Any,
 ) -> argparse.ArgumentParser:
     """A fit command's parser with the options every fit takes (``defaults``: its fit config,
-    for the epochs, learning rate and seed); the caller adds its own, then the decoding flags."""
+    for the epochs, learning rate, seed and the head's own layers); the caller adds its own, then
+    the decoding flags."""
     p = add_command(
         subparsers,
         name,
@@ -52,6 +53,19 @@ def add_fit_command(
     p.add_argument("--epochs", type=int, default=epochs, help=f"default {epochs}")
     p.add_argument("--lr", type=float, default=lr, help=f"default {lr}")
     p.add_argument("--seed", type=int, default=seed, help=f"default {seed}")
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=defaults.layers,
+        help="the encoder's top layers the head gets its own copy of, fine-tuned with it "
+        f"(default {defaults.layers}; 0: it reads the frozen encoder's output)",
+    )
+    p.add_argument(
+        "--layer-lr",
+        type=float,
+        default=defaults.layer_lr,
+        help=f"learning rate of the head's own layers (default {defaults.layer_lr})",
+    )
     return p
 
 
@@ -65,6 +79,8 @@ def load_for_fit(args: argparse.Namespace, splits: list[str]) -> tuple[Any, dict
         raise UserError(f"--output {out} exists and is not empty; give a new directory")
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {args.epochs}")
+    if args.layers < 0:
+        raise UserError(f"--layers must be at least 0, got {args.layers}")
     meta = get_meta(args.dataset, args.data_dir)
     data = {split: load_split(args.dataset, split, args.data_dir, fold=args.fold) for split in splits}
     for split, samples in data.items():
