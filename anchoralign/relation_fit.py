@@ -40,7 +40,6 @@ from anchoralign.relation_head import (
     typed_spans,
 )
 from anchoralign.schema import DatasetMeta, Sample
-from anchoralign.span_head import word_maxima
 
 
 @dataclass(frozen=True)
@@ -67,28 +66,6 @@ class FitReport:
     n_train: int  # training sentences with at least one pair of entities (0: thresholds only)
     n_too_long: int  # training and dev sentences the encoder cannot take whole
     losses: list[float] = field(default_factory=list)  # mean loss per sentence and head, per epoch
-
-
-def encoder_states(
-    model: AnchorAlignModel, samples: Sequence[Sample], batch_size: int = 32, maxima: bool = False
-) -> list[tuple[torch.Tensor, ...] | None]:
-    """Each sample's word states [words, H] and start state [H] (float32, no gradient), with
-    ``maxima`` also its word maxima [words, H] (``span_head.word_maxima``); None for a sample
-    longer than the encoder takes."""
-    out: list[tuple[torch.Tensor, ...] | None] = [None] * len(samples)
-    for chunk, state in encoded_batches(model, samples, batch_size):
-        with torch.no_grad():
-            words = model.word_states(state)
-            peaks = word_maxima(state.hidden, words, state.word_starts, state.mask) if maxima else None
-            words, starts = words.float(), state.hidden[:, 0].float()
-        for j, i in enumerate(chunk):
-            n = len(samples[i].tokens)
-            out[i] = (
-                (words[j, :n], starts[j])
-                if peaks is None
-                else (words[j, :n], starts[j], peaks[j, :n].float())
-            )
-    return out
 
 
 def relation_states(

@@ -36,7 +36,7 @@ from anchoralign.model import AnchorAlignModel
 from anchoralign.relation_fit import (
     choose_relation_thresholds,
     decoder_predictions,
-    encoder_states,
+    encoded_batches,
     layer_inputs,
     padded_layer_inputs,
 )
@@ -129,11 +129,11 @@ def train_span_head(
         items = [(x[0], x[1], structure(s)[0]) for s, x in zip(train, inputs, strict=True) if x is not None]
     else:
         # (word states [W, H], word maxima [W, H] or None, mentions)
-        states = encoder_states(model, train, maxima=cfg.pooled)
+        inputs = frozen_span_inputs(model, train)
         items = [
-            (state[0], state[2] if cfg.pooled else None, structure(s)[0])
-            for s, state in zip(train, states, strict=True)
-            if state is not None
+            (x[0], x[1] if cfg.pooled else None, structure(s)[0])
+            for s, x in zip(train, inputs, strict=True)
+            if x is not None
         ]
     if not items:
         raise ValueError("no training sentence fits the encoder: nothing to fit a span head on")
@@ -179,6 +179,21 @@ def train_span_head(
     for module in trained:
         module.eval()
     return losses, len(items), n_too_long, n_too_wide
+
+
+def frozen_span_inputs(
+    model: AnchorAlignModel, samples: Sequence[Sample], batch_size: int = 32
+) -> list[tuple[torch.Tensor, ...] | None]:
+    """Each sample's inputs of a span head over the frozen encoder's output
+    (``AnchorAlignModel.span_inputs``): its word states [words, H] and, for a pooled head, its word
+    maxima [words, H] (float32, no gradient); None for a sample longer than the encoder takes."""
+    out: list[tuple[torch.Tensor, ...] | None] = [None] * len(samples)
+    for chunk, state in encoded_batches(model, samples, batch_size):
+        with torch.no_grad():
+            features = model.span_inputs(state)
+        for j, i in enumerate(chunk):
+            out[i] = tuple(f[j, : len(samples[i].tokens)].float() for f in features)
+    return out
 
 
 def layer_features(
