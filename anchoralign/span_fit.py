@@ -14,10 +14,11 @@ the entities reported, which have just changed, so its thresholds are chosen aga
 
 The head has its own copy of the encoder's top ``layers`` layers (two by default; 0: none, the
 head reads the encoder's output), fine-tuned with it at ``layer_lr``: the encoder then runs once
-up to the input of those layers, which is what is kept, and the copy runs on every batch. The shared encoder is not touched, so the decoders and a relation head read
-what they were trained on. Why: a frozen encoder trained for generation caps what a head over its
-output can find; letting its top layers adapt to spans is what span-based extractors do with the
-whole encoder, at a fraction of the cost (BENCHMARKS.md, "The span head's own top layers").
+up to the input of those layers, which is what is kept, and the copy runs on every batch. The
+shared encoder is not touched, so the decoders and a relation head read what they were trained on.
+Why: a frozen encoder trained for generation caps what a head over its output can find; letting
+its top layers adapt to spans is what span-based extractors do with the whole encoder, at a
+fraction of the cost (BENCHMARKS.md, "The span head's own top layers").
 """
 
 from __future__ import annotations

@@ -235,8 +235,12 @@ DECODING = {
 def head_setting(setting: str, heads: int = 1, layers: int = 0) -> str:
     """The head result's name: ``relation_head`` of ``full`` (``relation_head5`` with ``--heads 5``,
     ``relation_head_top2`` with ``--relation-layers 2``)."""
-    name = HEAD if heads == 1 else f"{HEAD}{heads}"
-    return fitted_setting(setting, name if layers == 0 else f"{name}_top{layers}")
+    return fitted_setting(setting, with_layers(HEAD if heads == 1 else f"{HEAD}{heads}", layers))
+
+
+def with_layers(fit: str, layers: int) -> str:
+    """A fit's name with its head's own top layers: ``fit_topK``, ``fit`` itself for none."""
+    return fit if layers == 0 else f"{fit}_top{layers}"
 
 
 def fitted_setting(setting: str, fit: str) -> str:
@@ -400,7 +404,7 @@ def fit_head(args: argparse.Namespace, setting: str, seed: int, trained_head: bo
 
 def span_fit(args: argparse.Namespace) -> str:
     """The span step's result: ``span_fit``, or ``span_fit_topK`` with ``--span-layers K``."""
-    return SPAN_FIT if args.span_layers == 0 else f"{SPAN_FIT}_top{args.span_layers}"
+    return with_layers(SPAN_FIT, args.span_layers)
 
 
 def fit_span(args: argparse.Namespace, setting: str, seed: int, name: str | None = None) -> None:
