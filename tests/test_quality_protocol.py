@@ -397,6 +397,29 @@ def test_every_training_command_parses_against_its_stage_config(shared_data, tmp
     assert launched == [("pretrain/run.py", 1)] + [("sft/run.py", 1)] * 3
 
 
+def test_every_stage_2_setting_parses_and_the_gate_reaches_the_loss(shared_data, tmp_path):
+    """Each setting --settings may train is a valid SFT config; ``teacher_gate`` is ``full`` with
+    the NER-RE alignment gated on the teacher and nothing else changed."""
+    from anchoralign.config import SFTConfig
+    from anchoralign.stages import parse_args
+
+    protocol = _load_protocol()
+    flags = ["--seeds", "1", "--settings", ",".join(protocol.TRAINED), "--steps", "align", "--dry-run"]
+    flags += ["--pretrain", f"x={tmp_path / 'corpus'}"]  # `mix` trains on the corpus too
+    done = _protocol(shared_data, tmp_path / "out", *flags, "--runs", str(tmp_path / "runs"))
+    assert done.returncode == 0, done.stderr
+    configs = {}
+    for line in done.stdout.strip().splitlines():
+        _, _, script, *argv = line.split(" #")[0].split()
+        argv[argv.index("--config") + 1] = str(REPO / argv[argv.index("--config") + 1])
+        cfg = parse_args(SFTConfig, argv, prog=script)
+        configs[Path(cfg.output_dir).parent.name] = cfg
+    assert set(configs) == set(protocol.TRAINED)
+    full, gated = configs["full"], configs["teacher_gate"]
+    assert gated.loss.teacher_gate and not full.loss.teacher_gate
+    assert gated.model_copy(update={"loss": full.loss, "output_dir": full.output_dir}) == full
+
+
 def test_the_ce_heads_step_fits_both_heads_on_stage_1(shared_data, tmp_path):
     runs = tmp_path / "runs"
     flags = ["--seeds", "8", "--steps", "ce_heads", "--dry-run", "--model", "joint", "--runs", str(runs)]
