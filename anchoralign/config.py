@@ -199,6 +199,12 @@ class LossConfig(Section):
     teacher_gate: bool = Field(
         False, description="align only the positions where the NER teacher's top token is the gold one"
     )
+    align_temperature: float = Field(
+        1.0,
+        gt=0,
+        description="both alignment terms compare the decoders' distributions at logits / T, scaled by "
+        "T^2 (distillation); above 1 they carry more than the gold token of a one-hot teacher",
+    )
     align_positions: Literal["decision", "all"] = Field(
         "decision",
         description="decision: align only positions where both decoders make the same decision "

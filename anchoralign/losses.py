@@ -77,12 +77,18 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor, valid: torch.Tensor) -> torch.
 
 
 def _paired(
-    first: torch.Tensor, second: torch.Tensor, pairs: torch.Tensor, vocab_mask: torch.Tensor
+    first: torch.Tensor,
+    second: torch.Tensor,
+    pairs: torch.Tensor,
+    vocab_mask: torch.Tensor,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Log-probabilities [P,V] of both decoders at the paired positions, and their valid ids [P,V]."""
+    """Log-probabilities [P,V] of both decoders at the paired positions, softened by
+    ``temperature``, and their valid ids [P,V]."""
     b, t1, t2 = pairs.long().unbind(-1)
     valid = vocab_mask[b]
-    return masked_log_probs(first[b, t1], valid), masked_log_probs(second[b, t2], valid), valid
+    soft = [logits.float() / temperature for logits in (first[b, t1], second[b, t2])]
+    return masked_log_probs(soft[0], valid), masked_log_probs(soft[1], valid), valid
 
 
 def ner_re_alignment(
@@ -91,6 +97,7 @@ def ner_re_alignment(
     pairs: torch.Tensor,
     vocab_mask: torch.Tensor,
     ner_labels: torch.Tensor | None = None,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """Mean KL(p_NER || p_RE) over the paired positions; 0 without pairs.
 
@@ -102,6 +109,12 @@ def ner_re_alignment(
 
     With ``ner_labels`` [B,T] (the NER target), only the pairs whose teacher puts its highest
     probability on the gold id are kept: a teacher that is wrong there has nothing to teach.
+
+    ``temperature`` T > 1 compares both distributions softened (logits / T) and scales the mean by
+    T^2, as distillation does, so that the gradient keeps its size as T grows. Why: a decoder
+    converged on its training set is one-hot there (CoNLL04, the NER teacher at stage 2's start:
+    top probability 0.9998 on average at the aligned positions), and KL to a one-hot teacher is
+    just the student's cross-entropy on the same gold token, which it already has.
     """
     if ner_labels is not None and pairs.numel():
         b, t, _ = pairs.long().unbind(-1)
@@ -109,22 +122,27 @@ def ner_re_alignment(
         pairs = pairs[teacher_top == ner_labels[b, t]]
     if pairs.numel() == 0:
         return _zero(re_logits)
-    log_p, log_q, valid = _paired(ner_logits.detach(), re_logits, pairs, vocab_mask)
-    return _kl(log_p, log_q, valid).mean()
+    log_p, log_q, valid = _paired(ner_logits.detach(), re_logits, pairs, vocab_mask, temperature)
+    return temperature**2 * _kl(log_p, log_q, valid).mean()
 
 
 def fwd_rev_alignment(
-    fwd_logits: torch.Tensor, rev_logits: torch.Tensor, pairs: torch.Tensor, vocab_mask: torch.Tensor
+    fwd_logits: torch.Tensor,
+    rev_logits: torch.Tensor,
+    pairs: torch.Tensor,
+    vocab_mask: torch.Tensor,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """Mean symmetric KL 0.5 * (KL(p||q) + KL(q||p)) over paired positions; 0 without pairs.
 
     pairs [P,3] = (batch index, position in the forward target, position in the reverse target).
-    Neither decoder is the better one, so both receive gradient.
+    Neither decoder is the better one, so both receive gradient. ``temperature`` as in
+    :func:`ner_re_alignment`.
     """
     if pairs.numel() == 0:
         return _zero(fwd_logits)
-    log_p, log_q, valid = _paired(fwd_logits, rev_logits, pairs, vocab_mask)
-    return (0.5 * (_kl(log_p, log_q, valid) + _kl(log_q, log_p, valid))).mean()
+    log_p, log_q, valid = _paired(fwd_logits, rev_logits, pairs, vocab_mask, temperature)
+    return temperature**2 * (0.5 * (_kl(log_p, log_q, valid) + _kl(log_q, log_p, valid))).mean()
 
 
 def negative_suppression(
@@ -204,6 +222,7 @@ def loss_terms(
     teacher_logits: torch.Tensor | None = None,
     teacher_gate: bool = False,
     label_smoothing: float = 0.0,
+    align_temperature: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """Every term (unweighted; 0 for the inactive ones) and the weighted total ``loss``, as float32
     scalar tensors.
@@ -215,7 +234,8 @@ def loss_terms(
     ``teacher_logits``: the NER decoder's logits to align the RE decoders to (default: the NER
     logits of ``outputs``; the trainer passes a pass without dropout); with ``teacher_gate`` only
     the positions where the teacher's top id is the gold NER id are aligned; ``label_smoothing``
-    smooths the three cross-entropies (:func:`cross_entropy`). The NER-RE and
+    smooths the three cross-entropies (:func:`cross_entropy`); ``align_temperature`` softens both
+    alignment terms (:func:`ner_re_alignment`). The NER-RE and
     suppression terms average the forward and reverse decoders.
     """
     ner, fwd, rev = outputs["ner_logits"], outputs["fwd_logits"], outputs["rev_logits"]
@@ -228,11 +248,13 @@ def loss_terms(
         teacher = ner if teacher_logits is None else teacher_logits
         gold = batch["ner_labels"] if teacher_gate else None
         terms["kl_ner_re"] = 0.5 * (
-            ner_re_alignment(teacher, fwd, batch["ner_fwd_pairs"], vocab_mask, gold)
-            + ner_re_alignment(teacher, rev, batch["ner_rev_pairs"], vocab_mask, gold)
+            ner_re_alignment(teacher, fwd, batch["ner_fwd_pairs"], vocab_mask, gold, align_temperature)
+            + ner_re_alignment(teacher, rev, batch["ner_rev_pairs"], vocab_mask, gold, align_temperature)
         )
     if "kl_fwd_rev" in weights:
-        terms["kl_fwd_rev"] = fwd_rev_alignment(fwd, rev, batch["fwd_rev_pairs"], vocab_mask)
+        terms["kl_fwd_rev"] = fwd_rev_alignment(
+            fwd, rev, batch["fwd_rev_pairs"], vocab_mask, align_temperature
+        )
     if "suppress" in weights:
         neg_mask = batch["neg_mask"]
         terms["suppress"] = 0.5 * (

@@ -133,11 +133,14 @@ def describe_span_head(width: int, gold: Sequence[Sample], log: RunLog) -> None:
 
 
 def stage_loss(cfg: TrainConfig) -> Callable[..., dict[str, torch.Tensor]]:
-    """:func:`anchoralign.losses.loss_terms` with the config's label smoothing: one loss for
+    """:func:`anchoralign.losses.loss_terms` with the config's label smoothing and alignment
+    temperature: one loss for
     training and for the logged dev losses, so that the two stay comparable."""
     from anchoralign.losses import loss_terms
 
-    return functools.partial(loss_terms, label_smoothing=cfg.loss.label_smoothing)
+    return functools.partial(
+        loss_terms, label_smoothing=cfg.loss.label_smoothing, align_temperature=cfg.loss.align_temperature
+    )
 
 
 def run_stage(cfg: TrainConfig, meta: DatasetMeta, plan: Plan, log: RunLog) -> Path:

@@ -170,10 +170,16 @@ NER_HEADS = {"span_head": ["--trainer.grad_norm_every=58", *SPAN_HEAD]}
 RELATION_HEADS = {
     "pair_loss": ["--trainer.grad_norm_every=58", "--model.relation-heads=1", "--optim.new-lr-mult=10"]
 }
-# The full method with the NER-RE alignment gated on the teacher (loss.teacher_gate): only positions
-# where the NER decoder's top token is the gold one are aligned, so a wrong teacher teaches nothing.
-GATES = {"teacher_gate": ["--trainer.grad_norm_every=58", "--loss.teacher_gate=true"]}
-TRAINED = {**SETTINGS, **SWEEP, **ALIGN_VARIANTS, **GATES, **NER_HEADS, **RELATION_HEADS}  # every stage-2 setting
+# The full method with the alignment terms changed:
+# - teacher_gate (loss.teacher_gate): the NER-RE term only where the NER decoder's top token is the
+#   gold one, so that a wrong teacher teaches nothing;
+# - temperature_T (loss.align_temperature): both terms on distributions softened by T, because the
+#   decoders are one-hot on the training set once stage 1 has converged.
+ALIGN_LOSSES = {
+    "teacher_gate": ["--trainer.grad_norm_every=58", "--loss.teacher_gate=true"],
+    **{f"temperature_{t}": ["--trainer.grad_norm_every=58", f"--loss.align_temperature={t}"] for t in (2, 4)},
+}
+TRAINED = {**SETTINGS, **SWEEP, **ALIGN_VARIANTS, **ALIGN_LOSSES, **NER_HEADS, **RELATION_HEADS}  # every stage-2 setting
 # Model variants (--model): flags of both fine-tuning stages, so that the variant is trained from
 # stage 1 on; pretraining is shared with the plain model.
 # best/ chosen on the mean of dev NER and relation F1 rather than relations alone.
