@@ -361,6 +361,59 @@ def test_teacher_gate_keeps_only_pairs_the_teacher_gets_right():
     assert nothing_right.item() == 0.0
 
 
+def test_alignment_temperature_hand_computed():
+    # T = 2: the teacher's weights (1, 9) soften to (1, 3), p = (1/4, 3/4); the student's (1, 1)
+    # stay q = (1/2, 1/2). Both terms are scaled by T^2 = 4.
+    teacher, student = logits_of([1, 9, None]), logits_of([1, 1, None])
+    pairs = torch.tensor([[0, 0, 0]])
+    kl_pq = 0.25 * ln(0.5) + 0.75 * ln(1.5)
+    kl_qp = 0.5 * ln(2) + 0.5 * ln(2 / 3)
+    got = ner_re_alignment(teacher, student, pairs, MASK3, temperature=2.0)
+    assert got.item() == pytest.approx(4 * kl_pq)
+    sym = fwd_rev_alignment(teacher, student, pairs, MASK3, temperature=2.0)
+    assert sym.item() == pytest.approx(4 * 0.5 * (kl_pq + kl_qp))
+    # T = 1 is the plain term.
+    assert ner_re_alignment(teacher, student, pairs, MASK3, temperature=1.0).item() == pytest.approx(
+        ner_re_alignment(teacher, student, pairs, MASK3).item()
+    )
+
+
+def test_a_one_hot_teacher_teaches_its_ranking_only_when_softened():
+    # A converged teacher: gold id 0, id 1 second, id 2 last, and all but one-hot at T = 1.
+    teacher = torch.tensor([[[20.0, 10.0, 0.0]]])
+    # Two students with the same probability of the gold id (0.98) that rank the others apart.
+    agrees = logits_of([98, 1.5, 0.5])
+    disagrees = logits_of([98, 0.5, 1.5])
+    pairs = torch.tensor([[0, 0, 0]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+
+    def kl(student, t):
+        return ner_re_alignment(teacher, student, pairs, mask, temperature=t).item()
+
+    # At T = 1 the term is the student's cross-entropy on the gold id, whatever its ranking.
+    assert kl(agrees, 1.0) == pytest.approx(-ln(0.98), abs=1e-3)
+    assert kl(agrees, 1.0) == pytest.approx(kl(disagrees, 1.0), abs=1e-3)
+    # Softened, it prefers the student that ranks the other ids as the teacher does.
+    assert kl(disagrees, 4.0) > kl(agrees, 4.0) + 0.1
+
+
+def test_the_stage_loss_carries_the_alignment_temperature():
+    from types import SimpleNamespace
+
+    from anchoralign.stages import stage_loss
+
+    batch, outputs = random_batch()
+    w = weights()
+    # stage_loss reads the config's loss section only.
+    plain = stage_loss(SimpleNamespace(loss=LossConfig()))(outputs, batch, w)
+    soft = stage_loss(SimpleNamespace(loss=LossConfig(align_temperature=3.0)))(outputs, batch, w)
+    direct = loss_terms(outputs, batch, w, align_temperature=3.0)
+    for key in ("kl_ner_re", "kl_fwd_rev"):
+        assert soft[key].item() == pytest.approx(direct[key].item())
+        assert soft[key].item() != pytest.approx(plain[key].item())
+    assert soft["ce_ner"].item() == pytest.approx(plain["ce_ner"].item())
+
+
 @pytest.mark.parametrize(
     ("changed", "affected"),
     [
