@@ -91,6 +91,16 @@ def _paired(
     return masked_log_probs(soft[0], valid), masked_log_probs(soft[1], valid), valid
 
 
+def teacher_right(
+    ner_logits: torch.Tensor, pairs: torch.Tensor, vocab_mask: torch.Tensor, ner_labels: torch.Tensor
+) -> torch.Tensor:
+    """[P] bool: at each pair's NER position, whether the teacher's top valid id is the gold one
+    (``ner_labels`` [B,T], the NER target): the pairs ``teacher_gate`` keeps."""
+    b, t, _ = pairs.long().unbind(-1)
+    teacher_top = ner_logits[b, t].float().masked_fill(~vocab_mask[b], _MASKED).argmax(-1)
+    return teacher_top == ner_labels[b, t]
+
+
 def ner_re_alignment(
     ner_logits: torch.Tensor,
     re_logits: torch.Tensor,
@@ -117,9 +127,7 @@ def ner_re_alignment(
     just the student's cross-entropy on the same gold token, which it already has.
     """
     if ner_labels is not None and pairs.numel():
-        b, t, _ = pairs.long().unbind(-1)
-        teacher_top = ner_logits[b, t].float().masked_fill(~vocab_mask[b], _MASKED).argmax(-1)
-        pairs = pairs[teacher_top == ner_labels[b, t]]
+        pairs = pairs[teacher_right(ner_logits, pairs, vocab_mask, ner_labels)]
     if pairs.numel() == 0:
         return _zero(re_logits)
     log_p, log_q, valid = _paired(ner_logits.detach(), re_logits, pairs, vocab_mask, temperature)

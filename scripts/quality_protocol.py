@@ -179,7 +179,14 @@ ALIGN_LOSSES = {
     "teacher_gate": ["--trainer.grad_norm_every=58", "--loss.teacher_gate=true"],
     **{f"temperature_{t}": ["--trainer.grad_norm_every=58", f"--loss.align_temperature={t}"] for t in (2, 4)},
 }
-TRAINED = {**SETTINGS, **SWEEP, **ALIGN_VARIANTS, **ALIGN_LOSSES, **NER_HEADS, **RELATION_HEADS}  # every stage-2 setting
+TRAINED = {
+    **SETTINGS,
+    **SWEEP,
+    **ALIGN_VARIANTS,
+    **ALIGN_LOSSES,
+    **NER_HEADS,
+    **RELATION_HEADS,
+}  # every stage-2 setting
 # Model variants (--model): flags of both fine-tuning stages, so that the variant is trained from
 # stage 1 on; pretraining is shared with the plain model.
 # best/ chosen on the mean of dev NER and relation F1 rather than relations alone.
