@@ -14,6 +14,7 @@ Terms (weighted by :func:`term_weights`, the one place that says which are on, a
   an anchor entity that the NER decoder also emits, with the NER decoder as a fixed teacher;
 - forward-reverse alignment: symmetric KL between the two RE decoders on the positions of the
   gold triples both emit;
+- both alignment terms optionally on distributions softened by a temperature (``align_temperature``);
 - negative suppression: ``-log(1 - p(v))`` over the ids that occur in none of the sentence's gold
   targets, at every RE decoding step;
 - with a span head (``anchoralign.span_head``), the cross-entropy of its span classes.
