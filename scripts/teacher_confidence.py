@@ -24,10 +24,13 @@ from anchoralign.schema import Sample
 
 @dataclass(frozen=True)
 class Confidence:
-    pairs: int
-    right: int  # the teacher's top output is the gold one
+    right: int  # pairs where the teacher's top output is the gold one
     top_probs: list[float]  # the teacher's probability of its top output, one per pair
     entropies: list[float]  # nats, one per pair
+
+    @property
+    def pairs(self) -> int:
+        return len(self.top_probs)
 
     def row(self, name: str) -> str:
         top = sorted(self.top_probs)
@@ -62,7 +65,7 @@ def teacher_confidence(
             entropies += (-(p * log_p.clamp_min(-1e4)).sum(-1)).tolist()
     if not top_probs:
         raise SystemExit("no NER-RE pairs in these samples: nothing to measure")
-    return Confidence(len(top_probs), right, top_probs, entropies)
+    return Confidence(right, top_probs, entropies)
 
 
 def main() -> None:

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parent.parent
+from script_loader import load_script
 
 
 def test_bench_model_flops_by_hand() -> None:
-    spec = importlib.util.spec_from_file_location("bench_train", REPO / "scripts" / "bench_train.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_train")
     counts = {"encoder": 10, "decoder_ner": 20, "decoder_fwd": 20, "decoder_rev": 20}
     # Encoder 2*10*3 + 4*1*3*3*4 = 204; decoders 3 * (2*20*2 + 4*1*2*2*4 + 4*1*2*3*4) = 720; x3.
     assert bench.model_flops_per_sample(counts, d_model=4, layers=1, src=3, tgt=2) == 3 * (204 + 720)

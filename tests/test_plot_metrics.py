@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
+from script_loader import load_script
 from trainer_fixtures import Loss, ScriptedEvaluator, StandIn, cfg_of, collate, phases_of, sets_of
 
 from anchoralign.trainer import Trainer
@@ -15,10 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _plot_module():
-    spec = importlib.util.spec_from_file_location("plot_metrics", REPO / "scripts" / "plot_metrics.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("plot_metrics")
 
 
 def test_plot_series_by_hand() -> None:

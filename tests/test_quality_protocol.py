@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from script_loader import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -22,12 +23,7 @@ def _write(folder: Path, records: list[dict], metrics: dict | None) -> None:
 
 def _load_protocol():
     """The script as a module, for its functions."""
-    spec = importlib.util.spec_from_file_location(
-        "quality_protocol", REPO / "scripts" / "quality_protocol.py"
-    )
-    protocol = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(protocol)
-    return protocol
+    return load_script("quality_protocol")
 
 
 def _gold_records(shared_data: Path, split: str) -> list[dict]:
@@ -377,43 +373,41 @@ def test_errors_sort_each_gold_relation_by_why_it_was_missed(shared_data, tmp_pa
     assert missing.returncode != 0 and "no finished results" in missing.stderr
 
 
-def test_every_training_command_parses_against_its_stage_config(shared_data, tmp_path):
-    """The dry-run commands of a whole seed are valid configs of the scripts they launch (a flag
-    one stage does not have, such as SFT's ``fit`` section given to pretraining, fails here)."""
+def _launched_configs(stdout: str) -> list[tuple[str, object]]:
+    """Each training command a dry run printed ("+ PYTHON SCRIPT FLAGS... [# comment]"): its
+    script and the config the script parses from its flags."""
     from anchoralign.config import PretrainConfig, SFTConfig
     from anchoralign.stages import parse_args
 
+    configs = {"pretrain/run.py": PretrainConfig, "sft/run.py": SFTConfig}
+    launched = []
+    for line in stdout.strip().splitlines():
+        _, _, script, *argv = line.split(" #")[0].split()
+        argv[argv.index("--config") + 1] = str(REPO / argv[argv.index("--config") + 1])
+        launched.append((script, parse_args(configs[script], argv, prog=script)))
+    return launched
+
+
+def test_every_training_command_parses_against_its_stage_config(shared_data, tmp_path):
+    """The dry-run commands of a whole seed are valid configs of the scripts they launch (a flag
+    one stage does not have, such as SFT's ``fit`` section given to pretraining, fails here)."""
     flags = ["--seeds", "1", "--settings", "full,no_alignment", "--steps", "pretrain,ce,align"]
     flags += ["--dry-run", "--pretrain", f"x={tmp_path / 'corpus'}", "--model", "joint"]
     done = _protocol(shared_data, tmp_path / "out", *flags, "--runs", str(tmp_path / "runs"))
     assert done.returncode == 0, done.stderr
-    configs = {"pretrain/run.py": PretrainConfig, "sft/run.py": SFTConfig}
-    launched = []
-    for line in done.stdout.strip().splitlines():
-        _, _, script, *argv = line.split(" #")[0].split()  # "+ PYTHON SCRIPT FLAGS... [# comment]"
-        argv[argv.index("--config") + 1] = str(REPO / argv[argv.index("--config") + 1])
-        cfg = parse_args(configs[script], argv, prog=script)
-        launched.append((script, cfg.seed))
+    launched = [(script, cfg.seed) for script, cfg in _launched_configs(done.stdout)]
     assert launched == [("pretrain/run.py", 1)] + [("sft/run.py", 1)] * 3
 
 
 def test_every_stage_2_setting_parses_and_the_gate_reaches_the_loss(shared_data, tmp_path):
     """Each setting --settings may train is a valid SFT config; ``teacher_gate`` is ``full`` with
     the NER-RE alignment gated on the teacher and nothing else changed."""
-    from anchoralign.config import SFTConfig
-    from anchoralign.stages import parse_args
-
     protocol = _load_protocol()
     flags = ["--seeds", "1", "--settings", ",".join(protocol.TRAINED), "--steps", "align", "--dry-run"]
     flags += ["--pretrain", f"x={tmp_path / 'corpus'}"]  # `mix` trains on the corpus too
     done = _protocol(shared_data, tmp_path / "out", *flags, "--runs", str(tmp_path / "runs"))
     assert done.returncode == 0, done.stderr
-    configs = {}
-    for line in done.stdout.strip().splitlines():
-        _, _, script, *argv = line.split(" #")[0].split()
-        argv[argv.index("--config") + 1] = str(REPO / argv[argv.index("--config") + 1])
-        cfg = parse_args(SFTConfig, argv, prog=script)
-        configs[Path(cfg.output_dir).parent.name] = cfg
+    configs = {Path(cfg.output_dir).parent.name: cfg for _, cfg in _launched_configs(done.stdout)}
     assert set(configs) == set(protocol.TRAINED)
     full, gated = configs["full"], configs["teacher_gate"]
     assert gated.loss.teacher_gate and not full.loss.teacher_gate

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from model_fixtures import TOY_META, one_cpu_thread, tiny_model, toy_samples, write_user_dataset  # noqa: F401
-
-REPO = Path(__file__).resolve().parent.parent
+from script_loader import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location(
-        "teacher_confidence", REPO / "scripts" / "teacher_confidence.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("teacher_confidence")
 
 
 class FixedTeacher(torch.nn.Module):
