@@ -228,10 +228,37 @@ SPAN_LAYERS = 2
 # The same for the head step's relation head (fit-relation-head --layers): none by default; K > 0
 # names its results relation_head_topK.
 RELATION_LAYERS = 0
+
+
+def head_setting(setting: str, heads: int = 1, layers: int = 0) -> str:
+    """The head result's name: ``relation_head`` of ``full`` (``relation_head5`` with ``--heads 5``,
+    ``relation_head_top2`` with ``--relation-layers 2``)."""
+    return fitted_setting(setting, with_layers(HEAD if heads == 1 else f"{HEAD}{heads}", layers))
+
+
+def with_layers(fit: str, layers: int) -> str:
+    """A fit's name with its head's own top layers: ``fit_topK``, ``fit`` itself for none."""
+    return fit if layers == 0 else f"{fit}_top{layers}"
+
+
+def fitted_setting(setting: str, fit: str) -> str:
+    """A fit's result name: ``fit`` of ``full``, ``<setting>_<fit>`` of the others."""
+    return fit if setting == "full" else f"{setting}_{fit}"
+
+
 # What --steps may name, in the order a seed runs them.
 STEPS = ("pretrain", "ce", "ce_heads", "align", "eval", "span", "head")
+# The recipe's checkpoints: `full` with the span head (its own top layers) and the relation head
+# fitted on it (--steps align,span,head).
+RECIPE = head_setting(fitted_setting("full", with_layers(SPAN_FIT, SPAN_LAYERS)))
 # Decoding ablations: evaluate flags on the checkpoints of a training setting.
 DECODING = {
+    # The paper's decoding ablations on the recipe: the relation head votes on the relations that
+    # the decoders' output gives after the anchor constraint and the aggregation, so both still
+    # act there.
+    "recipe_no_constraint": (RECIPE, ["--anchor", "off"]),
+    "recipe_no_aggregation": (RECIPE, ["--aggregate", "false"]),
+    "recipe_no_both": (RECIPE, ["--anchor", "off", "--aggregate", "false"]),
     "no_constraint": ("full", ["--anchor", "off"]),
     "no_aggregation": ("full", ["--aggregate", "false"]),
     "no_both": ("full", ["--anchor", "off", "--aggregate", "false"]),
@@ -258,22 +285,6 @@ DECODING = {
     "span_fit_ner_entities": (SPAN_FIT, ["--entities", "ner"]),
     "span_fit_reported_anchor": (SPAN_FIT, ["--anchor", "reported"]),
 }
-
-
-def head_setting(setting: str, heads: int = 1, layers: int = 0) -> str:
-    """The head result's name: ``relation_head`` of ``full`` (``relation_head5`` with ``--heads 5``,
-    ``relation_head_top2`` with ``--relation-layers 2``)."""
-    return fitted_setting(setting, with_layers(HEAD if heads == 1 else f"{HEAD}{heads}", layers))
-
-
-def with_layers(fit: str, layers: int) -> str:
-    """A fit's name with its head's own top layers: ``fit_topK``, ``fit`` itself for none."""
-    return fit if layers == 0 else f"{fit}_top{layers}"
-
-
-def fitted_setting(setting: str, fit: str) -> str:
-    """A fit's result name: ``fit`` of ``full``, ``<setting>_<fit>`` of the others."""
-    return fit if setting == "full" else f"{setting}_{fit}"
 
 
 def _env() -> dict[str, str]:
