@@ -16,7 +16,8 @@ Per seed:
    entities) and ``pair_loss`` (``full`` with a relation head trained beside the decoders);
    ``best/`` by dev again;
 3. ``anchoralign evaluate`` of each ``best/`` on test, written as
-   ``benchmarks/quality/conll04/<setting>/seed<k>/predictions.jsonl`` and ``metrics.json``, and on
+   ``<out>/<result>/seed<k>/predictions.jsonl`` and ``metrics.json`` (``--out``, default
+   ``benchmarks/quality/conll04-rerun``; ``<result>`` is ``result_name`` below), and on
    dev, the same two files in ``seed<k>/dev/`` (committed for the settings measured since
    2026-12-01; earlier dev figures in BENCHMARKS.md were scored by hand), and the
    decoding ablations on the ``full`` checkpoints (``no_constraint``: no anchor-guided filter;
@@ -59,6 +60,14 @@ With ``--pretrain NAME=DIR`` every seed is first pretrained on the augment corpu
 cross-entropy stage starts from that model (with ``--ce-epochs N``, a stage 1 of N epochs on its
 own full schedule instead of 24 of 30): the settings ``pretrain_NAME`` (and
 ``pretrain_NAME_<setting>`` for others than ``full``) compare with ``full``, which has no pretraining.
+The pretrain step also evaluates the pretrained model itself (its ``final/``, where stage 1
+starts) as ``pretrain_NAME_pretrained``. ``--pretrain-setting S`` changes pretraining's alignment
+phase (``PRETRAIN_SETTINGS``: ``noalign``, cross-entropy only; ``gate``, the NER-RE term only where
+the NER teacher is right) and names everything after it ``pretrain_NAME_S``.
+
+The decoding ablations of the recipe (``recipe_no_constraint``, ``recipe_no_aggregation``,
+``recipe_no_both``, asked for by name with ``--steps eval``) evaluate the checkpoints of ``full``
+with both heads fitted (``--steps align,span,head``).
 
 With ``--model VARIANT`` (``MODELS``: ``span_head``, ``joint``, ``span_head_joint``, ``smooth``,
 ``span_head_joint_smooth``, ``long_ema``) both fine-tuning stages train that model variant, from
@@ -811,7 +820,8 @@ def checked_scores(args: argparse.Namespace, split: str) -> dict[str, dict[str, 
     gold = gold_split(args.data_dir, split)
     sub = SPLIT_FOLDERS[split]
     results: dict[str, dict[str, tuple[float, float, float]]] = {}
-    # no_pretrain is a link to full (issue 10's name for it): not a setting of its own.
+    # A link is another name of a result, not a result of its own: conll04-rerun's protocol names
+    # of the results in conll04/, and no_pretrain (issue 10's name of full) in conll04-2026-11-30/.
     for folder in sorted(p for p in args.out.iterdir() if p.is_dir() and not p.is_symlink()):
         for seed_dir in sorted(folder.glob("seed*")):
             where = seed_dir / sub
@@ -908,7 +918,11 @@ def main() -> None:
     )
     p.add_argument("--runs", type=Path, default=REPO / "runs" / "quality" / "conll04", help="run folders")
     p.add_argument(
-        "--out", type=Path, default=REPO / "benchmarks" / "quality" / "conll04", help="committed results"
+        "--out",
+        type=Path,
+        default=REPO / "benchmarks" / "quality" / "conll04-rerun",
+        help="committed results, by result name (default benchmarks/quality/conll04-rerun; the issue's "
+        "names of the recipe's results are in benchmarks/quality/conll04)",
     )
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.add_argument("--summary", action="store_true", help="print the table of the committed results")
