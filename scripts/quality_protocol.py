@@ -134,8 +134,6 @@ PRETRAIN = [
     "--optim.warmup_ratio=0.06",
     "--loss.ramp_steps=58",
 ]
-# 2. The alignment phase from the converged checkpoint: 6 epochs at a lower learning rate, the
-# alignment terms ramped in over the first epoch (58 steps). Weights chosen on dev (BENCHMARKS.md).
 # Pretraining with its last phase changed (--pretrain-setting), named pretrain_NAME_<setting>: the
 # teacher of the alignment terms is not one-hot there (right at about 95% of the aligned pairs,
 # not 100% as after stage 1), so this is where the terms can carry information.
@@ -148,6 +146,8 @@ PRETRAIN_SETTINGS = {
 # The pretrained model itself (its final/, the model stage 1 starts from) evaluated as a result:
 # pretrain_NAME[_<setting>]_pretrained.
 PRETRAINED = "pretrained"
+# 2. The alignment phase from the converged checkpoint: 6 epochs at a lower learning rate, the
+# alignment terms ramped in over the first epoch (58 steps). Weights chosen on dev (BENCHMARKS.md).
 ALIGN_EPOCHS = 6
 ALIGN = [
     "--optim.lr=3e-5",
