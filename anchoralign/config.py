@@ -322,7 +322,15 @@ class TrainerConfig(Section):
     )
     zero_stage: Literal[0, 1, 2, 3] = 2
     deepspeed_config: str | None = Field(None, description="a DeepSpeed JSON to merge with the built one")
-    max_steps: int | None = Field(None, ge=1, description="stop the stage after N optimizer steps")
+    max_steps: int | None = Field(
+        None, ge=1, description="stop the stage after N optimizer steps (the schedule is planned for N)"
+    )
+    stop_after_epoch: int | None = Field(
+        None,
+        ge=1,
+        description="stop the stage after its N-th epoch (counted over all its phases), the schedule "
+        "still planned for every epoch: an early stop that leaves the learning rate as it was",
+    )
     log_every: int = Field(10, ge=1, description="optimizer steps between metrics.jsonl rows")
     grad_norm_every: int = Field(
         0,

@@ -3,8 +3,8 @@
 Every tool's options are one pydantic model (sections are nested models). The same machinery
 serves them all:
 
-- :func:`load` reads a YAML or JSON file (nested like the model), applies ``section.key`` overrides
-  and validates; an unknown key or a bad value is one :class:`UserError` line naming the key and
+- :func:`load` reads a YAML or JSON file (nested like the model; a file may name another as its
+  ``base``, whose values its own override), applies ``section.key`` overrides and validates; an unknown key or a bad value is one :class:`UserError` line naming the key and
   where it came from (the file or the flag), with a suggestion for a misspelt key;
 - :func:`add_flags` turns a model into ``argparse`` flags, one per field (``--loss.alpha``,
   ``--data-dir``), with help text from the field descriptions, so every field is reachable from
@@ -86,6 +86,38 @@ def read_file(path: str | Path) -> dict[str, Any]:
     return _normalised_keys(data)
 
 
+# A file's key naming the file it builds on (a path relative to it): that file's values are read
+# first, then this file's replace them key by key, so that a variant says only what it changes.
+BASE_KEY = "base"
+
+
+def read_tree(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The values of the file ``path`` over those of its ``base`` chain, and the file each dotted
+    key's value comes from."""
+    chain: list[tuple[Path, dict[str, Any]]] = []
+    current = Path(path)
+    while True:
+        if any(current.resolve() == seen.resolve() for seen, _ in chain):
+            names = " -> ".join(str(seen) for seen, _ in chain)
+            raise UserError(f"{path}: its {BASE_KEY} files form a cycle ({names} -> {current})")
+        data = read_file(current)
+        base = data.pop(BASE_KEY, None)
+        chain.append((current, data))
+        if base is None:
+            break
+        if not isinstance(base, str) or not base.strip():
+            raise UserError(f"{current}: '{BASE_KEY}' names the file this one builds on, got {base!r}")
+        current = current.parent / base
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for file, data in reversed(chain):
+        for key, value in _flat(data):
+            if not isinstance(value, Mapping):  # an empty section replaces none of its base's values
+                _set(values, key, value)
+            sources[key] = str(file)
+    return values, sources
+
+
 def _normalised_keys(data: Mapping[str, Any]) -> dict[str, Any]:
     return {_normalise(str(k)): _normalised_keys(v) if isinstance(v, Mapping) else v for k, v in data.items()}
 
@@ -154,11 +186,10 @@ def load(
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     if path is not None:
-        values = read_file(path)
-        for key, _ in _flat(values):
+        values, sources = read_tree(path)
+        for key, source in sources.items():
             if _unknown(cls, key) is not None:
-                raise unknown_key_error(cls, key, str(path))
-            sources[key] = str(path)
+                raise unknown_key_error(cls, key, source)
     for key, value in (overrides or {}).items():
         key = _normalise(key)
         source = (override_source or {}).get(key, f"command line {flag_name(key)}")

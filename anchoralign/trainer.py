@@ -104,6 +104,13 @@ class Trainer:
         ]
         planned = sum(self.epoch_steps)
         self.total_steps = min(planned, cfg.trainer.max_steps) if cfg.trainer.max_steps else planned
+        stop = cfg.trainer.stop_after_epoch
+        if stop is not None and stop > len(self.plan):
+            raise UserError(
+                f"trainer.stop_after_epoch={stop}: the stage has only {len(self.plan)} epochs (phases.epochs)"
+            )
+        # The steps this run takes; the schedule (total_steps) may be planned for more.
+        self.run_steps = min(self.total_steps, sum(self.epoch_steps[:stop]) if stop else planned)
         self.warmup = warmup_steps_for(self.total_steps, optim.warmup_ratio)
         if cfg.optim.ema_decay and effective_zero_stage(cfg, self.world) == 3:
             raise UserError(
@@ -355,19 +362,25 @@ class Trainer:
         self.log.info(f"{self.cfg.stage}: phase {self.phases[st.phase].name} (step {st.global_step})")
         with self.log.progress(enabled=self.cfg.trainer.progress) as progress:
             bar = progress.add_task(
-                self.phases[st.phase].name, total=self.total_steps, completed=st.global_step
+                self.phases[st.phase].name, total=self.run_steps, completed=st.global_step
             )
             window = Window(self.device)
-            while st.epoch < len(self.plan) and not self._at_max_steps():
+            while st.epoch < len(self.plan) and not self._stopping():
                 self._enter_epoch()
                 self._train_epoch(
                     window, lambda: progress.update(bar, advance=1, description=self.phases[st.phase].name)
                 )
         if window.steps:
             self._log_train(window)
-        if self._at_max_steps() and st.epoch < len(self.plan):
+        if st.epoch < len(self.plan):
+            rule = (
+                f"max_steps={self.cfg.trainer.max_steps}"
+                if self._at_max_steps()
+                else f"stop_after_epoch={self.cfg.trainer.stop_after_epoch}"
+            )
             self.log.info(
-                f"stopping at max_steps={self.cfg.trainer.max_steps} (epoch {st.epoch} of {len(self.plan)})"
+                f"stopping at {rule} (epoch {st.epoch} of {len(self.plan)}, step {st.global_step} "
+                f"of the {self.total_steps} the schedule is planned for)"
             )
         self.evaluate()
         st.done = True
@@ -399,7 +412,7 @@ class Trainer:
         bucket = cfg.data.bucket_batches * self.global_batch
         order = epoch_order(cfg.seed, st.epoch, len(data), self.lengths[name], bucket, self.global_batch)
         n_steps = self.epoch_steps[st.epoch]
-        while st.step_in_epoch < n_steps and not self._at_max_steps():
+        while st.step_in_epoch < n_steps and not self._stopping():
             idx = rank_micro_batches(
                 order,
                 st.step_in_epoch,
@@ -429,6 +442,12 @@ class Trainer:
     def _at_max_steps(self) -> bool:
         return self.cfg.trainer.max_steps is not None and self.state.global_step >= self.cfg.trainer.max_steps
 
+    def _stopping(self) -> bool:
+        """max_steps reached, or stop_after_epoch's epochs done (checked between epochs: an epoch
+        ends with its evaluation and checkpoint either way)."""
+        stop = self.cfg.trainer.stop_after_epoch
+        return self._at_max_steps() or (stop is not None and self.state.epoch >= stop)
+
     def _enter_epoch(self) -> None:
         st = self.state
         planned = self.plan[st.epoch]
@@ -450,6 +469,11 @@ class Trainer:
             f"{cfg.trainer.precision}, {self.total_steps} steps, warm-up {self.warmup}, {o.schedule} schedule, "
             f"lr {lrs} by phase"
             + (f" (x{o.new_lr_mult:g} for new parameters)" if o.new_lr_mult != 1 else "")
+            + (
+                f"; stopped after epoch {cfg.trainer.stop_after_epoch} (step {self.run_steps})"
+                if cfg.trainer.stop_after_epoch
+                else ""
+            )
             + (
                 f"; evaluated and exported: the moving average of the weights, decay {o.ema_decay:g}"
                 if self.ema

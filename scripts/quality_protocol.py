@@ -4,8 +4,9 @@ Per seed:
 
 1. ``ce``: fine-tune from the bare backbone with the three cross-entropies only (curriculum
    warm-up, then the full training set) on the schedule of 2 + 28 epochs, stopped after epoch 24
-   (``stopped.txt``; dev F1 was flat from about epoch 13 in seeds 1 and 2, and the CPU time went to
-   more seeds and settings); ``best/`` (full dev set) is the shared, cross-entropy-converged
+   (``trainer.stop_after_epoch``; until 2026-12-02 the protocol stopped the process itself and
+   left ``stopped.txt``; dev F1 was flat from about epoch 13 in seeds 1 and 2, and the CPU time
+   went to more seeds and settings); ``best/`` (full dev set) is the shared, cross-entropy-converged
    checkpoint of the seed;
 2. one alignment phase per setting, each from that same checkpoint, so that only the alignment
    phase differs: ``full`` (alignment and suppression), ``no_alignment`` (the same epochs with
@@ -87,11 +88,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -316,56 +315,6 @@ def run(cmd: list[str], dry: bool, stdout: Path | None = None) -> None:
     tmp.replace(stdout)
 
 
-def run_until_epoch(cmd: list[str], out: Path, epoch: int, dry: bool, poll_s: float = 10.0) -> None:
-    """``cmd`` (a training run into ``out``) stopped once epoch ``epoch`` is evaluated (best/
-    exported) and checkpointed; ``out/stopped.txt`` says so, and the checkpoint is deleted (the
-    stage is not continued past its stop, and its optimizer state is several times the model's
-    size). Killed before that, run again, it resumes up to there."""
-    print(f"+ {' '.join(cmd)}    # stopped after epoch {epoch}", flush=True)
-    if dry:
-        return
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env())
-    try:
-        while proc.poll() is None:
-            step = _eval_step(out / "metrics.jsonl", epoch)
-            saved = _checkpoint_step(out / "checkpoints" / "latest")
-            # An epoch ends with its evaluation (and best/ export), then its checkpoint.
-            if step is not None and saved is not None and saved >= step:
-                proc.terminate()
-                proc.wait()
-                (out / "stopped.txt").write_text(
-                    f"stopped after epoch {epoch} (step {step}) by scripts/quality_protocol.py; "
-                    "best/ is by the full dev set over those epochs\n",
-                    encoding="utf-8",
-                )
-                shutil.rmtree(out / "checkpoints")
-                return
-            time.sleep(poll_s)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    if proc.returncode != 0:
-        raise subprocess.CalledProcessError(proc.returncode, cmd)
-
-
-def _checkpoint_step(latest: Path) -> int | None:
-    """The step of the checkpoint ``latest`` names; None before there is one, or while the file
-    is being written (DeepSpeed rewrites it in place)."""
-    tag = latest.read_text(encoding="utf-8").strip() if latest.is_file() else ""
-    number = tag.rsplit("-", 1)[-1]
-    return int(number) if number.isdigit() else None
-
-
-def _eval_step(metrics: Path, epoch: int) -> int | None:
-    if not metrics.is_file():
-        return None
-    for line in metrics.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        if row.get("kind") == "eval" and row.get("epoch") == epoch:
-            return int(row["step"])
-    return None
-
-
 def run_dir(args: argparse.Namespace, setting: str, seed: int) -> Path:
     """Runs without pretraining under ``runs/``; with ``--pretrain NAME=DIR`` under
     ``runs/pretrain_NAME/``; with ``--model VARIANT`` the fine-tuning runs under
@@ -410,11 +359,14 @@ def align_flags(args: argparse.Namespace, setting: str) -> list[str]:
 
 def train(args: argparse.Namespace, setting: str, seed: int) -> None:
     out = run_dir(args, setting, seed)
+    # stopped.txt: a stage 1 the protocol stopped itself, before trainer.stop_after_epoch existed.
     if (out / "final").is_dir() or (out / "stopped.txt").is_file():
         return
     start = run_dir(args, "pretrain", seed) / "final" if args.pretrained else None
     epochs = "2,28" if args.ce_epochs is None else f"2,{args.ce_epochs - 2}"
     ce = [f"--init-from={start or 'null'}", f"--phases.epochs=[{epochs},0]", *CE]
+    if args.ce_epochs is None:
+        ce.append(f"--trainer.stop_after_epoch={args.ce_stop_after}")
     stage = (
         ce
         if setting == "ce"
@@ -432,10 +384,7 @@ def train(args: argparse.Namespace, setting: str, seed: int) -> None:
         *stage,
     ]
     cmd = [*cmd, *extra, f"--seed={seed}", f"--output-dir={out}"]
-    if setting == "ce" and args.ce_epochs is None:
-        run_until_epoch(cmd, out, args.ce_stop_after, args.dry_run)
-    else:
-        run(cmd, args.dry_run)
+    run(cmd, args.dry_run)
 
 
 def fit_head(args: argparse.Namespace, setting: str, seed: int, trained_head: bool) -> None:

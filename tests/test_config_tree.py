@@ -64,6 +64,39 @@ def test_bad_values_name_the_field_and_where_they_came_from(tmp_path: Path) -> N
         config_tree.load(Outer, path)
 
 
+def test_a_file_builds_on_its_base_and_says_only_what_it_changes(tmp_path: Path) -> None:
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "base.yaml").write_text("name: x\nepochs: [2, 2]\ninner:\n  alpha: 0.5\n  mode: b\n")
+    variant = tmp_path / "recipes" / "variant.yaml"
+    variant.write_text("base: base.yaml\ninner:\n  alpha: 0.25\n")  # relative to the variant
+    on_top = tmp_path / "on_top.yaml"
+    on_top.write_text("base: recipes/variant.yaml\nepochs: [3, 1]\ninner: {}\n")
+    cfg = config_tree.load(Outer, on_top, {"inner.use_it": False})
+    assert (cfg.name, cfg.epochs) == ("x", (3, 1))
+    assert (cfg.inner.alpha, cfg.inner.mode, cfg.inner.use_it) == (0.25, "b", False)
+    # An error names the file the value came from, base or not.
+    (tmp_path / "recipes" / "base.yaml").write_text("name: x\ninner:\n  mode: c\n")
+    with pytest.raises(UserError, match=r"base.yaml: field 'inner.mode'"):
+        config_tree.load(Outer, on_top)
+    (tmp_path / "recipes" / "base.yaml").write_text("name: x\ninner:\n  alpah: 1\n")
+    with pytest.raises(UserError, match=r"recipes/base.yaml: unknown config key 'inner.alpah'"):
+        config_tree.load(Outer, variant)
+
+
+def test_a_base_chain_that_is_missing_or_circular_is_one_line(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("base: b.yaml\nname: x\n")
+    b.write_text("base: a.yaml\n")
+    with pytest.raises(UserError, match=r"a.yaml: its base files form a cycle \(.*a.yaml -> .*b.yaml -> .*a.yaml\)"):
+        config_tree.load(Outer, a)
+    b.write_text("base: nowhere.yaml\n")
+    with pytest.raises(UserError, match=r"nowhere.yaml: config file not found"):
+        config_tree.load(Outer, a)
+    b.write_text("base: [a.yaml]\n")
+    with pytest.raises(UserError, match=r"b.yaml: 'base' names the file this one builds on, got \['a.yaml'\]"):
+        config_tree.load(Outer, a)
+
+
 def test_a_missing_required_field_without_a_config_file_names_the_file_option() -> None:
     with pytest.raises(UserError, match="field 'name' is required and no --config file was given"):
         config_tree.load(Outer, None, {})

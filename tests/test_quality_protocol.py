@@ -138,32 +138,6 @@ def test_compare_and_summary_rescore_hand_made_predictions(shared_data, tmp_path
     )
 
 
-# A stand-in training run: one evaluation and one checkpoint per epoch (2 steps), forever.
-_FAKE_RUN = """
-import json, sys, time
-from pathlib import Path
-out = Path(sys.argv[1])
-(out / "checkpoints").mkdir(parents=True)
-for epoch in range(1, 100):
-    with (out / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps({"kind": "eval", "epoch": epoch, "step": 2 * epoch}) + "\\n")
-    time.sleep(0.05)
-    (out / "checkpoints" / f"step-{2 * epoch:08d}").mkdir()
-    (out / "checkpoints" / "latest").write_text(f"step-{2 * epoch:08d}")
-    time.sleep(0.05)
-"""
-
-
-def test_run_until_epoch_stops_after_the_epochs_checkpoint_and_drops_it(tmp_path):
-    protocol = _load_protocol()
-    out = tmp_path / "ce"
-    protocol.run_until_epoch([sys.executable, "-c", _FAKE_RUN, str(out)], out, 3, dry=False, poll_s=0.01)
-    assert (out / "stopped.txt").read_text().startswith("stopped after epoch 3 (step 6)")
-    assert not (out / "checkpoints").exists()
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["epoch"] in (3, 4)  # stopped at once, not many epochs later
-
-
 def test_a_model_variant_shares_the_pretraining_and_names_its_own_runs(shared_data, tmp_path):
     runs, corpus = tmp_path / "runs", tmp_path / "corpus"
     flags = ["--seeds", "1", "--settings", "full,ner_decoder", "--steps", "pretrain,ce,align,eval"]
@@ -278,11 +252,14 @@ def test_ce_stop_after_replays_stage_1_up_to_a_chosen_epoch(shared_data, tmp_pat
 
     default, replay = ce_command(), ce_command("--ce-stop-after", "14")
     assert default.returncode == replay.returncode == 0, default.stderr + replay.stderr
-    assert default.stdout.strip().endswith("# stopped after epoch 24")
-    assert replay.stdout.strip().endswith("# stopped after epoch 14")
+    [(_, stops)], [(_, replays)] = _launched_configs(default.stdout), _launched_configs(replay.stdout)
+    assert stops.trainer.stop_after_epoch == 24 and replays.trainer.stop_after_epoch == 14
     # The same schedule either way: only where the run stops differs.
-    assert default.stdout.split("    #")[0] == replay.stdout.split("    #")[0]
-    assert "--phases.epochs=[2,28,0]" in replay.stdout
+    assert replays.model_copy(update={"trainer": stops.trainer}) == stops
+    assert list(replays.phases.epochs) == [2, 28, 0]
+    # Given its own length, stage 1 is not stopped.
+    short = ce_command("--ce-epochs", "12")
+    assert _launched_configs(short.stdout)[0][1].trainer.stop_after_epoch is None
     for bad in (
         ["--ce-stop-after", "0"],
         ["--ce-stop-after", "31"],
@@ -569,3 +546,47 @@ def test_every_committed_result_rescores_to_its_metrics(shared_data):
         assert len(list((COMMITTED / "conll04" / setting).glob("seed*/metrics.json"))) >= 3
     links = [p for p in COMMITTED.rglob("*") if p.is_symlink()]
     assert links and all(p.resolve().is_dir() for p in links), [p for p in links if not p.resolve().is_dir()]
+
+
+RECIPE = REPO / "recipes" / "conll04-minilm"
+
+
+def test_the_recipe_files_are_the_protocols_recipe(tmp_path):
+    """recipes/conll04-minilm/ is what the protocol runs for the recipe (--pretrain rules=...
+    --pretrain-epochs 1,1,2 --model joint --settings full, then its span and head steps): every
+    key equal but the run folders, the bar, and the heads the protocol fits as steps of their own
+    (with the fit section's settings)."""
+    from anchoralign.config import PretrainConfig, SFTConfig, load_config
+
+    runs, corpus, data = tmp_path / "runs", tmp_path / "corpus", tmp_path / "data"
+    flags = ["--seeds", "4", "--settings", "full", "--steps", "pretrain,ce,align,span,head", "--dry-run"]
+    flags += ["--pretrain", f"rules={corpus}", "--pretrain-epochs", "1,1,2", "--model", "joint"]
+    done = _protocol(data, tmp_path / "out", *flags, "--runs", str(runs))
+    assert done.returncode == 0, done.stderr
+    launched = _launched_configs(done.stdout)
+    assert [script for script, _ in launched] == ["pretrain/run.py", "sft/run.py", "sft/run.py"]
+    files = {"pretrain": PretrainConfig, "ce": SFTConfig, "align": SFTConfig}
+    recipe = {stage: load_config(cls, RECIPE / f"{stage}.yaml") for stage, cls in files.items()}
+    paths = {"output_dir", "init_from", "data_dir"}
+    for (_, protocol), (stage, ours) in zip(launched, recipe.items(), strict=True):
+        assert protocol.seed == ours.seed == 4
+        update = {key: getattr(protocol, key) for key in paths}
+        update["trainer"] = ours.trainer.model_copy(update={"progress": protocol.trainer.progress})
+        update["data"] = ours.data.model_copy(
+            update={"corpus_dir": protocol.data.corpus_dir} if stage == "pretrain" else {}
+        )
+        if stage != "pretrain":
+            update["fit"] = protocol.fit
+        assert ours.model_copy(update=update) == protocol, stage
+    # The heads: the protocol's span and head steps fit what align.yaml's fit section fits.
+    fits = [line for line in done.stdout.splitlines() if " fit-" in line]
+    assert len(fits) == 2 and "fit-span-head" in fits[0] and "fit-relation-head" in fits[1]
+    fit = recipe["align"].fit
+    assert fit.span_head and fit.relation_head and fit.source == "best"
+    assert f"--layers={fit.span_layers}" in fits[0] and fit.span_layers == 2
+    assert f"--heads={fit.relation_heads}" in fits[1] and f"--layers={fit.relation_layers}" in fits[1]
+    assert not recipe["ce"].fit.span_head and not recipe["ce"].fit.relation_head
+    # Each step starts where the one before it ends.
+    assert recipe["ce"].init_from == f"{recipe['pretrain'].output_dir}/final"
+    assert recipe["align"].init_from == f"{recipe['ce'].output_dir}/best"
+    assert recipe["pretrain"].data.corpus_dir == "corpus/conll04-rules"

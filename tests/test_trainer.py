@@ -266,6 +266,38 @@ def test_max_steps_stops_the_stage(tmp_path: Path, gloo: None) -> None:
     assert "stopping at max_steps=5" in (Path(cfg.output_dir) / "train.log").read_text()
 
 
+def test_stop_after_epoch_stops_early_on_the_whole_stages_schedule(tmp_path: Path, gloo: None) -> None:
+    """Where max_steps shortens the schedule, stop_after_epoch keeps it: the steps taken have the
+    learning rates of the full run's same steps, and the run ends as a finished one."""
+    full = Trainer(cfg_of(tmp_path / "full"), StandIn(), phases_of(), sets_of(), collate, Loss())
+    full.fit()
+    cfg = cfg_of(tmp_path / "stop", "--trainer.stop_after_epoch=2")
+    trainer = Trainer(cfg, StandIn(), phases_of(), sets_of(), collate, Loss(), ScriptedEvaluator([0.1], [5.0]))
+    final = trainer.fit()
+    run = Path(cfg.output_dir)
+    # 6 steps an epoch: two epochs of a schedule planned for 18 steps.
+    assert trainer.state.global_step == 12 and trainer.total_steps == 18 and trainer.run_steps == 12
+    assert trainer.state.done and final.is_dir()
+    stopped, whole = rows_of(run, "train"), rows_of(Path(full.cfg.output_dir), "train")
+    assert [r["lr"] for r in stopped] == [r["lr"] for r in whole[: len(stopped)]]
+    assert stopped[-1]["lr"] == pytest.approx(lr_at(11, 18, 4, 0.05))
+    # Each epoch evaluated once: the stop adds no evaluation of its own.
+    assert [r["step"] for r in rows_of(run, "eval")] == [6, 12]
+    log = (run / "train.log").read_text()
+    assert "stopped after epoch 2 (step 12)" in log
+    assert "stopping at stop_after_epoch=2 (epoch 2 of 3, step 12 of the 18 the schedule is planned for)" in log
+    # Started again, it trains nothing more.
+    again = Trainer(cfg, StandIn(), phases_of(), sets_of(), collate, Loss())
+    again.fit()
+    assert again.state.global_step == 12
+
+
+def test_stop_after_epoch_beyond_the_stage_is_refused(tmp_path: Path, gloo: None) -> None:
+    cfg = cfg_of(tmp_path, "--trainer.stop_after_epoch=4")
+    with pytest.raises(UserError, match="stop_after_epoch=4: the stage has only 3 epochs"):
+        Trainer(cfg, StandIn(), phases_of(), sets_of(), collate, Loss())
+
+
 def test_empty_training_set_is_refused(tmp_path: Path, gloo: None) -> None:
     with pytest.raises(UserError, match="phase etu: its training set 'masked' is empty"):
         Trainer(cfg_of(tmp_path), StandIn(), phases_of(), {"plain": sets_of()["plain"]}, collate, Loss())
