@@ -66,7 +66,9 @@ def test_bad_values_name_the_field_and_where_they_came_from(tmp_path: Path) -> N
 
 def test_a_file_builds_on_its_base_and_says_only_what_it_changes(tmp_path: Path) -> None:
     (tmp_path / "recipes").mkdir()
-    (tmp_path / "recipes" / "base.yaml").write_text("name: x\nepochs: [2, 2]\ninner:\n  alpha: 0.5\n  mode: b\n")
+    (tmp_path / "recipes" / "base.yaml").write_text(
+        "name: x\nepochs: [2, 2]\ninner:\n  alpha: 0.5\n  mode: b\n"
+    )
     variant = tmp_path / "recipes" / "variant.yaml"
     variant.write_text("base: base.yaml\ninner:\n  alpha: 0.25\n")  # relative to the variant
     on_top = tmp_path / "on_top.yaml"
@@ -87,13 +89,17 @@ def test_a_base_chain_that_is_missing_or_circular_is_one_line(tmp_path: Path) ->
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
     a.write_text("base: b.yaml\nname: x\n")
     b.write_text("base: a.yaml\n")
-    with pytest.raises(UserError, match=r"a.yaml: its base files form a cycle \(.*a.yaml -> .*b.yaml -> .*a.yaml\)"):
+    with pytest.raises(
+        UserError, match=r"a.yaml: its base files form a cycle \(.*a.yaml -> .*b.yaml -> .*a.yaml\)"
+    ):
         config_tree.load(Outer, a)
     b.write_text("base: nowhere.yaml\n")
     with pytest.raises(UserError, match=r"nowhere.yaml: config file not found"):
         config_tree.load(Outer, a)
     b.write_text("base: [a.yaml]\n")
-    with pytest.raises(UserError, match=r"b.yaml: 'base' names the file this one builds on, got \['a.yaml'\]"):
+    with pytest.raises(
+        UserError, match=r"b.yaml: 'base' names the file this one builds on, got \['a.yaml'\]"
+    ):
         config_tree.load(Outer, a)
 
 

@@ -272,7 +272,9 @@ def test_stop_after_epoch_stops_early_on_the_whole_stages_schedule(tmp_path: Pat
     full = Trainer(cfg_of(tmp_path / "full"), StandIn(), phases_of(), sets_of(), collate, Loss())
     full.fit()
     cfg = cfg_of(tmp_path / "stop", "--trainer.stop_after_epoch=2")
-    trainer = Trainer(cfg, StandIn(), phases_of(), sets_of(), collate, Loss(), ScriptedEvaluator([0.1], [5.0]))
+    trainer = Trainer(
+        cfg, StandIn(), phases_of(), sets_of(), collate, Loss(), ScriptedEvaluator([0.1], [5.0])
+    )
     final = trainer.fit()
     run = Path(cfg.output_dir)
     # 6 steps an epoch: two epochs of a schedule planned for 18 steps.
@@ -285,7 +287,9 @@ def test_stop_after_epoch_stops_early_on_the_whole_stages_schedule(tmp_path: Pat
     assert [r["step"] for r in rows_of(run, "eval")] == [6, 12]
     log = (run / "train.log").read_text()
     assert "stopped after epoch 2 (step 12)" in log
-    assert "stopping at stop_after_epoch=2 (epoch 2 of 3, step 12 of the 18 the schedule is planned for)" in log
+    assert (
+        "stopping at stop_after_epoch=2 (epoch 2 of 3, step 12 of the 18 the schedule is planned for)" in log
+    )
     # Started again, it trains nothing more.
     again = Trainer(cfg, StandIn(), phases_of(), sets_of(), collate, Loss())
     again.fit()
