@@ -339,3 +339,42 @@ def test_zero3_trains_like_zero0_and_evaluates(tmp_path: Path, shared_data: Path
     assert weights[0].keys() == weights[3].keys()
     for k in weights[0]:
         torch.testing.assert_close(weights[3][k], weights[0][k], rtol=1e-4, atol=1e-5)
+
+
+def test_the_recipe_files_run_as_the_readme_says(tmp_path: Path, shared_data: Path) -> None:
+    """recipes/conll04-minilm/ through the real scripts, at smoke scale (the tiny backbone, a few
+    sentences, short phases): each step starts from the one before it, the cross-entropy stage
+    stops after the epoch its file names on the schedule planned for all of them, and the last
+    step, a file built on ``ce.yaml``, fits its heads."""
+    from anchoralign.config import SFTConfig, load_config
+    from anchoralign.datasets import load_split
+
+    train = load_split("conll04", "train", str(shared_data))[:N_TRAIN]
+    corpus = make_corpus(tmp_path / "corpus", train)
+    smoke = [flag for flag in SMOKE if not flag.startswith("--phases.epochs")]
+    recipe = REPO / "recipes" / "conll04-minilm"
+    pre, ce, sft = tmp_path / "pretrain", tmp_path / "ce", tmp_path / "sft"
+    steps = [
+        ("pretrain/run.py", "pretrain", [f"--data.corpus_dir={corpus}", f"--output_dir={pre}", "--phases.epochs=[1,0,1]"]),
+        ("sft/run.py", "ce", [f"--init_from={pre / 'final'}", f"--output_dir={ce}", "--phases.epochs=[1,2,0]", "--trainer.stop_after_epoch=2"]),
+        ("sft/run.py", "align", [f"--init_from={ce / 'best'}", f"--output_dir={sft}", "--phases.epochs=[0,0,1]"]),
+    ]  # fmt: skip
+    for script, name, flags in steps:
+        done = run_cli(
+            script, "--config", str(recipe / f"{name}.yaml"), *smoke, f"--data_dir={shared_data}", *flags
+        )
+        assert done.returncode == 0, f"{name}: {done.stderr[-4000:]}"
+    log = (ce / "train.log").read_text(encoding="utf-8")
+    assert "stopping at stop_after_epoch=2 (epoch 2 of 3" in log
+    assert [r["epoch"] for r in rows(ce, "eval")] == [1, 2]
+    # align.yaml's own values over ce.yaml's, resolved into the saved config.
+    saved = sft / "final" / "train_config.yaml"
+    assert "base" not in saved.read_text(encoding="utf-8")
+    config = load_config(SFTConfig, saved)
+    assert config.eval.best_metric == "ner_f1+rel_strict_f1" and config.data.bucket_batches == 8  # ce.yaml's
+    assert (config.optim.warmup_ratio, config.loss.ramp_steps, config.trainer.stop_after_epoch) == (
+        0.1,
+        58,
+        None,
+    )
+    assert (sft / "fitted" / "span_head.json").is_file() and (sft / "fitted" / "relation_head.json").is_file()
