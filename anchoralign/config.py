@@ -371,6 +371,12 @@ class HeadsFitConfig(Section):
         description="the encoder's top layers the relation heads get their own copy of, fine-tuned "
         "with them (0: they read the frozen encoder's output)",
     )
+    states_dir: str | None = Field(
+        None,
+        description="keep the training sentences' encoder states in files under this folder, read "
+        "through memory maps, instead of in memory (null): the same fit, for training sets whose states "
+        "do not fit in memory",
+    )
 
 
 class TrainConfig(Section):

@@ -125,10 +125,12 @@ def fit_heads(
     splits: tuple[str, str],
     log: Callable[[str], None],
     device: str = "auto",
+    states_dir: str | Path | None = None,
 ) -> Path:
     """Fit the heads of ``fits`` (``planned_fits``) on the checkpoint ``source``, span head first,
     and write the result to ``out`` (``splits``: the names of ``train`` and ``dev``, for the
-    reports); nothing is done when ``out`` already holds them."""
+    reports; ``states_dir``: where the fits keep their training states, None for memory); nothing
+    is done when ``out`` already holds them."""
     from anchoralign.api import resolve_device
 
     if already_fitted(out, source, fits, decode_cfg):
@@ -146,12 +148,12 @@ def fit_heads(
             log(f"{what}: {message}")
 
         if name == SPAN_REPORT:
-            report = fit_span_head(model, train, dev, meta, fit, decode_cfg, fit_log)
+            report = fit_span_head(model, train, dev, meta, fit, decode_cfg, fit_log, states_dir)
             warning = worse_span_head(report, splits[1], out)
             if warning:
                 log(warning)
         else:
-            report = fit_relation_head(model, train, dev, meta, fit, decode_cfg, fit_log)
+            report = fit_relation_head(model, train, dev, meta, fit, decode_cfg, fit_log, states_dir)
         reports[name] = report_record(source, meta.name, *splits, fit, decode_cfg, report)
     written = write_fitted(model, out, source, reports)
     log(f"wrote {written}: {source} with its fitted heads")

@@ -22,6 +22,7 @@ import dataclasses
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -40,6 +41,7 @@ from anchoralign.relation_head import (
     typed_spans,
 )
 from anchoralign.schema import DatasetMeta, Sample
+from anchoralign.state_store import Keep, in_memory, state_keeper
 
 
 @dataclass(frozen=True)
@@ -69,32 +71,36 @@ class FitReport:
 
 
 def relation_states(
-    model: AnchorAlignModel, samples: Sequence[Sample], batch_size: int = 32
+    model: AnchorAlignModel, samples: Sequence[Sample], batch_size: int = 32, keep: Keep = in_memory
 ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
     """What the relation head reads of each sample (``AnchorAlignModel.relation_inputs``): its word
-    states [words, H] and start state [H] (float32, no gradient); None for a sample longer than the
-    encoder takes."""
+    states [words, H] and start state [H] (float32, no gradient, kept by ``keep``); None for a
+    sample longer than the encoder takes."""
     out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(samples)
     for chunk, state in encoded_batches(model, samples, batch_size):
         with torch.no_grad():
             words, starts = model.relation_inputs(state)
         for j, i in enumerate(chunk):
-            out[i] = (words[j, : len(samples[i].tokens)].float(), starts[j].float())
+            out[i] = (keep(words[j, : len(samples[i].tokens)]), keep(starts[j]))
     return out
 
 
 def layer_inputs(
-    model: AnchorAlignModel, samples: Sequence[Sample], layer: int, batch_size: int = 32
+    model: AnchorAlignModel,
+    samples: Sequence[Sample],
+    layer: int,
+    batch_size: int = 32,
+    keep: Keep = in_memory,
 ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-    """Each sample's input to encoder layer ``layer`` [sub-words, H] (float32, no gradient; one of
-    the model's ``head_input_layers``) and the first sub-word of each of its words [words]; None
-    for a sample longer than the encoder takes."""
+    """Each sample's input to encoder layer ``layer`` [sub-words, H] (float32, no gradient, kept by
+    ``keep``; one of the model's ``head_input_layers``) and the first sub-word of each of its words
+    [words]; None for a sample longer than the encoder takes."""
     out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(samples)
     for chunk, state in encoded_batches(model, samples, batch_size):
         for j, i in enumerate(chunk):
             length = int(state.mask[j].sum())
             out[i] = (
-                state.layer_inputs[layer][j, :length].float(),
+                keep(state.layer_inputs[layer][j, :length]),
                 state.word_starts[j, : len(samples[i].tokens)],
             )
     return out
@@ -174,9 +180,11 @@ def fit_relation_head(
     cfg: FitConfig = FitConfig(),
     decode_cfg: DecodeConfig | None = None,
     log: Callable[[str], None] = lambda _: None,
+    states_dir: str | Path | None = None,
 ) -> FitReport:
-    """Add a relation head to ``model``, train it on ``train`` and choose its thresholds on ``dev``."""
-    losses, n_train, n_too_long = train_relation_head(model, train, cfg, log)
+    """Add a relation head to ``model``, train it on ``train`` and choose its thresholds on ``dev``
+    (``states_dir``: keep the training states in files there, ``anchoralign.state_store``)."""
+    losses, n_train, n_too_long = train_relation_head(model, train, cfg, log, states_dir)
     report = choose_relation_thresholds(model, dev, meta, decode_cfg, log)
     return dataclasses.replace(
         report, n_train=n_train, n_too_long=report.n_too_long + n_too_long, losses=losses
@@ -184,11 +192,16 @@ def fit_relation_head(
 
 
 def train_relation_head(
-    model: AnchorAlignModel, train: Sequence[Sample], cfg: FitConfig, log: Callable[[str], None]
+    model: AnchorAlignModel,
+    train: Sequence[Sample],
+    cfg: FitConfig,
+    log: Callable[[str], None],
+    states_dir: str | Path | None = None,
 ) -> tuple[list[float], int, int]:
     """Add ``cfg.heads`` new relation heads (with their own ``cfg.layers`` top layers) to ``model``
-    and train them on ``train`` over the frozen rest; the mean loss of each epoch, the sentences
-    trained on and those too long to encode."""
+    and train them on ``train`` over the frozen rest, its states kept in memory or in files under
+    ``states_dir``; the mean loss of each epoch, the sentences trained on and those too long to
+    encode."""
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     model.requires_grad_(False)
@@ -197,10 +210,11 @@ def train_relation_head(
     labels = model.labels
 
     # (word states [W, H] and start state [H]; with own layers: their input [S, H] and word starts [W])
+    keep = state_keeper(states_dir)
     states = (
-        layer_inputs(model, train, model.input_layer(own))
+        layer_inputs(model, train, model.input_layer(own), keep=keep)
         if own is not None
-        else relation_states(model, train)
+        else relation_states(model, train, keep=keep)
     )
     items = []
     for sample, state in zip(train, states, strict=True):
@@ -237,8 +251,8 @@ def train_relation_head(
                 padded = padded_layer_inputs(model, [item[0] for item in batch], [item[1] for item in batch])
                 words, starts = model.relation_features(*padded)
             else:
-                words = pad_sequence([item[0] for item in batch], batch_first=True)
-                starts = torch.stack([item[1] for item in batch])
+                words = pad_sequence([item[0] for item in batch], batch_first=True).to(model.device)
+                starts = torch.stack([item[1] for item in batch]).to(model.device)
             entities, pairs = pair_inputs([(item[2], item[3]) for item in batch], words.device)
             targets = torch.cat([item[4] for item in batch]).to(words.device)
             logits = heads.logits(words, starts, entities, pairs)

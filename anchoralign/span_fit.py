@@ -26,6 +26,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -43,6 +44,7 @@ from anchoralign.relation_fit import (
 )
 from anchoralign.schema import DatasetMeta, Sample
 from anchoralign.span_head import span_labels, span_loss, too_wide
+from anchoralign.state_store import Keep, in_memory, state_keeper
 
 
 @dataclass(frozen=True)
@@ -89,12 +91,14 @@ def fit_span_head(
     cfg: SpanFitConfig = SpanFitConfig(),
     decode_cfg: DecodeConfig | None = None,
     log: Callable[[str], None] = lambda _: None,
+    states_dir: str | Path | None = None,
 ) -> SpanFitReport:
     """Give ``model`` a new span head trained on ``train`` (replacing any it had), measure the
-    entities on ``dev`` before and after, and choose a relation head's thresholds again."""
+    entities on ``dev`` before and after, and choose a relation head's thresholds again
+    (``states_dir``: keep the training states in files there, ``anchoralign.state_store``)."""
     decode_cfg = decode_cfg or DecodeConfig()
     before, _ = dev_ner_f1(model, dev, meta, decode_cfg)
-    losses, n_train, n_too_long, n_too_wide = train_span_head(model, train, cfg, log)
+    losses, n_train, n_too_long, n_too_wide = train_span_head(model, train, cfg, log, states_dir)
     head_cfg = decode_cfg.model_copy(update={"ner_source": "span_head"})
     after, predicted = dev_ner_f1(model, dev, meta, head_cfg)
     log(f"dev ner_f1: {before:.2f} before, {after:.2f} from the span head")
@@ -110,11 +114,16 @@ def fit_span_head(
 
 
 def train_span_head(
-    model: AnchorAlignModel, train: Sequence[Sample], cfg: SpanFitConfig, log: Callable[[str], None]
+    model: AnchorAlignModel,
+    train: Sequence[Sample],
+    cfg: SpanFitConfig,
+    log: Callable[[str], None],
+    states_dir: str | Path | None = None,
 ) -> tuple[list[float], int, int, int]:
     """Add a new span head of ``cfg.width`` (with its own ``cfg.layers`` top layers) to ``model``
-    and train it on ``train`` over the frozen rest; the mean loss of each epoch, the sentences
-    trained on, those too long to encode and the gold mentions too wide for the head."""
+    and train it on ``train`` over the frozen rest, its states kept in memory or in files under
+    ``states_dir``; the mean loss of each epoch, the sentences trained on, those too long to encode
+    and the gold mentions too wide for the head."""
     if cfg.width < 1:
         raise ValueError(f"span head width must be at least 1, got {cfg.width}")
     torch.manual_seed(cfg.seed)
@@ -124,13 +133,14 @@ def train_span_head(
     head = model.span_head
     types = model.labels.entity_types
 
+    keep = state_keeper(states_dir)
     if cfg.layers:
         # (input of the head's own layers [S, H], first sub-word of each word [W], mentions)
-        inputs = layer_inputs(model, train, model.input_layer(model.span_layers))
+        inputs = layer_inputs(model, train, model.input_layer(model.span_layers), keep=keep)
         items = [(x[0], x[1], structure(s)[0]) for s, x in zip(train, inputs, strict=True) if x is not None]
     else:
         # (word states [W, H], word maxima [W, H] or None, mentions)
-        inputs = frozen_span_inputs(model, train)
+        inputs = frozen_span_inputs(model, train, keep=keep)
         items = [
             (x[0], x[1] if cfg.pooled else None, structure(s)[0])
             for s, x in zip(train, inputs, strict=True)
@@ -163,8 +173,12 @@ def train_span_head(
                 features = layer_features(model, batch)
                 n_words = [len(item[1]) for item in batch]
             else:
-                words = pad_sequence([item[0] for item in batch], batch_first=True)
-                maxima = pad_sequence([item[1] for item in batch], batch_first=True) if cfg.pooled else None
+                words = pad_sequence([item[0] for item in batch], batch_first=True).to(model.device)
+                maxima = (
+                    pad_sequence([item[1] for item in batch], batch_first=True).to(model.device)
+                    if cfg.pooled
+                    else None
+                )
                 features = (words, maxima)
                 n_words = [len(item[0]) for item in batch]
             labels = span_labels(
@@ -183,17 +197,18 @@ def train_span_head(
 
 
 def frozen_span_inputs(
-    model: AnchorAlignModel, samples: Sequence[Sample], batch_size: int = 32
+    model: AnchorAlignModel, samples: Sequence[Sample], batch_size: int = 32, keep: Keep = in_memory
 ) -> list[tuple[torch.Tensor, ...] | None]:
     """Each sample's inputs of a span head over the frozen encoder's output
     (``AnchorAlignModel.span_inputs``): its word states [words, H] and, for a pooled head, its word
-    maxima [words, H] (float32, no gradient); None for a sample longer than the encoder takes."""
+    maxima [words, H] (float32, no gradient, kept by ``keep``); None for a sample longer than the
+    encoder takes."""
     out: list[tuple[torch.Tensor, ...] | None] = [None] * len(samples)
     for chunk, state in encoded_batches(model, samples, batch_size):
         with torch.no_grad():
             features = model.span_inputs(state)
         for j, i in enumerate(chunk):
-            out[i] = tuple(f[j, : len(samples[i].tokens)].float() for f in features)
+            out[i] = tuple(keep(f[j, : len(samples[i].tokens)]) for f in features)
     return out
 
 

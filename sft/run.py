@@ -103,7 +103,10 @@ def fit_heads_on_run(cfg: SFTConfig, meta: DatasetMeta, log: RunLog) -> None:
         for split, limit in zip(splits, (cfg.data.limit_train, cfg.data.limit_eval), strict=True)
     )
     try:
-        fit_heads(source, out / FITTED_DIR, train, dev, meta, fits, cfg.decode, splits, log.info)
+        fit_heads(
+            source, out / FITTED_DIR, train, dev, meta, fits, cfg.decode, splits, log.info,
+            states_dir=cfg.fit.states_dir,
+        )  # fmt: skip
     except ValueError as err:  # a training split with nothing to fit on
         raise UserError(f"fit: {meta.name} {splits[0]}: {err}") from None
 

@@ -123,9 +123,12 @@ def test_fit_span_head_command_writes_a_checkpoint_whose_entities_evaluate_repor
         "reported",
     ]
     options = ["--epochs", "60", "--lr", "0.01", "--width", "3", "--layers", "1", "--json"]
+    # The training states in files (the same fit as in memory: tests/test_state_store.py), unlinked.
+    options += ["--states-dir", tmp_path / "states"]
     fit = ["fit-span-head", *args, "--output", out, *options]
     code, printed, err = cli(fit, capsys)
     assert code == 0, err
+    assert (tmp_path / "states").is_dir() and not any((tmp_path / "states").iterdir())
     report = json.loads((out / "span_head.json").read_text())
     assert report == json.loads(printed)
     assert report["fit"]["width"] == 3 and len(report["losses"]) == 60 and report["n_too_wide"] == 4

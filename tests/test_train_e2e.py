@@ -357,7 +357,7 @@ def test_the_recipe_files_run_as_the_readme_says(tmp_path: Path, shared_data: Pa
     steps = [
         ("pretrain/run.py", "pretrain", [f"--data.corpus_dir={corpus}", f"--output_dir={pre}", "--phases.epochs=[1,0,1]"]),
         ("sft/run.py", "ce", [f"--init_from={pre / 'final'}", f"--output_dir={ce}", "--phases.epochs=[1,2,0]", "--trainer.stop_after_epoch=2"]),
-        ("sft/run.py", "align", [f"--init_from={ce / 'best'}", f"--output_dir={sft}", "--phases.epochs=[0,0,1]"]),
+        ("sft/run.py", "align", [f"--init_from={ce / 'best'}", f"--output_dir={sft}", "--phases.epochs=[0,0,1]", f"--fit.states_dir={tmp_path / 'states'}"]),
     ]  # fmt: skip
     for script, name, flags in steps:
         done = run_cli(
@@ -378,3 +378,5 @@ def test_the_recipe_files_run_as_the_readme_says(tmp_path: Path, shared_data: Pa
         None,
     )
     assert (sft / "fitted" / "span_head.json").is_file() and (sft / "fitted" / "relation_head.json").is_file()
+    # The fits kept their training states in files there (fit.states_dir), unlinked once mapped.
+    assert (tmp_path / "states").is_dir() and not any((tmp_path / "states").iterdir())

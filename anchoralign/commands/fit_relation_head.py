@@ -68,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
         report = choose_relation_thresholds(model, dev, meta, decode, log)
     else:
         try:
-            report = fit_relation_head(model, data[args.train_split], dev, meta, cfg, decode, log)
+            report = fit_relation_head(
+                model, data[args.train_split], dev, meta, cfg, decode, log, args.states_dir
+            )
         except ValueError as err:
             raise UserError(f"{meta.name} {args.train_split}: {err}") from None
     record = report_record(

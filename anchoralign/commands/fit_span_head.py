@@ -65,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
 
     decode = decode_config(args)
     try:
-        report = fit_span_head(model, data[args.train_split], data[args.dev_split], meta, cfg, decode, log)
+        report = fit_span_head(
+            model, data[args.train_split], data[args.dev_split], meta, cfg, decode, log, args.states_dir
+        )
     except ValueError as err:
         raise UserError(f"{meta.name} {args.train_split}: {err}") from None
     record = report_record(args.checkpoint, meta.name, args.train_split, args.dev_split, cfg, decode, report)

@@ -66,6 +66,12 @@ def add_fit_command(
         default=defaults.layer_lr,
         help=f"learning rate of the head's own layers (default {defaults.layer_lr})",
     )
+    p.add_argument(
+        "--states-dir",
+        metavar="DIR",
+        help="keep the training sentences' encoder states in files under DIR, read through memory maps, "
+        "instead of in memory: the same fit, for training sets whose states do not fit in memory",
+    )
     return p
 
 
