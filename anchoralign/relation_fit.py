@@ -157,13 +157,17 @@ def scored_predictions(
     prediction's entities (none for a sentence too long to encode whole) and the number of those
     sentences."""
     predicted = list(predicted) if predicted is not None else decoder_predictions(model, gold, decode_cfg)
-    states = relation_states(model, predicted)
-    with torch.no_grad():
-        scored = [
-            {} if state is None else relation_scores(model, state[0], state[1], sample)
-            for sample, state in zip(predicted, states, strict=True)
-        ]
-    return predicted, scored, sum(state is None for state in states)
+    scored: list[dict[Triple, float]] = [{} for _ in predicted]
+    encoded = 0
+    # Scored batch by batch as encoded: a large dev set's states are never all held at once.
+    for chunk, state in encoded_batches(model, predicted):
+        with torch.no_grad():
+            words, starts = model.relation_inputs(state)
+            for j, i in enumerate(chunk):
+                n = len(predicted[i].tokens)
+                scored[i] = relation_scores(model, words[j, :n].float(), starts[j].float(), predicted[i])
+        encoded += len(chunk)
+    return predicted, scored, len(predicted) - encoded
 
 
 def headline(gold: Sequence[Sample], predicted: Sequence[Sample], meta: DatasetMeta) -> tuple[str, float]:
