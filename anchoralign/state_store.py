@@ -10,10 +10,18 @@ over them, so the process holds little more than a batch, and the numbers are th
 Each file is allocated in full before it is written, so a full disk is one clear error rather than
 a crash on the first page that cannot be written; and it is unlinked as soon as it is mapped, so a
 fit that is killed leaves nothing behind and the space comes back when the states are dropped.
+
+Keeping the states out of memory is not enough on its own: the encoder's batch temporaries are
+freed between small allocations that last (each state's tensor object), so the C allocator's heap
+cannot shrink, and resident memory grows by about the states' size all the same (measured:
+BENCHMARKS.md, "Head fits: where the training states are kept"). Before each new file, the memory
+the allocator holds free is given back (glibc's ``malloc_trim``), which bounds that growth to a file.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import tempfile
 from collections.abc import Callable
@@ -27,8 +35,9 @@ from anchoralign.errors import UserError
 # A function that keeps one state for later and returns the tensor to use in its place.
 Keep = Callable[[torch.Tensor], torch.Tensor]
 
-# float32 values per file: 256 MiB, so a small fit allocates little and a large one maps few files.
-CHUNK_FLOATS = 1 << 26
+# float32 values per file: 64 MiB, so a small fit allocates little, a large one maps few files
+# (160 for 10 GiB), and the memory freed between two files is given back often.
+CHUNK_FLOATS = 1 << 24
 
 
 def in_memory(state: torch.Tensor) -> torch.Tensor:
@@ -61,6 +70,7 @@ class DiskStates:
         return torch.from_numpy(place).view(values.shape)
 
     def _new_file(self, n: int) -> np.ndarray:
+        release_freed_memory()
         fd, name = tempfile.mkstemp(prefix="anchoralign-states-", suffix=".f32", dir=self.folder)
         try:
             size = 4 * n
@@ -79,6 +89,22 @@ class DiskStates:
             os.unlink(name)
         self.files += 1
         return mapped
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to call
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give the memory the C allocator holds free back to the system (glibc's ``malloc_trim``;
+    elsewhere nothing)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def state_keeper(folder: str | Path | None) -> Keep:

@@ -5,9 +5,11 @@ for all its epochs (``anchoralign.state_store``). This measures, for one span-he
 first ``--limit`` sentences of a split, each way in a fresh process:
 
 - **states**: the float32 values kept, in MiB, and per sub-word;
-- **anonymous memory**: the process's peak ``RssAnon`` (sampled every 20 ms), above what it held
-  once the model and data were loaded. This is the memory that cannot be given back without swap:
-  states kept in memory land here, states in files do not;
+- **anonymous memory**: the process's ``RssAnon`` above what it held once the model and data were
+  loaded, once the encoding is done (the states built, the epochs not begun) and at its peak
+  (sampled every 20 ms; the epochs' own working memory adds to both variants alike). This is the
+  memory that cannot be given back without swap: states kept in memory land here, states in files
+  do not;
 - **peak RSS** (``VmHWM``): it counts the files' pages too while the kernel keeps them resident,
   which it does while memory is free, and gives back under pressure;
 - **time** of the encoding and the fit's epochs.
@@ -16,6 +18,11 @@ Random weights (memory and time do not depend on what the weights learned). Prin
 table with the command, the machine and the date.
 
     python scripts/bench_fit_memory.py --data-dir ../shared/data --dataset nyt --split dev --limit 2000
+    python scripts/bench_fit_memory.py --data-dir ../shared/data --store-gib 4   # the store alone
+
+With ``--store-gib N`` no model runs: N GiB of random states of BART-large's width are made in
+batches and kept by each store alone, as a fit keeps them, at a size where the states outgrow a
+fit's own working memory.
 """
 
 from __future__ import annotations
@@ -61,6 +68,41 @@ class PeakSampler(threading.Thread):
         return max(self.peak, status_kib("RssAnon"))
 
 
+def store_only(args: argparse.Namespace) -> dict:
+    """``args.store_gib`` GiB of states kept by the store of ``args.variant`` alone, no model, made
+    as a fit makes them: batches of 32 sentences of 46 sub-words at BART-large's width (4 KiB a
+    sub-word), each sentence's row kept, the batch then freed. Its figures."""
+    import torch
+
+    from anchoralign.state_store import state_keeper
+
+    batch_shape = (32, 46, 1024)
+    n_batches = round(args.store_gib * 2**30 / (4 * batch_shape[0] * batch_shape[1] * batch_shape[2]))
+    base = status_kib("RssAnon")
+    sampler = PeakSampler()
+    sampler.start()
+    with tempfile.TemporaryDirectory(dir=args.states_parent) as folder:
+        keep = state_keeper(folder if args.variant == "disk" else None)
+        start = time.perf_counter()
+        kept = []
+        for _ in range(n_batches):
+            batch = torch.randn(batch_shape)
+            kept += [keep(batch[j]) for j in range(batch_shape[0])]
+            del batch
+        seconds = time.perf_counter() - start
+        held = status_kib("RssAnon")
+        del kept
+    peak = sampler.stop()
+    return {
+        "variant": args.variant,
+        "states_mib": 4 * n_batches * batch_shape[0] * batch_shape[1] * batch_shape[2] / 2**20,
+        "held_mib": (held - base) / 1024,
+        "anon_mib": (peak - base) / 1024,
+        "hwm_mib": status_kib("VmHWM") / 1024,
+        "keep_s": seconds,
+    }
+
+
 def one_fit(args: argparse.Namespace) -> dict:
     """The fit of ``args.variant`` in this process: its figures."""
     import torch
@@ -83,14 +125,14 @@ def one_fit(args: argparse.Namespace) -> dict:
         kept = []
 
         def log(message: str) -> None:
-            kept.append((time.perf_counter(), message))
+            kept.append((time.perf_counter(), status_kib("RssAnon"), message))
 
         start = time.perf_counter()
         cfg = SpanFitConfig(epochs=args.epochs, layers=args.layers)
         losses, n_train, _, _ = train_span_head(model, train, cfg, log, states_dir)
         seconds = time.perf_counter() - start
         # The fit's first line (sentences kept, mentions too wide) comes once the encoding is done.
-        encoded = kept[0][0] - start
+        encoded, held = kept[0][0] - start, kept[0][1]
     peak = sampler.stop()
     hidden = model.backbone.embed_tokens.weight.shape[1]
     states = subwords * hidden if args.layers else None
@@ -100,6 +142,7 @@ def one_fit(args: argparse.Namespace) -> dict:
         "subwords": subwords,
         "hidden": hidden,
         "states_mib": None if states is None else 4 * states / 2**20,
+        "held_mib": (held - base) / 1024,
         "anon_mib": (peak - base) / 1024,
         "hwm_mib": status_kib("VmHWM") / 1024,
         "encode_s": encoded,
@@ -118,10 +161,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", type=int, default=2, help="the span head's own top layers (default 2)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--states-parent", default=None, help="where the disk variant's folder is made")
+    p.add_argument(
+        "--store-gib",
+        type=float,
+        help="instead of a fit: keep this many GiB of random BART-large-sized states in each store alone",
+    )
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # one fit, in a child
     args = p.parse_args(argv)
     if args.variant:
-        print(json.dumps(one_fit(args)))
+        print(json.dumps(store_only(args) if args.store_gib else one_fit(args)))
         return
     rows = []
     for variant in VARIANTS:
@@ -138,19 +186,32 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     command = "python scripts/bench_fit_memory.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     print(f"`{command}`; {platform.processor() or platform.machine()}, {dt.date.today()}\n")
+    if args.store_gib:
+        print(
+            "| states kept | states (MiB) | anonymous memory once kept (MiB) | its peak (MiB) "
+            "| peak RSS (MiB) | keeping (s) |"
+        )
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            print(
+                f"| {r['variant']} | {r['states_mib']:.0f} | {r['held_mib']:.0f} | {r['anon_mib']:.0f} | "
+                f"{r['hwm_mib']:.0f} | {r['keep_s']:.1f} |"
+            )
+        return
     first = rows[0]
     print(
         f"{first['sentences']} sentences, {first['subwords']} sub-words, hidden {first['hidden']}: "
         f"{first['states_mib']:.0f} MiB of states ({4 * first['hidden'] / 1024:.1f} KiB a sub-word)\n"
     )
     print(
-        "| states kept | peak anonymous memory above the loaded model (MiB) | peak RSS (MiB) | encoding (s) | encoding and fit (s) | last loss |"
+        "| states kept | anonymous memory once encoded (MiB) | its peak (MiB) | peak RSS (MiB) "
+        "| encoding (s) | encoding and fit (s) | last loss |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['variant']} | {r['anon_mib']:.0f} | {r['hwm_mib']:.0f} | {r['encode_s']:.1f} | "
-            f"{r['fit_s']:.1f} | {r['loss']:.4f} |"
+            f"| {r['variant']} | {r['held_mib']:.0f} | {r['anon_mib']:.0f} | {r['hwm_mib']:.0f} | "
+            f"{r['encode_s']:.1f} | {r['fit_s']:.1f} | {r['loss']:.4f} |"
         )
 
 
