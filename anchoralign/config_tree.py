@@ -3,8 +3,9 @@
 Every tool's options are one pydantic model (sections are nested models). The same machinery
 serves them all:
 
-- :func:`load` reads a YAML or JSON file (nested like the model; a file may name another as its
-  ``base``, whose values its own override), applies ``section.key`` overrides and validates; an unknown key or a bad value is one :class:`UserError` line naming the key and
+- :func:`load` reads a YAML or JSON file (nested like the model; a file may build on another,
+  named by its ``base`` key, and replace its values), applies ``section.key`` overrides and
+  validates; an unknown key or a bad value is one :class:`UserError` line naming the key and
   where it came from (the file or the flag), with a suggestion for a misspelt key;
 - :func:`add_flags` turns a model into ``argparse`` flags, one per field (``--loss.alpha``,
   ``--data-dir``), with help text from the field descriptions, so every field is reachable from
