@@ -70,18 +70,27 @@ class FitReport:
     losses: list[float] = field(default_factory=list)  # mean loss per sentence and head, per epoch
 
 
-def relation_states(
-    model: AnchorAlignModel, samples: Sequence[Sample], batch_size: int = 32, keep: Keep = in_memory
-) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-    """What the relation head reads of each sample (``AnchorAlignModel.relation_inputs``): its word
-    states [words, H] and start state [H] (float32, no gradient, kept by ``keep``); None for a
-    sample longer than the encoder takes."""
-    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(samples)
+def each_relation_state(
+    model: AnchorAlignModel, samples: Sequence[Sample], batch_size: int = 32
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """What the relation head reads of each sample the encoder takes whole
+    (``AnchorAlignModel.relation_inputs``), batch by batch as encoded: its index, its word states
+    [words, H] and its start state [H] (no gradient)."""
     for chunk, state in encoded_batches(model, samples, batch_size):
         with torch.no_grad():
             words, starts = model.relation_inputs(state)
         for j, i in enumerate(chunk):
-            out[i] = (keep(words[j, : len(samples[i].tokens)]), keep(starts[j]))
+            yield i, words[j, : len(samples[i].tokens)], starts[j]
+
+
+def relation_states(
+    model: AnchorAlignModel, samples: Sequence[Sample], batch_size: int = 32, keep: Keep = in_memory
+) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Each sample's ``each_relation_state`` (float32, kept by ``keep``); None for a sample longer
+    than the encoder takes."""
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(samples)
+    for i, words, starts in each_relation_state(model, samples, batch_size):
+        out[i] = (keep(words), keep(starts))
     return out
 
 
@@ -159,14 +168,11 @@ def scored_predictions(
     predicted = list(predicted) if predicted is not None else decoder_predictions(model, gold, decode_cfg)
     scored: list[dict[Triple, float]] = [{} for _ in predicted]
     encoded = 0
-    # Scored batch by batch as encoded: a large dev set's states are never all held at once.
-    for chunk, state in encoded_batches(model, predicted):
+    # Scored as encoded: a large dev set's states are never all held at once.
+    for i, words, starts in each_relation_state(model, predicted):
         with torch.no_grad():
-            words, starts = model.relation_inputs(state)
-            for j, i in enumerate(chunk):
-                n = len(predicted[i].tokens)
-                scored[i] = relation_scores(model, words[j, :n].float(), starts[j].float(), predicted[i])
-        encoded += len(chunk)
+            scored[i] = relation_scores(model, words.float(), starts.float(), predicted[i])
+        encoded += 1
     return predicted, scored, len(predicted) - encoded
 
 
