@@ -135,13 +135,16 @@ def one_fit(args: argparse.Namespace) -> dict:
         encoded, held = kept[0][0] - start, kept[0][1]
     peak = sampler.stop()
     hidden = model.backbone.embed_tokens.weight.shape[1]
-    states = subwords * hidden if args.layers else None
+    # With its own layers the head keeps their input, a state a sub-word; without, a word's state
+    # and its maximum over its sub-words (the pooled head, SpanFitConfig's default).
+    words = sum(len(s.tokens) for s in train)
+    states = subwords * hidden if args.layers else 2 * words * hidden
     return {
         "variant": args.variant,
         "sentences": n_train,
         "subwords": subwords,
         "hidden": hidden,
-        "states_mib": None if states is None else 4 * states / 2**20,
+        "states_mib": 4 * states / 2**20,
         "held_mib": (held - base) / 1024,
         "anon_mib": (peak - base) / 1024,
         "hwm_mib": status_kib("VmHWM") / 1024,
@@ -201,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     first = rows[0]
     print(
         f"{first['sentences']} sentences, {first['subwords']} sub-words, hidden {first['hidden']}: "
-        f"{first['states_mib']:.0f} MiB of states ({4 * first['hidden'] / 1024:.1f} KiB a sub-word)\n"
+        f"{first['states_mib']:.0f} MiB of states ({first['states_mib'] * 1024 / first['subwords']:.1f} KiB a sub-word)\n"
     )
     print(
         "| states kept | anonymous memory once encoded (MiB) | its peak (MiB) | peak RSS (MiB) "
