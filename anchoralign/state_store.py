@@ -5,7 +5,8 @@ training split and keeps what the head reads of every sentence for all its epoch
 sub-word in float32 with BART-large, well over 10 GiB for NYT's 56,000 training sentences. In
 memory, the default, the process holds all of it. Given a folder, the states go to files there and
 are read back through memory maps: the operating system pages them in and out as the epochs walk
-over them, so the process holds little more than a batch, and the numbers are the same.
+over them, so the process holds little more than a batch, and the numbers are the same. Either
+way each state is a copy of its own, not a view that would keep its padded batch alive.
 
 Each file is allocated in full before it is written, so a full disk is one clear error rather than
 a crash on the first page that cannot be written; and it is unlinked as soon as it is mapped, so a
@@ -41,8 +42,31 @@ CHUNK_FLOATS = 1 << 24
 
 
 def in_memory(state: torch.Tensor) -> torch.Tensor:
-    """The state as a float32 tensor where it is (the default keep)."""
-    return state.float()
+    """The state as a float32 tensor of its own in memory. A copy even when it is float32 already:
+    a state is a row of its padded batch, and a view would keep the whole batch alive."""
+    return state.detach().to(torch.float32, copy=True)
+
+
+class MemoryStates:
+    """The default keep of a fit's training states: each one copied into memory (``in_memory``),
+    and the memory the C allocator holds free given back after every ``trim_floats`` values kept,
+    as ``DiskStates`` does before each file: the encoder's freed batch temporaries would otherwise
+    stay in the heap beside the states (measured: BENCHMARKS.md, "Head fits: where the training
+    states are kept")."""
+
+    def __init__(self, trim_floats: int = CHUNK_FLOATS):
+        self.trim_floats = trim_floats
+        self.untrimmed = 0  # values kept since the last trim
+        self.floats = 0  # values kept so far
+
+    def __call__(self, state: torch.Tensor) -> torch.Tensor:
+        if self.untrimmed >= self.trim_floats:
+            release_freed_memory()
+            self.untrimmed = 0
+        kept = in_memory(state)
+        self.untrimmed += kept.numel()
+        self.floats += kept.numel()
+        return kept
 
 
 class DiskStates:
@@ -109,4 +133,4 @@ def release_freed_memory() -> None:
 
 def state_keeper(folder: str | Path | None) -> Keep:
     """Where a fit keeps its training states: in memory (``folder`` None), or in files under ``folder``."""
-    return in_memory if folder is None else DiskStates(folder)
+    return MemoryStates() if folder is None else DiskStates(folder)

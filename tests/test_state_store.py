@@ -14,10 +14,11 @@ from model_fixtures import (
     toy_samples,
 )
 
+from anchoralign import state_store
 from anchoralign.errors import UserError
 from anchoralign.relation_fit import FitConfig, train_relation_head
 from anchoralign.span_fit import SpanFitConfig, train_span_head
-from anchoralign.state_store import DiskStates, in_memory, state_keeper
+from anchoralign.state_store import DiskStates, MemoryStates, in_memory, state_keeper
 
 
 def test_disk_states_keep_the_values_across_files_and_unlink_them(tmp_path: Path) -> None:
@@ -35,10 +36,30 @@ def test_disk_states_keep_the_values_across_files_and_unlink_them(tmp_path: Path
 
 
 def test_state_keeper_is_memory_without_a_folder(tmp_path: Path) -> None:
-    assert state_keeper(None) is in_memory
+    assert isinstance(state_keeper(None), MemoryStates)
     assert isinstance(state_keeper(tmp_path), DiskStates)
     state = torch.ones(2, dtype=torch.bfloat16)
     assert in_memory(state).dtype == torch.float32
+
+
+def test_a_state_kept_in_memory_does_not_keep_its_batch_alive() -> None:
+    batch = torch.arange(24, dtype=torch.float32).view(4, 6)
+    kept = in_memory(batch[1, :3])  # float32 already: .float() would return the view itself
+    assert torch.equal(kept, torch.tensor([6.0, 7.0, 8.0]))
+    assert kept.untyped_storage().nbytes() == 3 * 4
+    batch.zero_()
+    assert kept.sum().item() == 21.0
+
+
+def test_memory_states_give_freed_memory_back_every_so_many_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    trims = []
+    monkeypatch.setattr(state_store, "release_freed_memory", lambda: trims.append(keep.floats))
+    keep = MemoryStates(trim_floats=10)
+    for _ in range(7):
+        keep(torch.ones(4))
+    # 4, 8, 12 values kept: the trim comes before the fourth state, then after 12 more values.
+    assert trims == [12, 24]
+    assert keep.floats == 28
 
 
 def test_a_full_disk_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
