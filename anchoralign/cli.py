@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import select
 import sys
 from collections.abc import Sequence
 
@@ -50,6 +52,24 @@ def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         Console(stderr=True).print("[yellow]interrupted[/]")
         return 130
+    except BrokenPipeError:
+        if not stdout_reader_gone():
+            raise  # a broken connection of the command's own (a server's socket): not ours to hide
+        # The reader of stdout went away (`... | head`): what it wanted was written. Point stdout
+        # at /dev/null so that the interpreter's last flush does not raise again, and exit as a
+        # tool killed by SIGPIPE would, with no traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
+
+
+def stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end is closed (poll reports an error on it)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows) or no real stdout (captured)
+        return False
 
 
 def main(argv: list[str] | None = None) -> None:

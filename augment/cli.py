@@ -286,13 +286,20 @@ def cmd_rejects(args: argparse.Namespace) -> int:
             sys.stdout.write(json.dumps(r, ensure_ascii=False) + "\n")
         return 0
     table = Table(title=f"rejected variants in {folder} ({len(shown)} of {len(rows)})", show_lines=True)
-    for name in ("source", "kind", "reason", "variant", "what differs"):
-        table.add_column(name, overflow="fold")
+    # The source id, kind and reason are short words a reader scans and greps for: one narrow
+    # column, each whole on its own line, so that the LLM's text gets the width.
+    table.add_column("source, kind, reason", no_wrap=True)
+    table.add_column("variant", overflow="fold")
+    table.add_column("what differs", overflow="fold")
     for r in shown:
         table.add_row(
-            Text(str(r.get("source_id", ""))),
-            Text(str(r.get("kind", ""))),
-            Text(str(r.get("reason", "")), style="yellow"),
+            Text.assemble(
+                str(r.get("source_id", "")),
+                "\n",
+                (str(r.get("kind", "")), "dim"),
+                "\n",
+                (str(r.get("reason", "")), "yellow"),
+            ),
             Text(str(r.get("text") or "")),
             Text(str(r.get("detail") or "")),
         )
@@ -378,11 +385,14 @@ def cmd_show(args: argparse.Namespace) -> int:
         table.add_row(Text(s.id + mark), Text(s.origin or ""), highlight(s, types))
     console.print(table)
     rejected = Table(title="rejected", show_lines=True)
-    for name in ("kind", "reason", "variant", "what differs"):
-        rejected.add_column(name, overflow="fold")
+    rejected.add_column("kind, reason", no_wrap=True)
+    rejected.add_column("variant", overflow="fold")
+    rejected.add_column("what differs", overflow="fold")
     for r in result.rejections:
         rejected.add_row(
-            Text(r["kind"]), Text(r["reason"], style="yellow"), Text(r["text"] or ""), Text(r["detail"] or "")
+            Text.assemble((r["kind"], "dim"), "\n", (r["reason"], "yellow")),
+            Text(r["text"] or ""),
+            Text(r["detail"] or ""),
         )
     console.print(rejected)
     return 0

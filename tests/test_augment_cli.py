@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -472,3 +475,52 @@ def test_every_config_field_is_a_documented_run_flag(capsys):
     cfg = config_from_args(args)
     assert (cfg.backoff_max, cfg.mention_prompt, cfg.verify, cfg.model) == (5.0, "m.txt", True, "7")
     assert cfg.context_prompt is None and cfg.cap == 10_000  # flags not given keep their defaults
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path):
+    # `augment rejects --json | head -1`: the reader closes the pipe while the command still
+    # writes; the command stops with SIGPIPE's status and no traceback on stderr.
+    row = {"source_id": "conll04-train-1", "kind": "mention", "reason": "type_changed", "text": "x" * 200}
+    (tmp_path / "rejected.jsonl").write_text((json.dumps(row) + "\n") * 5000)  # 1 MB: more than a pipe holds
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "augment.cli", "rejects", "--out", str(tmp_path), "--json", "--limit", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert json.loads(proc.stdout.readline())["reason"] == "type_changed"
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err
+    assert err == ""
+
+
+def test_a_broken_connection_of_the_command_itself_is_not_hidden():
+    # Only stdout's reader going away is quiet; a BrokenPipeError from anywhere else propagates.
+    def fails(_):
+        raise BrokenPipeError("the server closed the socket")
+
+    parser = argparse.ArgumentParser()
+    parser.set_defaults(func=fails)
+    with pytest.raises(BrokenPipeError):
+        run_cli(parser, [])
+
+
+def test_rejects_keep_ids_and_reasons_whole_on_a_narrow_terminal(tmp_path, monkeypatch, capsys):
+    # At 80 columns the LLM's long text wraps; the source id and the reason, which a reader
+    # scans and searches for, stay whole on their lines.
+    monkeypatch.setenv("COLUMNS", "80")
+    row = {
+        "source_id": "conll04-train-5423",
+        "kind": "context",
+        "reason": "missing_placeholder",
+        "text": "The <mask3> company , founded by two people , will celebrate " * 4,
+        "detail": "missing <mask0>, <mask1> (the source has <mask0>, <mask1>, <mask2>, <mask3>)",
+    }
+    (tmp_path / "rejected.jsonl").write_text(json.dumps(row) + "\n")
+    capsys.readouterr()
+    assert cli("rejects", "--out", str(tmp_path)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert any("conll04-train-5423" in line for line in lines)
+    assert any("missing_placeholder" in line for line in lines)
+    assert sum("celebrate" in line for line in lines) == 4  # the variant wraps, all of it shown
