@@ -24,7 +24,7 @@ from model_fixtures import (
     write_user_dataset,
 )
 
-from anchoralign.commands.predict import plural
+from anchoralign.commands.predict import plural, show
 from anchoralign.schema import Sample, read_jsonl, write_jsonl
 
 
@@ -329,3 +329,33 @@ def test_predict_on_raw_text_prints_entities_and_relations(overfit, tmp_path, ca
     first = chosen[0]
     head = first.mention(first.relations[0].head)
     assert head in out and first.relations[0].type in out
+
+
+def test_show_names_the_type_of_a_relation_end_only_where_its_text_is_ambiguous():
+    from rich.console import Console
+
+    sample = Sample.model_validate(
+        {
+            "id": "s",
+            "tokens": ["Jobs", "founded", "Apple", "in", "Cupertino", "."],
+            "entities": [
+                {"start": 0, "end": 1, "type": "Peop"},
+                {"start": 2, "end": 3, "type": "Org"},
+                {"start": 2, "end": 3, "type": "Loc"},
+                {"start": 4, "end": 5, "type": "Loc"},
+            ],
+            "relations": [
+                {"head": 0, "tail": 1, "type": "Work_For"},
+                {"head": 0, "tail": 2, "type": "Work_For"},
+                {"head": 1, "tail": 3, "type": "OrgBased_In"},
+            ],
+        }
+    )
+    console = Console(width=200, record=True)
+    show(sample, console)
+    lines = [line.strip() for line in console.export_text().splitlines() if "relation" in line]
+    assert lines == [
+        "relation   Jobs -Work_For-> Apple (Org)",
+        "relation   Jobs -Work_For-> Apple (Loc)",
+        "relation   Apple (Org) -OrgBased_In-> Cupertino",
+    ]

@@ -19,6 +19,7 @@ The decoding options and the checkpoint loading here are shared with ``anchorali
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from fractions import Fraction
@@ -232,11 +233,15 @@ def show(sample: Sample, console: Console, valid: bool = True) -> None:
             f"{escape(sample.mention(i))} [cyan]{escape(e.type)}[/]" for i, e in enumerate(sample.entities)
         )
         console.print(f"  entities   {ents}", highlight=False)
+    texts = Counter(sample.mention(i) for i in range(len(sample.entities)))
+
+    def end(i: int) -> str:  # a relation's end, with its type where its text names two entities
+        text = sample.mention(i)
+        return escape(text) + (f" [cyan]({escape(sample.entities[i].type)})[/]" if texts[text] > 1 else "")
+
     for r in sample.relations:
         console.print(
-            f"  relation   {escape(sample.mention(r.head))} [magenta]-{escape(r.type)}->[/] "
-            f"{escape(sample.mention(r.tail))}",
-            highlight=False,
+            f"  relation   {end(r.head)} [magenta]-{escape(r.type)}->[/] {end(r.tail)}", highlight=False
         )
     if not sample.entities and not sample.relations:
         console.print("  [dim]nothing found[/]", highlight=False)
