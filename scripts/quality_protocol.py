@@ -789,7 +789,8 @@ def checked_scores(args: argparse.Namespace, split: str) -> dict[str, dict[str, 
     return results
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (the README's commands are parsed with it by the tests)."""
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -899,6 +900,11 @@ def main() -> None:
     p.add_argument(
         "--metric", choices=COMPARED, default="rel", help="what --compare and --curves compare (default rel)"
     )
+    return p
+
+
+def main() -> None:
+    p = build_parser()
     args = p.parse_args()
     args.data_dir = args.data_dir.resolve()
     if args.span_layers < 0:
