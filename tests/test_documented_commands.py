@@ -96,7 +96,6 @@ def check(argv: list[str]) -> str | None:
             load_script("quality_protocol").build_parser().parse_args(args)
         else:
             assert (REPO / name).is_file(), f"{name}: no such script"
-            return name
         return name
     else:
         return None
