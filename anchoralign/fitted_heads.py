@@ -9,7 +9,9 @@ half checkpoint that looks like a result.
 
 After a stage, the span head is fitted first and the relation head over its entities, the order
 the measured recipe uses (BENCHMARKS.md, "Nine seeds of the recipe"). A stage started again finds
-the heads already fitted, with the same settings on the same checkpoint, and does not pay twice.
+the heads already fitted, with the same settings on the same checkpoint, and does not pay twice;
+one stopped midway resumes each fit after its last finished epoch (``anchoralign.fit_progress``,
+in ``fitted.partial/`` beside the output).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from anchoralign.config import DecodeConfig, HeadsFitConfig
+from anchoralign.fit_progress import FitProgress, remove_progress
 from anchoralign.model import CONFIG_FILE, EXPORTED_DIRS, TRAIN_CONFIG_FILE, AnchorAlignModel
 from anchoralign.relation_fit import FitConfig, fit_relation_head
 from anchoralign.schema import DatasetMeta, Sample
@@ -147,14 +150,18 @@ def fit_heads(
         def fit_log(message: str, what: str = what) -> None:  # the fit's lines apart from training's
             log(f"{what}: {message}")
 
+        progress = FitProgress.of_fit(out, name, source, fit, meta.name, splits[0])
         if name == SPAN_REPORT:
-            report = fit_span_head(model, train, dev, meta, fit, decode_cfg, fit_log, states_dir)
+            report = fit_span_head(model, train, dev, meta, fit, decode_cfg, fit_log, states_dir, progress)
             warning = worse_span_head(report, splits[1], out)
             if warning:
                 log(warning)
         else:
-            report = fit_relation_head(model, train, dev, meta, fit, decode_cfg, fit_log, states_dir)
+            report = fit_relation_head(
+                model, train, dev, meta, fit, decode_cfg, fit_log, states_dir, progress
+            )
         reports[name] = report_record(source, meta.name, *splits, fit, decode_cfg, report)
     written = write_fitted(model, out, source, reports)
+    remove_progress(out)
     log(f"wrote {written}: {source} with its fitted heads")
     return written

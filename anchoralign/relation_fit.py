@@ -29,6 +29,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from anchoralign.config import DecodeConfig
 from anchoralign.decode import predict_long, relation_scores, voted
+from anchoralign.fit_progress import NO_PROGRESS, FitProgress
 from anchoralign.linearize import Triple, structure
 from anchoralign.metrics import score
 from anchoralign.model import AnchorAlignModel, EncoderState
@@ -191,10 +192,12 @@ def fit_relation_head(
     decode_cfg: DecodeConfig | None = None,
     log: Callable[[str], None] = lambda _: None,
     states_dir: str | Path | None = None,
+    progress: FitProgress = NO_PROGRESS,
 ) -> FitReport:
     """Add a relation head to ``model``, train it on ``train`` and choose its thresholds on ``dev``
-    (``states_dir``: keep the training states in files there, ``anchoralign.state_store``)."""
-    losses, n_train, n_too_long = train_relation_head(model, train, cfg, log, states_dir)
+    (``states_dir``: keep the training states in files there, ``anchoralign.state_store``;
+    ``progress``: where the training saves each epoch and resumes from, ``anchoralign.fit_progress``)."""
+    losses, n_train, n_too_long = train_relation_head(model, train, cfg, log, states_dir, progress)
     report = choose_relation_thresholds(model, dev, meta, decode_cfg, log)
     return dataclasses.replace(
         report, n_train=n_train, n_too_long=report.n_too_long + n_too_long, losses=losses
@@ -207,11 +210,12 @@ def train_relation_head(
     cfg: FitConfig,
     log: Callable[[str], None],
     states_dir: str | Path | None = None,
+    progress: FitProgress = NO_PROGRESS,
 ) -> tuple[list[float], int, int]:
     """Add ``cfg.heads`` new relation heads (with their own ``cfg.layers`` top layers) to ``model``
     and train them on ``train`` over the frozen rest, its states kept in memory or in files under
-    ``states_dir``; the mean loss of each epoch, the sentences trained on and those too long to
-    encode."""
+    ``states_dir``, each epoch saved to ``progress`` and the epochs it holds not trained again; the
+    mean loss of each epoch, the sentences trained on and those too long to encode."""
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     model.requires_grad_(False)
@@ -249,11 +253,13 @@ def train_relation_head(
         groups.append({"params": list(own.parameters()), "lr": cfg.layer_lr})
         trained.append(own)
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    losses = []
+    done, losses = progress.restore(trained, optimizer, log)
     for epoch in range(cfg.epochs):
+        rng.shuffle(items)  # the epochs done before a resume are shuffled again: the order repeats
+        if epoch < done:
+            continue
         for module in trained:
             module.train()
-        rng.shuffle(items)
         total = 0.0
         for begin in range(0, len(items), cfg.batch_size):
             batch = items[begin : begin + cfg.batch_size]
@@ -272,6 +278,7 @@ def train_relation_head(
             optimizer.step()
             total += loss.item() * len(batch) / cfg.heads
         losses.append(total / len(items))
+        progress.save(epoch + 1, losses, trained, optimizer)
         log(f"epoch {epoch + 1}/{cfg.epochs}: loss {losses[-1]:.4f}")
     for module in trained:
         module.eval()

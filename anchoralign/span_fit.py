@@ -32,6 +32,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from anchoralign.config import DecodeConfig
+from anchoralign.fit_progress import NO_PROGRESS, FitProgress
 from anchoralign.linearize import structure
 from anchoralign.metrics import score
 from anchoralign.model import AnchorAlignModel
@@ -92,13 +93,15 @@ def fit_span_head(
     decode_cfg: DecodeConfig | None = None,
     log: Callable[[str], None] = lambda _: None,
     states_dir: str | Path | None = None,
+    progress: FitProgress = NO_PROGRESS,
 ) -> SpanFitReport:
     """Give ``model`` a new span head trained on ``train`` (replacing any it had), measure the
     entities on ``dev`` before and after, and choose a relation head's thresholds again
-    (``states_dir``: keep the training states in files there, ``anchoralign.state_store``)."""
+    (``states_dir``: keep the training states in files there, ``anchoralign.state_store``;
+    ``progress``: where the training saves each epoch and resumes from, ``anchoralign.fit_progress``)."""
     decode_cfg = decode_cfg or DecodeConfig()
     before, _ = dev_ner_f1(model, dev, meta, decode_cfg)
-    losses, n_train, n_too_long, n_too_wide = train_span_head(model, train, cfg, log, states_dir)
+    losses, n_train, n_too_long, n_too_wide = train_span_head(model, train, cfg, log, states_dir, progress)
     head_cfg = decode_cfg.model_copy(update={"ner_source": "span_head"})
     after, predicted = dev_ner_f1(model, dev, meta, head_cfg)
     log(f"dev ner_f1: {before:.2f} before, {after:.2f} from the span head")
@@ -119,11 +122,13 @@ def train_span_head(
     cfg: SpanFitConfig,
     log: Callable[[str], None],
     states_dir: str | Path | None = None,
+    progress: FitProgress = NO_PROGRESS,
 ) -> tuple[list[float], int, int, int]:
     """Add a new span head of ``cfg.width`` (with its own ``cfg.layers`` top layers) to ``model``
     and train it on ``train`` over the frozen rest, its states kept in memory or in files under
-    ``states_dir``; the mean loss of each epoch, the sentences trained on, those too long to encode
-    and the gold mentions too wide for the head."""
+    ``states_dir``, each epoch saved to ``progress`` and the epochs it holds not trained again; the
+    mean loss of each epoch, the sentences trained on, those too long to encode and the gold
+    mentions too wide for the head."""
     if cfg.width < 1:
         raise ValueError(f"span head width must be at least 1, got {cfg.width}")
     torch.manual_seed(cfg.seed)
@@ -161,11 +166,13 @@ def train_span_head(
         groups.append({"params": list(model.span_layers.parameters()), "lr": cfg.layer_lr})
         trained.append(model.span_layers)
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    losses = []
+    done, losses = progress.restore(trained, optimizer, log)
     for epoch in range(cfg.epochs):
+        rng.shuffle(items)  # the epochs done before a resume are shuffled again: the order repeats
+        if epoch < done:
+            continue
         for module in trained:
             module.train()
-        rng.shuffle(items)
         total, steps = 0.0, 0
         for begin in range(0, len(items), cfg.batch_size):
             batch = items[begin : begin + cfg.batch_size]
@@ -190,6 +197,7 @@ def train_span_head(
             optimizer.step()
             total, steps = total + loss.item(), steps + 1
         losses.append(total / steps)
+        progress.save(epoch + 1, losses, trained, optimizer)
         log(f"epoch {epoch + 1}/{cfg.epochs}: loss {losses[-1]:.4f}")
     for module in trained:
         module.eval()

@@ -43,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from anchoralign.fit_progress import FitProgress
     from anchoralign.fitted_heads import RELATION_REPORT, report_record
     from anchoralign.relation_fit import FitConfig, choose_relation_thresholds, fit_relation_head
 
@@ -67,9 +68,12 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--thresholds-only: {args.checkpoint} has no relation head; fit one without it")
         report = choose_relation_thresholds(model, dev, meta, decode, log)
     else:
+        progress = FitProgress.of_fit(
+            args.output, RELATION_REPORT, args.checkpoint, cfg, meta.name, args.train_split
+        )
         try:
             report = fit_relation_head(
-                model, data[args.train_split], dev, meta, cfg, decode, log, args.states_dir
+                model, data[args.train_split], dev, meta, cfg, decode, log, args.states_dir, progress
             )
         except ValueError as err:
             raise UserError(f"{meta.name} {args.train_split}: {err}") from None

@@ -46,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from anchoralign.fit_progress import FitProgress
     from anchoralign.fitted_heads import SPAN_REPORT, report_record, worse_span_head
     from anchoralign.span_fit import SpanFitConfig, fit_span_head
 
@@ -64,10 +65,10 @@ def run(args: argparse.Namespace) -> int:
     out, log = console()
 
     decode = decode_config(args)
+    progress = FitProgress.of_fit(args.output, SPAN_REPORT, args.checkpoint, cfg, meta.name, args.train_split)
     try:
-        report = fit_span_head(
-            model, data[args.train_split], data[args.dev_split], meta, cfg, decode, log, args.states_dir
-        )
+        train, dev = data[args.train_split], data[args.dev_split]
+        report = fit_span_head(model, train, dev, meta, cfg, decode, log, args.states_dir, progress)
     except ValueError as err:
         raise UserError(f"{meta.name} {args.train_split}: {err}") from None
     record = report_record(args.checkpoint, meta.name, args.train_split, args.dev_split, cfg, decode, report)

@@ -43,7 +43,13 @@ def add_fit_command(
         },
     )
     epochs, lr, seed = defaults.epochs, defaults.lr, defaults.seed
-    p.add_argument("--output", required=True, metavar="DIR", help="new checkpoint directory (must not exist)")
+    p.add_argument(
+        "--output",
+        required=True,
+        metavar="DIR",
+        help="new checkpoint directory (must not exist); until it is written, the fit saves its progress "
+        "after every epoch in DIR.partial, and the same command run again resumes from there",
+    )
     p.add_argument("--train-split", default="train", help="split the head is fitted on (default: train)")
     p.add_argument(
         "--dev-split",
@@ -99,10 +105,12 @@ def load_for_fit(args: argparse.Namespace, splits: list[str]) -> tuple[Any, dict
 
 def save_fitted(model: Any, args: argparse.Namespace, report_file: str, record: dict[str, Any]) -> Path:
     """Write the fitted checkpoint to ``--output`` with the source's training config and the
-    report ``record`` (``fitted_heads.report_record``)."""
+    report ``record`` (``fitted_heads.report_record``), and forget the fit's progress."""
+    from anchoralign.fit_progress import remove_progress
     from anchoralign.fitted_heads import write_fitted
 
     out = write_fitted(model, Path(args.output), Path(args.checkpoint), {report_file: record})
+    remove_progress(out)
     if args.json:
         print(json.dumps(record))
     return out
