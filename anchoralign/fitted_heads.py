@@ -11,7 +11,9 @@ After a stage, the span head is fitted first and the relation head over its enti
 the measured recipe uses (BENCHMARKS.md, "Nine seeds of the recipe"). A stage started again finds
 the heads already fitted, with the same settings on the same checkpoint, and does not pay twice;
 one stopped midway resumes each fit after its last finished epoch (``anchoralign.fit_progress``,
-in ``fitted.partial/`` beside the output).
+in ``fitted.partial/`` beside the output). A fit that finished before the stop is not run again:
+the model with its head is kept there too (``finished/``), because fitting a head also measures
+it on dev, a decode of the whole dev set that a resume would otherwise pay again.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from anchoralign.config import DecodeConfig, HeadsFitConfig
-from anchoralign.fit_progress import FitProgress, remove_progress
+from anchoralign.fit_progress import FitProgress, checkpoint_fingerprint, progress_dir, remove_progress
 from anchoralign.model import CONFIG_FILE, EXPORTED_DIRS, TRAIN_CONFIG_FILE, AnchorAlignModel
 from anchoralign.relation_fit import FitConfig, fit_relation_head
 from anchoralign.schema import DatasetMeta, Sample
@@ -33,6 +35,8 @@ from anchoralign.span_fit import SpanFitConfig, fit_span_head
 SPAN_REPORT = "span_head.json"
 RELATION_REPORT = "relation_head.json"
 FITTED_DIR = EXPORTED_DIRS[0]  # under a stage's output_dir, beside best/ and final/
+FINISHED_DIR = "finished"  # in the progress folder: the model after the fits that finished
+SOURCE_FILE = "source.json"  # in FINISHED_DIR: the fingerprint of the checkpoint it was fitted on
 
 
 def report_record(
@@ -117,6 +121,46 @@ def already_fitted(out: Path, source: Path, fits: Mapping[str, Any], decode_cfg:
     return {p.name for p in out.glob("*_head.json")} == set(fits)
 
 
+def keep_finished(
+    model: AnchorAlignModel, finished: Path, source: Path, reports: Mapping[str, dict[str, Any]]
+) -> None:
+    """Keep ``model`` with the heads fitted so far (and their ``reports``) in ``finished``, with the
+    fingerprint of ``source``, so that a stop in a later fit does not cost these again; the
+    per-epoch progress of the fits kept there is no longer needed."""
+    write_fitted(model, finished, source, reports)
+    (finished / SOURCE_FILE).write_text(json.dumps(checkpoint_fingerprint(source)) + "\n", encoding="utf-8")
+    for name in reports:
+        (finished.parent / (Path(name).stem + ".pt")).unlink(missing_ok=True)
+
+
+def finished_fits(
+    finished: Path,
+    source: Path,
+    fits: Mapping[str, Any],
+    decode_cfg: DecodeConfig,
+    dataset: str,
+    splits: tuple[str, str],
+) -> dict[str, dict[str, Any]]:
+    """The reports of the fits kept in ``finished`` (``keep_finished``) when they are the first of
+    ``fits``, made with the same settings, decoding flags, data and splits on ``source`` as it is
+    now (not written again since); {} when there are none, or none of these."""
+    if not (finished / SOURCE_FILE).is_file():
+        return {}
+    if json.loads((finished / SOURCE_FILE).read_text(encoding="utf-8")) != checkpoint_fingerprint(source):
+        return {}
+    done = [name for name in fits if (finished / name).is_file()]
+    first = dict(list(fits.items())[: len(done)])
+    if list(first) != done or not already_fitted(finished, source, first, decode_cfg):
+        return {}
+    reports = {name: json.loads((finished / name).read_text(encoding="utf-8")) for name in done}
+    if any(
+        (r.get("dataset"), r.get("train_split"), r.get("dev_split")) != (dataset, *splits)
+        for r in reports.values()
+    ):
+        return {}
+    return reports
+
+
 def fit_heads(
     source: Path,
     out: Path,
@@ -139,9 +183,16 @@ def fit_heads(
     if already_fitted(out, source, fits, decode_cfg):
         log(f"heads already fitted on {source}: {out}")
         return out
-    model = AnchorAlignModel.from_pretrained(source, map_location=resolve_device(device, "device"))
-    reports = {}
+    finished = progress_dir(out) / FINISHED_DIR
+    reports = finished_fits(finished, source, fits, decode_cfg, meta.name, splits)
+    if reports:
+        log(f"{', '.join(reports)} already fitted before the stop, kept in {finished}: not fitted again")
+    model = AnchorAlignModel.from_pretrained(
+        finished if reports else source, map_location=resolve_device(device, "device")
+    )
     for name, fit in fits.items():
+        if name in reports:
+            continue
         what, then = (
             ("span head", "measured") if name == SPAN_REPORT else ("relation head", "thresholds chosen")
         )
@@ -161,6 +212,8 @@ def fit_heads(
                 model, train, dev, meta, fit, decode_cfg, fit_log, states_dir, progress
             )
         reports[name] = report_record(source, meta.name, *splits, fit, decode_cfg, report)
+        if len(reports) < len(fits):
+            keep_finished(model, finished, source, reports)
     written = write_fitted(model, out, source, reports)
     remove_progress(out)
     log(f"wrote {written}: {source} with its fitted heads")

@@ -15,7 +15,7 @@ from model_fixtures import TOY_META, cli, one_cpu_thread, tiny_model, toy_sample
 from anchoralign import fit_progress
 from anchoralign.config import DecodeConfig, HeadsFitConfig
 from anchoralign.fit_progress import FitProgress, progress_dir
-from anchoralign.fitted_heads import RELATION_REPORT, SPAN_REPORT, fit_heads, planned_fits
+from anchoralign.fitted_heads import FINISHED_DIR, RELATION_REPORT, SPAN_REPORT, fit_heads, planned_fits
 from anchoralign.model import AnchorAlignModel
 from anchoralign.relation_fit import FitConfig, train_relation_head
 from anchoralign.span_fit import SpanFitConfig, train_span_head
@@ -146,18 +146,64 @@ def test_heads_fitted_after_a_stage_resume_where_they_stopped_and_leave_no_progr
     with pytest.raises(Stopped):
         fit(out, stopped_in_the_relation_head)
     assert not out.exists()
-    assert sorted(p.name for p in progress_dir(out).iterdir()) == ["relation_head.pt", "span_head.pt"]
+    # The finished span head is kept as a model (its epochs' progress is no longer needed).
+    assert sorted(p.name for p in progress_dir(out).iterdir()) == [FINISHED_DIR, "relation_head.pt"]
 
     lines.clear()
     assert fit(out, lines.append) == out
-    # The span head was done: none of its epochs runs again; the relation head goes on at epoch 3.
+    # The span head was done: it is neither trained nor measured on dev again (no decode of the
+    # whole dev set before and after it); the relation head goes on at epoch 3.
+    assert (
+        f"span_head.json already fitted before the stop, kept in {progress_dir(out) / FINISHED_DIR}: not fitted again"
+        in lines
+    )
+    assert not any(x.startswith("span head:") for x in lines)
     assert [x.split(":")[1].strip() for x in lines if ": epoch" in x] == ["epoch 3/3"]
-    assert sum("resuming after epoch" in x for x in lines) == 2
+    assert sum("resuming after epoch" in x for x in lines) == 1
     assert not progress_dir(out).exists()
     resumed = AnchorAlignModel.from_pretrained(out)
     assert_same_weights(weights(resumed), weights(whole))
     assert resumed.relation_thresholds == whole.relation_thresholds
     assert {p.name for p in out.glob("*_head.json")} == {SPAN_REPORT, RELATION_REPORT}
+    # The span head's report is the one its fit wrote before the stop.
+    assert json.loads((out / SPAN_REPORT).read_text()) == json.loads(
+        (tmp_path / "whole" / SPAN_REPORT).read_text()
+    )
+
+
+def test_a_finished_fit_of_another_checkpoint_or_other_settings_is_fitted_again(tmp_path: Path) -> None:
+    source = tiny_model().save_pretrained(tmp_path / "best")
+    fits = planned_fits(HeadsFitConfig(span_head=True, relation_head=True, span_width=3), 3)
+    fits = {name: dataclasses.replace(fit, epochs=2) for name, fit in fits.items()}
+    out = tmp_path / "fitted"
+
+    def fit(fits: dict, log, splits=("train", "dev")) -> Path:
+        return fit_heads(
+            source, out, toy_samples(), toy_samples(), TOY_META, fits, DECODE, splits, log, "cpu"
+        )
+
+    def stopped_in_the_relation_head(message: str) -> None:
+        if message.startswith("relation head: epoch"):
+            raise Stopped
+
+    def span_head_fitted(fits: dict, splits=("train", "dev")) -> bool:
+        """Whether the span head is fitted, in a run stopped in the relation head's first epoch."""
+        (progress_dir(out) / "relation_head.pt").unlink(missing_ok=True)
+        with pytest.raises(Stopped):
+            lines: list[str] = []
+            fit(fits, lambda m: (lines.append(m), stopped_in_the_relation_head(m)), splits)
+        return any(x.startswith("span head: epoch") for x in lines)
+
+    assert span_head_fitted(fits)
+    assert (progress_dir(out) / FINISHED_DIR).is_dir()
+    assert not span_head_fitted(fits)  # the same fit: kept
+    other = {**fits, SPAN_REPORT: dataclasses.replace(fits[SPAN_REPORT], lr=fits[SPAN_REPORT].lr / 2)}
+    assert span_head_fitted(other)  # other settings
+    assert span_head_fitted(other, ("train", "test"))  # measured on another split
+    weights_file = source / "model.safetensors"  # the checkpoint written again in place
+    stat = weights_file.stat()
+    os.utime(weights_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert span_head_fitted(other, ("train", "test"))
 
 
 def twice(samples: list) -> list:
