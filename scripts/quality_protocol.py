@@ -52,7 +52,8 @@ Every step is a command of the product (printed before it runs) and is skipped w
 exists, so the protocol can be stopped and started again; training steps resume from their
 checkpoints. ``--summary`` prints the table of means and standard deviations from the committed
 metrics, re-scored from the committed predictions against the gold test (and dev) file read
-directly; ``--compare A,B`` the paired difference of two settings on test and on dev;
+directly (mentions told apart by their text, the product's figures; ``--keys offsets`` by their
+token offsets, as span-based extractors are scored); ``--compare A,B`` the paired difference of two settings on test and on dev;
 ``--errors NAME`` why each of its gold relations was missed. Each evaluation step also commits
 the training run's dev curve (``seed<k>/dev/curve.jsonl``, one row per evaluation); ``--curves
 A[,B]`` prints its level over the later epochs, seed by seed.
@@ -494,15 +495,22 @@ def write_curve(metrics: Path, seed_dir: Path) -> None:
 # Summary: re-scored from the committed predictions, gold read straight from the data file
 
 
-def gold_split(data_dir: Path, split: str) -> dict[str, tuple[set, set]]:
+# How a mention is told apart: by its text (the product's headline figures) or by its token
+# offsets, where each occurrence of a repeated mention is an entity of its own (how span-based
+# extractors score, and so the figures to set beside theirs); --keys picks one.
+KEYS = ("text", "offsets")
+
+
+def gold_split(data_dir: Path, split: str, by: str = "text") -> dict[str, tuple[set, set]]:
     """Gold (entities, strict relations) of conll04_<split>.json, read directly, by ``orig_id``."""
     sentences = json.loads((data_dir / "conll04" / f"conll04_{split}.json").read_text(encoding="utf-8"))
-    return {str(s["orig_id"]): keys(s["tokens"], s["entities"], s["relations"]) for s in sentences}
+    return {str(s["orig_id"]): keys(s["tokens"], s["entities"], s["relations"], by) for s in sentences}
 
 
-def keys(tokens: list[str], entities: list[dict], relations: list[dict]) -> tuple[set, set]:
-    def mention(e: dict) -> tuple[str, str]:
-        return " ".join(tokens[e["start"] : e["end"]]), e["type"]
+def keys(tokens: list[str], entities: list[dict], relations: list[dict], by: str = "text") -> tuple[set, set]:
+    def mention(e: dict) -> tuple[str | tuple[int, int], str]:
+        at = (e["start"], e["end"]) if by == "offsets" else " ".join(tokens[e["start"] : e["end"]])
+        return at, e["type"]
 
     ents = {mention(e) for e in entities}
     rels = {(*mention(entities[r["head"]]), *mention(entities[r["tail"]]), r["type"]) for r in relations}
@@ -517,19 +525,19 @@ def f1(pred: list[set], gold: list[set]) -> float:
     return 100 * 2 * p * r / (p + r) if p + r else 0.0
 
 
-def predicted(predictions: Path, gold: dict[str, tuple[set, set]]) -> list[tuple[set, set]]:
+def predicted(predictions: Path, gold: dict[str, tuple[set, set]], by: str = "text") -> list[tuple[set, set]]:
     """The (entities, strict relations) of a predictions file (ids ``conll04-<split>-<orig_id>``)
-    in the order of ``gold``; a sentence it lacks predicts nothing."""
+    in the order of ``gold``, keyed as ``gold`` is (``by``); a sentence it lacks predicts nothing."""
     found = {}
     for line in predictions.read_text(encoding="utf-8").splitlines():
         rec = json.loads(line)
-        found[rec["id"].rsplit("-", 1)[1]] = keys(rec["tokens"], rec["entities"], rec["relations"])
+        found[rec["id"].rsplit("-", 1)[1]] = keys(rec["tokens"], rec["entities"], rec["relations"], by)
     return [found.get(orig, (set(), set())) for orig in gold]
 
 
-def rescore(predictions: Path, gold: dict[str, tuple[set, set]]) -> tuple[float, float]:
-    """NER F1 and relation strict F1 of a predictions file."""
-    pred = predicted(predictions, gold)
+def rescore(predictions: Path, gold: dict[str, tuple[set, set]], by: str = "text") -> tuple[float, float]:
+    """NER F1 and relation strict F1 of a predictions file, ``gold`` keyed ``by``."""
+    pred = predicted(predictions, gold, by)
     gold_sets = list(gold.values())
     return f1([p[0] for p in pred], [g[0] for g in gold_sets]), f1(
         [p[1] for p in pred], [g[1] for g in gold_sets]
@@ -571,17 +579,17 @@ def relation_errors(pred: list[tuple[set, set]], gold: list[tuple[set, set]]) ->
 
 def errors(args: argparse.Namespace, name: str) -> None:
     """``relation_errors`` of each seed of result ``name``, on test and on dev where committed."""
-    print(f"{name}: gold relations found or missed, and false ones")
+    print(f"{name}: gold relations found or missed, and false ones{keyed(args)}")
     print("| split | seed | " + " | ".join(ERROR_KINDS) + " |")
     print("|---" * (2 + len(ERROR_KINDS)) + "|")
     for split, sub in SPLIT_FOLDERS.items():
-        gold = gold_split(args.data_dir, split)
+        gold = gold_split(args.data_dir, split, args.keys)
         seeds = sorted(d for d in (args.out / name).glob("seed*") if finished(d / sub))
         if split == "test" and not seeds:
             raise SystemExit(f"--errors: no finished results under {args.out / name}")
         for seed_dir in seeds:
             counts = relation_errors(
-                predicted(seed_dir / sub / "predictions.jsonl", gold), list(gold.values())
+                predicted(seed_dir / sub / "predictions.jsonl", gold, args.keys), list(gold.values())
             )
             cells = " | ".join(str(counts[k]) for k in ERROR_KINDS)
             print(f"| {split} | {seed_dir.name.removeprefix('seed')} | {cells} |")
@@ -615,6 +623,11 @@ def seed_interval(values: list[float]) -> tuple[float, float] | None:
     return mean - half, mean + half
 
 
+def keyed(args: argparse.Namespace) -> str:
+    """How a figure's mentions are told apart, said where it is not by their text."""
+    return "" if args.keys == "text" else f" by {args.keys}"
+
+
 def compare(args: argparse.Namespace, a: str, b: str, resamples: int = 2000) -> None:
     """Relation strict F1 (or NER F1, ``--metric ner``) of setting ``a`` minus ``b``, paired by
     seed, with a 95% interval from resampling the sentences (the same resample for every seed):
@@ -637,7 +650,7 @@ def compare(args: argparse.Namespace, a: str, b: str, resamples: int = 2000) -> 
         over_seeds = seed_interval(diffs)
         seeds_part = f"; over the seeds {over_seeds[0]:+.2f} to {over_seeds[1]:+.2f}" if over_seeds else ""
         print(
-            f"{a} - {b}: {COMPARED[args.metric][1]} {statistics.mean(diffs):+.2f} (mean of {len(seeds)} "
+            f"{a} - {b}: {COMPARED[args.metric][1]}{keyed(args)} {statistics.mean(diffs):+.2f} (mean of {len(seeds)} "
             f"seeds paired); 95% interval over {split} sentences {low:+.2f} to {high:+.2f}{seeds_part}"
         )
 
@@ -647,13 +660,13 @@ def paired_difference(
 ) -> tuple[float, list[float], float]:
     """(low, differences, high): ``compare``'s difference on one split, seed by seed, with the 95%
     interval of their mean over resampled sentences."""
-    gold = gold_split(args.data_dir, split)
+    gold = gold_split(args.data_dir, split, args.keys)
     sub = SPLIT_FOLDERS[split]
 
     at = COMPARED[args.metric][0]
 
     def counts(setting: str, seed: str) -> np.ndarray:  # per sentence: tp, n_pred, n_gold
-        pred = predicted(args.out / setting / seed / sub / "predictions.jsonl", gold)
+        pred = predicted(args.out / setting / seed / sub / "predictions.jsonl", gold, args.keys)
         rows = [
             (len(p[at] & g[at]), len(p[at]), len(g[at])) for p, g in zip(pred, gold.values(), strict=True)
         ]
@@ -689,6 +702,8 @@ def summary(args: argparse.Namespace) -> None:
         bounds = seed_interval(values)
         return f"{bounds[0]:.2f} to {bounds[1]:.2f}" if bounds else "-"
 
+    if args.keys != "text":
+        print(f"figures{keyed(args)}")
     print(
         "| setting | seeds | NER F1 | relation strict F1 | relation boundary F1 "
         "| 95% interval of the mean, NER; relation | relation strict F1 by seed "
@@ -764,9 +779,10 @@ def curves(args: argparse.Namespace, names: list[str]) -> None:
 
 
 def checked_scores(args: argparse.Namespace, split: str) -> dict[str, dict[str, tuple[float, float, float]]]:
-    """setting -> seed -> (NER F1, relation strict F1, relation boundary F1) of ``split``, each
-    re-scored from its predictions; stops at a ``metrics.json`` the predictions do not reproduce."""
-    gold = gold_split(args.data_dir, split)
+    """setting -> seed -> (NER F1, relation strict F1, relation boundary F1) of ``split``, keyed as
+    ``--keys`` says, each re-scored from its predictions; stops at a ``metrics.json`` the
+    predictions do not reproduce, by text or (where it has them) by offsets."""
+    golds = {by: gold_split(args.data_dir, split, by) for by in KEYS}
     sub = SPLIT_FOLDERS[split]
     results: dict[str, dict[str, tuple[float, float, float]]] = {}
     # A link is another name of a result, not a result of its own: conll04-rerun's protocol names
@@ -782,10 +798,23 @@ def checked_scores(args: argparse.Namespace, split: str) -> dict[str, dict[str, 
                     )
                 continue
             metrics = json.loads((where / "metrics.json").read_text(encoding="utf-8"))
-            ner, rel = rescore(where / "predictions.jsonl", gold)
-            if abs(ner - metrics["ner_f1"]) > 0.01 or abs(rel - metrics["rel_strict_f1"]) > 0.01:
-                raise SystemExit(f"{where}: re-scored {ner:.2f}/{rel:.2f} differ from metrics.json")
-            results.setdefault(folder.name, {})[seed_dir.name] = (ner, rel, metrics["rel_boundary_f1"])
+            figures = {}
+            for by, gold in golds.items():
+                suffix = "_offsets" if by == "offsets" else ""
+                if f"ner{suffix}_f1" not in metrics:  # written before the offsets figures were
+                    continue
+                ner, rel = rescore(where / "predictions.jsonl", gold, by)
+                written = metrics[f"ner{suffix}_f1"], metrics[f"rel_strict{suffix}_f1"]
+                if abs(ner - written[0]) > 0.01 or abs(rel - written[1]) > 0.01:
+                    raise SystemExit(
+                        f"{where}: re-scored {ner:.2f}/{rel:.2f} by {by} differ from metrics.json"
+                    )
+                figures[by] = (ner, rel, metrics[f"rel_boundary{suffix}_f1"])
+            if args.keys not in figures:
+                raise SystemExit(
+                    f"{where}: its metrics.json has no figures by {args.keys}; evaluate it again"
+                )
+            results.setdefault(folder.name, {})[seed_dir.name] = figures[args.keys]
     return results
 
 
@@ -876,6 +905,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.add_argument("--summary", action="store_true", help="print the table of the committed results")
+    p.add_argument(
+        "--keys",
+        choices=KEYS,
+        default="text",
+        help="what --summary, --compare and --errors score by: mention text (the product's figures, "
+        "the default) or token offsets (each occurrence of a repeated mention its own, as span-based "
+        "extractors are scored); --summary checks metrics.json both ways",
+    )
     p.add_argument(
         "--compare",
         metavar="A,B",

@@ -90,6 +90,14 @@ def test_three_sentence_example():
     assert m["n_samples"] == 3 and m["n_missing_pred"] == 1
     assert m["primary"] == "rel_strict_f1"
     assert set(FIGURES) | set(COUNTS) <= m.keys()
+    # By offsets, s2's second "Paris" is a gold key of its own (NER gold 8, the prediction still
+    # names 5 with 4 right: F1 = 2*4/(5+8)*100 = 800/13); the relations have no repeats, so their
+    # families are the text ones.
+    assert (m["ner_offsets_tp"], m["ner_offsets_n_pred"], m["ner_offsets_n_gold"]) == (4, 5, 8)
+    assert m["ner_offsets_f1"] == pytest.approx(800 / 13)
+    for family in ("rel_strict", "rel_boundary"):
+        for figure in ("p", "r", "f1", "tp", "n_pred", "n_gold"):
+            assert m[f"{family}_offsets_{figure}"] == m[f"{family}_{figure}"], (family, figure)
 
 
 def test_reversed_relation_counts_only_when_the_type_is_symmetric():
@@ -136,10 +144,47 @@ def test_repeated_mentions_count_once():
     assert (m["ner_tp"], m["ner_n_pred"], m["ner_n_gold"]) == (2, 2, 2)
     assert (m["rel_strict_tp"], m["rel_strict_n_pred"], m["rel_strict_n_gold"]) == (1, 1, 1)
     # ...and a prediction repeating it is not rewarded or penalised for the repeat.
-    assert score(gold, gold) == m
+    text_keys = [k for k in m if "_offsets_" not in k]
+    assert {k: score(gold, gold)[k] for k in text_keys} == {k: m[k] for k in text_keys}
     # The same mention with another type is a different key.
     two_types = [sample("a", text, [(0, 1, "Loc"), (2, 3, "Org")])]
     assert entity_keys(two_types[0]) == {("Paris", "Loc"), ("Paris", "Org")}
+
+
+def test_by_offsets_each_occurrence_is_a_key_and_must_be_the_right_one():
+    text = "Paris , Paris and Rome"
+    gold = [
+        sample("a", text, [(0, 1, "Loc"), (2, 3, "Loc"), (4, 5, "Loc")], [(0, 2, "Near"), (1, 2, "Near")])
+    ]
+    assert entity_keys(gold[0], offsets=True) == {((0, 1), "Loc"), ((2, 3), "Loc"), ((4, 5), "Loc")}
+    assert boundary_relation_keys(gold[0], offsets=True) == {
+        ((0, 1), (4, 5), "Near"),
+        ((2, 3), (4, 5), "Near"),
+    }
+    # Paris named once, at its second occurrence, with one Near: full marks by text; by offsets
+    # NER 2 of 3 gold (P 100, R 200/3, F1 80) and the relation 1 of 2 (F1 = 2*1/(1+2)*100).
+    once = [sample("a", text, [(2, 3, "Loc"), (4, 5, "Loc")], [(0, 1, "Near")])]
+    m = score(gold, once)
+    assert m["ner_f1"] == m["rel_strict_f1"] == 100.0
+    assert (m["ner_offsets_tp"], m["ner_offsets_n_pred"], m["ner_offsets_n_gold"]) == (2, 2, 3)
+    assert m["ner_offsets_f1"] == pytest.approx(80.0)
+    assert (m["rel_strict_offsets_tp"], m["rel_strict_offsets_n_pred"], m["rel_strict_offsets_n_gold"]) == (
+        1,
+        1,
+        2,
+    )
+    assert m["rel_strict_offsets_f1"] == pytest.approx(200 / 3)
+    # The same text at a position the gold does not have is wrong by offsets, right by text.
+    moved = [sample("a", "Paris , Rome and Paris", [(0, 1, "Loc"), (2, 3, "Loc")], [(0, 1, "Near")])]
+    moved_gold = [sample("a", "Paris , Rome and Paris", [(4, 5, "Loc"), (2, 3, "Loc")], [(0, 1, "Near")])]
+    m = score(moved_gold, moved)
+    assert m["ner_f1"] == 100.0 and m["rel_strict_f1"] == 100.0
+    assert m["ner_offsets_tp"] == 1 and m["rel_strict_offsets_tp"] == 0 and m["rel_boundary_offsets_tp"] == 0
+    # A symmetric type sorts offset mentions too.
+    pair = sample("b", S2, [(0, 1, "Loc"), (2, 3, "Loc")], [(1, 0, "Sister_City")])
+    assert strict_relation_keys(pair, {"Sister_City"}, offsets=True) == {
+        ((0, 1), "Loc", (2, 3), "Loc", "Sister_City")
+    }
 
 
 def test_symmetric_gold_pair_listed_both_ways_counts_once():

@@ -548,6 +548,74 @@ def test_every_committed_result_rescores_to_its_metrics(shared_data):
     assert links and all(p.resolve().is_dir() for p in links), [p for p in links if not p.resolve().is_dir()]
 
 
+def test_summary_by_offsets_checks_and_shows_the_offsets_figures(shared_data, tmp_path):
+    """A prediction that names each repeated mention at its first occurrence is right by text and
+    wrong by offsets: --summary checks metrics.json both ways and --keys offsets shows the second."""
+    from anchoralign.datasets import get_meta, load_split
+    from anchoralign.metrics import score
+    from anchoralign.schema import Sample
+
+    gold = _gold_records(shared_data, "test")
+
+    def first_occurrence(r: dict) -> dict:
+        """Each entity at the first occurrence of its words; the repeats it makes are one entity."""
+        entities: list[dict] = []
+        at: list[int] = []  # gold entity index -> index in ``entities``
+        for e in r["entities"]:
+            words, n = r["tokens"][e["start"] : e["end"]], e["end"] - e["start"]
+            start = next(i for i in range(len(r["tokens"])) if r["tokens"][i : i + n] == words)
+            entity = {**e, "start": start, "end": start + n}
+            if entity not in entities:
+                entities.append(entity)
+            at.append(entities.index(entity))
+        relations = []
+        for x in r["relations"]:
+            relation = {**x, "head": at[x["head"]], "tail": at[x["tail"]]}
+            if relation not in relations:
+                relations.append(relation)
+        return {**r, "entities": entities, "relations": relations}
+
+    first = [first_occurrence(r) for r in gold]
+    assert first != gold  # CoNLL04 test repeats some mentions
+    meta = get_meta("conll04", str(shared_data))
+    # metrics.json as `anchoralign evaluate --json` writes it: the product's scorer, rounded.
+    scored = score(
+        load_split("conll04", "test", str(shared_data)),
+        [Sample(**r) for r in first],
+        meta.symmetric_relations,
+    )
+    metrics = {k: round(v, 2) if isinstance(v, float) else v for k, v in scored.items()}
+    assert metrics["ner_f1"] == metrics["rel_strict_f1"] == 100.0
+    assert metrics["ner_offsets_f1"] < 100.0 and metrics["rel_strict_offsets_f1"] < 100.0
+    for seed in (1, 2):
+        _write(tmp_path / "first" / f"seed{seed}", first, metrics)
+
+    def row(*flags: str) -> str:
+        done = _protocol(shared_data, tmp_path, "--summary", *flags)
+        assert done.returncode == 0, done.stderr
+        return next(r for r in done.stdout.splitlines() if r.startswith("| first "))
+
+    assert row().startswith("| first | 2 | 100.00 ± 0.00 | 100.00 ± 0.00 | 100.00 ± 0.00 |")
+    ner, rel, boundary = (metrics[f"{f}_offsets_f1"] for f in ("ner", "rel_strict", "rel_boundary"))
+    assert row("--keys", "offsets").startswith(
+        f"| first | 2 | {ner:.2f} ± 0.00 | {rel:.2f} ± 0.00 | {boundary:.2f} ± 0.00 |"
+    )
+    # An offsets figure the predictions do not give stops it, by either keying.
+    wrong = {**metrics, "rel_strict_offsets_f1": 100.0}
+    (tmp_path / "first" / "seed2" / "metrics.json").write_text(json.dumps(wrong), encoding="utf-8")
+    for flags in ((), ("--keys", "offsets")):
+        done = _protocol(shared_data, tmp_path, "--summary", *flags)
+        assert (
+            done.returncode != 0 and "first/seed2: re-scored" in done.stderr and "by offsets" in done.stderr
+        )
+    # A metrics.json from before the offsets figures: checked by text, refused by offsets.
+    text_only = {k: v for k, v in metrics.items() if "_offsets_" not in k}
+    (tmp_path / "first" / "seed2" / "metrics.json").write_text(json.dumps(text_only), encoding="utf-8")
+    assert row().startswith("| first | 2 | 100.00 ± 0.00 |")
+    done = _protocol(shared_data, tmp_path, "--summary", "--keys", "offsets")
+    assert done.returncode != 0 and "no figures by offsets" in done.stderr
+
+
 RECIPE = REPO / "recipes" / "conll04-minilm"
 
 

@@ -67,6 +67,9 @@ def test_table_output(files, capsys):
     for row, figures in [("NER", "50.00"), ("Relation strict", "0.00"), ("Relation boundary", "100.00")]:
         line = next(ln for ln in out.splitlines() if f" {row} " in ln)
         assert figures in line, line
+        # The same family keyed by token offsets has a row of its own (no repeats here: same figures).
+        line = next(ln for ln in out.splitlines() if f" {row}, by offsets " in ln)
+        assert figures in line, line
     assert "rel_strict_f1" in out
 
 

@@ -11,17 +11,19 @@ from rich.table import Table
 
 from anchoralign.commands.arguments import add_command
 from anchoralign.errors import UserError
-from anchoralign.metrics import FAMILIES, FIGURES, Metrics, average_folds, score
+from anchoralign.metrics import FAMILIES, FIGURES, OFFSETS, Metrics, average_folds, score
 from anchoralign.schema import read_records
 
 _ROW_NAMES = {"ner": "NER", "rel_strict": "Relation strict", "rel_boundary": "Relation boundary"}
+_ROW_NAMES |= {f"{family}{OFFSETS}": f"{name}, by offsets" for family, name in _ROW_NAMES.items()}
 
 
 SUMMARY = "score predictions against gold records (NER, relation strict and boundary P/R/F1)"
 DESCRIPTION = (
     "Micro-averaged precision, recall and F1 (percentages) of NER, strict relations (mentions, "
     "entity types, relation type) and boundary relations (mentions, relation type). Entities are "
-    "compared by mention text and type, one set per sentence; records are matched by id."
+    "compared by mention text and type, one set per sentence, and again by token offsets and type "
+    "(the rows 'by offsets', as span-based extractors are scored); records are matched by id."
 )
 
 
@@ -107,7 +109,9 @@ def print_table(metrics: Metrics, title: str, console: Console | None = None) ->
         figures = [f"{metrics[f'{family}_{m}']:.2f}" for m in ("p", "r", "f1")]
         counts = [str(metrics[f"{family}_{c}"]) for c in ("tp", "n_pred", "n_gold")]
         style = "bold" if family == primary_family else None
-        table.add_row(_ROW_NAMES[family], *figures, *counts, style=style)
+        table.add_row(
+            _ROW_NAMES[family], *figures, *counts, style=style, end_section=family == "rel_boundary"
+        )
     console.print(table)
     # Say which row it is in words: styling is not shown when the output is piped.
     row = _ROW_NAMES[primary_family]
