@@ -53,10 +53,10 @@ exists, so the protocol can be stopped and started again; training steps resume 
 checkpoints. ``--summary`` prints the table of means and standard deviations from the committed
 metrics, re-scored from the committed predictions against the gold test (and dev) file read
 directly (mentions told apart by their text, the product's figures; ``--keys offsets`` by their
-token offsets, as span-based extractors are scored); ``--compare A,B`` the paired difference of two settings on test and on dev;
-``--errors NAME`` why each of its gold relations was missed. Each evaluation step also commits
-the training run's dev curve (``seed<k>/dev/curve.jsonl``, one row per evaluation); ``--curves
-A[,B]`` prints its level over the later epochs, seed by seed.
+token offsets, as span-based extractors are scored); ``--compare A,B`` the paired difference of
+two settings on test and on dev; ``--errors NAME`` why each of its gold relations was missed.
+Each evaluation step also commits the training run's dev curve (``seed<k>/dev/curve.jsonl``, one
+row per evaluation); ``--curves A[,B]`` prints its level over the later epochs, seed by seed.
 
 With ``--pretrain NAME=DIR`` every seed is first pretrained on the augment corpus in DIR, and the
 cross-entropy stage starts from that model (with ``--ce-epochs N``, a stage 1 of N epochs on its
@@ -497,8 +497,10 @@ def write_curve(metrics: Path, seed_dir: Path) -> None:
 
 # How a mention is told apart: by its text (the product's headline figures) or by its token
 # offsets, where each occurrence of a repeated mention is an entity of its own (how span-based
-# extractors score, and so the figures to set beside theirs); --keys picks one.
-KEYS = ("text", "offsets")
+# extractors score, and so the figures to set beside theirs); --keys picks one. Each keying's
+# suffix of its figures in metrics.json (anchoralign/metrics.py writes them; this script reads
+# the gold itself and does not import the product).
+KEYS = {"text": "", "offsets": "_offsets"}
 
 
 def gold_split(data_dir: Path, split: str, by: str = "text") -> dict[str, tuple[set, set]]:
@@ -800,7 +802,7 @@ def checked_scores(args: argparse.Namespace, split: str) -> dict[str, dict[str, 
             metrics = json.loads((where / "metrics.json").read_text(encoding="utf-8"))
             figures = {}
             for by, gold in golds.items():
-                suffix = "_offsets" if by == "offsets" else ""
+                suffix = KEYS[by]
                 if f"ner{suffix}_f1" not in metrics:  # written before the offsets figures were
                     continue
                 ner, rel = rescore(where / "predictions.jsonl", gold, by)
