@@ -551,6 +551,7 @@ def test_every_committed_result_rescores_to_its_metrics(shared_data):
 def test_summary_by_offsets_checks_and_shows_the_offsets_figures(shared_data, tmp_path):
     """A prediction that names each repeated mention at its first occurrence is right by text and
     wrong by offsets: --summary checks metrics.json both ways and --keys offsets shows the second."""
+    from anchoralign.commands.score import rounded
     from anchoralign.datasets import get_meta, load_split
     from anchoralign.metrics import score
     from anchoralign.schema import Sample
@@ -584,7 +585,7 @@ def test_summary_by_offsets_checks_and_shows_the_offsets_figures(shared_data, tm
         [Sample(**r) for r in first],
         meta.symmetric_relations,
     )
-    metrics = {k: round(v, 2) if isinstance(v, float) else v for k, v in scored.items()}
+    metrics = rounded(scored)
     assert metrics["ner_f1"] == metrics["rel_strict_f1"] == 100.0
     assert metrics["ner_offsets_f1"] < 100.0 and metrics["rel_strict_offsets_f1"] < 100.0
     for seed in (1, 2):

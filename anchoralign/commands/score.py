@@ -11,7 +11,7 @@ from rich.table import Table
 
 from anchoralign.commands.arguments import add_command
 from anchoralign.errors import UserError
-from anchoralign.metrics import FAMILIES, FIGURES, OFFSETS, Metrics, average_folds, score
+from anchoralign.metrics import FAMILIES, FIGURES, OFFSETS, TEXT_FAMILIES, Metrics, average_folds, score
 from anchoralign.schema import read_records
 
 _ROW_NAMES = {"ner": "NER", "rel_strict": "Relation strict", "rel_boundary": "Relation boundary"}
@@ -114,7 +114,7 @@ def print_table(metrics: Metrics, title: str, console: Console | None = None) ->
         counts = [str(metrics[f"{family}_{c}"]) for c in ("tp", "n_pred", "n_gold")]
         style = "bold" if family == primary_family else None
         table.add_row(
-            _ROW_NAMES[family], *figures, *counts, style=style, end_section=family == "rel_boundary"
+            _ROW_NAMES[family], *figures, *counts, style=style, end_section=family == TEXT_FAMILIES[-1]
         )
     console.print(table)
     # Say which row it is in words: styling is not shown when the output is piped.
